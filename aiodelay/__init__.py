@@ -1,3 +1,29 @@
-"""aiodelay: stop the work of an aiohttp request when its client goes away."""
+"""aiodelay: stop the work of an aiohttp request when its client goes away.
+
+Install with :func:`setup` (or :func:`middleware`); see the README for what is and is not
+detected.
+"""
+
+from ._errors import ConnectionLost
+from ._lifetime import call_later, is_disconnected, notify_finish, shield, spawn
+from ._middleware import middleware, setup, stats
+from ._policy import Policy, cancellable, shielded
+from ._stats import Stats
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "ConnectionLost",
+    "Policy",
+    "Stats",
+    "call_later",
+    "cancellable",
+    "is_disconnected",
+    "middleware",
+    "notify_finish",
+    "setup",
+    "shield",
+    "shielded",
+    "spawn",
+    "stats",
+)

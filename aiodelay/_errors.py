@@ -1,0 +1,41 @@
+"""Why a request ended before its response was complete."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ("ConnectionLost", "Reason")
+
+#: How the request lost its client:
+#:
+#: ``"FIN"``      the peer closed its side of the connection (a normal close, or a half-close,
+#:                which aiohttp treats as a close);
+#: ``"RST"``      the peer reset the connection, or the transport failed;
+#: ``"shutdown"`` the server stopped the request while shutting down;
+#: ``"closed"``   the server side closed the connection (it was already gone when the
+#:                request reached aiodelay, or aiohttp closed it).
+Reason = Literal["FIN", "RST", "shutdown", "closed"]
+
+_MESSAGES: dict[str, str] = {
+    "FIN": "the client closed the connection (FIN)",
+    "RST": "the client reset the connection (RST)",
+    "shutdown": "the server shut down before the response was complete",
+    "closed": "the connection was closed before the response was complete",
+}
+
+
+class ConnectionLost(ConnectionError):
+    """The request's client went away (or the server stopped the request) before the
+    response was completely written.
+
+    ``reason`` says how; ``__cause__`` holds the transport's own error when there was one.
+    """
+
+    reason: Reason
+
+    def __init__(self, reason: Reason, message: str | None = None) -> None:
+        super().__init__(message or _MESSAGES[reason])
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"ConnectionLost({self.reason!r})"

@@ -1,0 +1,146 @@
+"""How a disconnect is seen.
+
+This is the only module that knows how aiohttp's server is built: everything that touches its
+protocol object or private attributes lives here, so a new aiohttp release is a one-file change.
+
+aiohttp offers no disconnect hook (``Request.wait_for_disconnection()`` was removed in 3.10.2 as
+racy), but asyncio's transport API is public: ``transport.set_protocol()`` lets us stand between
+the transport and aiohttp's ``RequestHandler``. The :class:`Watch` we put there passes every call
+straight through and looks only at the two that mean the peer is gone: ``eof_received`` (FIN)
+and ``connection_lost`` (RST, or the end after a FIN). It is installed on the first request of a
+connection and reused for the following keep-alive requests.
+
+What cannot be seen: a peer that vanishes without sending FIN or RST (a pulled cable, a
+suspended laptop) looks alive until TCP gives up; and while aiohttp has paused reading (a request
+body larger than its buffer that the handler does not read, or a full pipelining queue), the
+kernel holds the FIN or RST unread, so it is seen only when reading resumes or a write fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from ._errors import ConnectionLost
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import RequestHandler
+
+__all__ = ("Listener", "Watch", "closing_reason", "response_completed", "watch")
+
+
+class Listener(Protocol):
+    """What a :class:`Watch` tells about the request in flight on its connection."""
+
+    def disconnected(self, lost: ConnectionLost) -> None: ...
+
+
+class Watch(asyncio.Protocol):
+    """A transparent protocol between a transport and aiohttp's ``RequestHandler``.
+
+    ``data_received`` and the flow-control calls are the handler's own bound methods, stored
+    on the instance, so the transport calls them with no extra frame in between.
+    """
+
+    __slots__ = (
+        "_proto",
+        "data_received",
+        "listener",
+        "lost",
+        "pause_writing",
+        "resume_writing",
+        "trailing",
+    )
+
+    def __init__(self, proto: RequestHandler) -> None:
+        self._proto = proto
+        self.data_received = proto.data_received  # type: ignore[method-assign]
+        self.pause_writing = proto.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = proto.resume_writing  # type: ignore[method-assign]
+        #: The request in flight on this connection, if aiodelay is watching one.
+        self.listener: Listener | None = None
+        #: Set once the peer is known to be gone.
+        self.lost: ConnectionLost | None = None
+        #: Called once, at the next request on this connection or when it closes (see
+        #: ``_lifetime``: completion of a response that aiohttp was still writing).
+        self.trailing: list[Any] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._proto.connection_made(transport)  # pragma: no cover - installed after this
+
+    def eof_received(self) -> bool | None:
+        keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
+        if not keep_open:
+            # aiohttp answers a FIN by closing: the client can no longer get a response.
+            self._lose(ConnectionLost("FIN"))
+        return keep_open
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._lose(ConnectionLost("closed"))
+        else:
+            lost = ConnectionLost("RST")
+            lost.__cause__ = exc
+            self._lose(lost)
+        proto = self._proto
+        manager = proto._manager
+        if self.listener is not None and manager is not None and manager.handler_cancellation:
+            # aiodelay decides what a disconnect does to the request it watches; without
+            # this, aiohttp (handler_cancellation=True) would cancel a shielded handler too.
+            manager.handler_cancellation = False
+            try:
+                proto.connection_lost(exc)
+            finally:
+                manager.handler_cancellation = True
+        else:
+            proto.connection_lost(exc)
+        self.run_trailing()
+
+    def _lose(self, lost: ConnectionLost) -> None:
+        if self.lost is not None:
+            return
+        self.lost = lost
+        listener = self.listener
+        if listener is not None:
+            listener.disconnected(lost)
+
+    def run_trailing(self) -> None:
+        trailing, self.trailing = self.trailing, None
+        for callback in trailing or ():
+            callback()
+
+
+def watch(request: web.BaseRequest) -> Watch | None:
+    """The :class:`Watch` of the request's connection, installing it if needed.
+
+    ``None`` if the connection is already closed or closing: the peer is gone (or the server is
+    closing the connection) before aiodelay saw the request.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return None
+    current = transport.get_protocol()
+    if type(current) is Watch:
+        return current
+    installed = Watch(request.protocol)
+    transport.set_protocol(installed)
+    return installed
+
+
+def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:
+    """A ConnectionLost if the request's transport is gone or closing, else None.
+
+    Covers the moment between a transport failing (RST) and asyncio calling
+    ``connection_lost`` one loop iteration later, when a write already fails.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return ConnectionLost("RST")
+    return None
+
+
+def response_completed(response: web.StreamResponse) -> bool:
+    """True once ``write_eof()`` has finished for the response (aiohttp has no public flag)."""
+    return bool(response._eof_sent)
