@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,7 +37,10 @@ __all__ = (
 logger = logging.getLogger("aiodelay")
 
 _T = TypeVar("_T")
-_KEY = "aiodelay.lifetime"
+# aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey.
+_KEY: Any = (
+    web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay.lifetime"
+)
 _NOT_SET_UP = (
     "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
     "(or add aiodelay.middleware() to its middlewares)"
@@ -182,6 +186,8 @@ class Lifetime:
                 self._waiters = [future]
             else:
                 self._waiters.append(future)
+        elif self.lost is not None:
+            _fail(future, self.lost)
         elif self.error is not None:
             _fail(future, self.error)
         elif self.response is None or response_completed(self.response):
@@ -292,15 +298,14 @@ def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
 
 
 def is_disconnected(request: web.BaseRequest) -> bool:
-    """True once the request's client is known to have left.
+    """True once the request's client is known to have left before its response was complete.
 
-    False does not promise the client is there: a peer that vanished without FIN or RST, or
-    whose FIN waits unread while aiohttp has paused reading, cannot be seen.
+    After the request ended, it stays what it was then: a connection closed after a complete
+    response does not count. False does not promise the client is there: a peer that vanished
+    without FIN or RST, or whose FIN waits unread while aiohttp has paused reading, cannot be
+    seen.
     """
-    life = lifetime_of(request)
-    if life.lost is not None:
-        return True
-    return life.watch is not None and life.watch.lost is not None
+    return lifetime_of(request).lost is not None
 
 
 def call_later(
@@ -336,6 +341,8 @@ async def shield(aw: Awaitable[_T]) -> _T:
     """
     life = _current.get(None)
     if life is None:
+        if inspect.iscoroutine(aw):
+            aw.close()  # never started: do not warn "never awaited" on top of the error
         raise RuntimeError(_NOT_SET_UP)
     if asyncio.current_task() is not life.task:
         return await aw

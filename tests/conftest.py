@@ -1,0 +1,213 @@
+"""Shared test helpers: real servers on 127.0.0.1 and raw clients that drop for real.
+
+Servers are started the way production starts them, ``web.AppRunner(app,
+handler_cancellation=False)``; aiohttp's ``TestServer`` forces ``handler_cancellation=True``
+and would make every disconnect test pass with or without aiodelay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import pytest
+import trustme
+from aiohttp import web
+
+Drop = Literal["FIN", "RST", "half-close"]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, LoopFactory]:
+    """Tests marked ``both_loops`` run on asyncio's own loop and on uvloop."""
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@dataclass
+class Served:
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    ssl: ssl.SSLContext | None = None
+    clients: list[RawClient] = field(default_factory=list)
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.port, self.ssl)
+        self.clients.append(client)
+        return client
+
+
+class Serve(Protocol):
+    async def __call__(
+        self,
+        app: web.Application,
+        *,
+        handler_cancellation: bool = False,
+        tls: bool = False,
+        access_log: Any = None,
+    ) -> Served: ...
+
+
+@dataclass
+class Certs:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+@pytest.fixture(scope="session")
+def certs() -> Certs:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return Certs(server, client)
+
+
+@pytest.fixture
+async def serve(certs: Certs) -> AsyncIterator[Serve]:
+    """Start apps on free ports of 127.0.0.1; stopped in reverse order at teardown."""
+    runners: list[web.AppRunner] = []
+    served: list[Served] = []
+
+    async def go(
+        app: web.Application,
+        *,
+        handler_cancellation: bool = False,
+        tls: bool = False,
+        access_log: Any = None,
+    ) -> Served:
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=handler_cancellation,
+            access_log=access_log,
+            shutdown_timeout=2,  # a test that leaves a handler running fails, not hangs
+        )
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=certs.server if tls else None)
+        await site.start()
+        port = runner.addresses[0][1]
+        served.append(Served(app, runner, port, certs.client if tls else None))
+        return served[-1]
+
+    yield go
+    for each in served:
+        for client in each.clients:
+            client.writer.transport.abort()
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@dataclass
+class RawClient:
+    """One real TCP (or TLS) connection, written and dropped by hand."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    received: bytearray = field(default_factory=bytearray)
+
+    @classmethod
+    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def get(self, path: str = "/", *, close: bool = False) -> None:
+        conn = b"Connection: close\r\n" if close else b""
+        await self.send(b"GET %s HTTP/1.1\r\nHost: test\r\n%s\r\n" % (path.encode(), conn))
+
+    async def read_response(self) -> tuple[int, bytes]:
+        """Read one complete Content-Length response: (status, body)."""
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        body = await self.reader.readexactly(length)
+        return status, body
+
+    async def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.received:
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before {marker!r} arrived")
+            self.received += chunk
+        return bytes(self.received)
+
+    def drop(self, how: Drop) -> None:
+        """Leave: a FIN (orderly close), an RST (SO_LINGER 0, then close), or a half-close
+        (shutdown(SHUT_WR): a FIN, while still reading).
+
+        Closing a socket that has unread data sends an RST, not a FIN (TCP's rule): to send a
+        FIN while the server is still writing, half-close.
+        """
+        if how == "half-close":
+            self.writer.write_eof()
+        elif how == "RST":
+            sock = self.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # With TLS, close the socket right away so no close_notify goes out first.
+            transport = self.writer.transport
+            transport.abort()
+        else:
+            self.writer.close()
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+
+class Probe:
+    """What a test handler did: started, ended, and how."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+        self.completed = False
+        self.finally_ran = False
+        self.request: web.BaseRequest | None = None
+
+    async def run(self, request: web.BaseRequest, work: Awaitable[Any]) -> Any:
+        """Run the handler's ``work``, recording how it ends."""
+        self.request = request
+        self.started.set()
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        else:
+            self.completed = True
+            return result
+        finally:
+            self.finally_ran = True
+            self.ended.set()
+
+    async def wait_started(self) -> None:
+        await asyncio.wait_for(self.started.wait(), 5)
+
+    async def wait_ended(self) -> None:
+        await asyncio.wait_for(self.ended.wait(), 5)

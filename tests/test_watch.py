@@ -1,0 +1,191 @@
+"""Seeing the client leave: FIN and RST, in every server configuration the issue names.
+
+Each case: a handler blocks at an await, the client drops the connection for real, and the
+test waits for the handler to end. Without aiodelay the handler would wait forever (see
+``test_control_without_aiodelay_handler_runs_on``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import aiodelay
+from tests.conftest import Drop, Probe, RawClient, Serve, Served
+
+# Where the handler is when the client leaves, and how the client gets it there:
+# (name, route, handler work, client steps before the drop)
+Work = Callable[[web.Request, Probe], Awaitable[Any]]
+Steps = Callable[[RawClient], Awaitable[None]]
+
+
+async def _await_gate(request: web.Request, probe: Probe) -> Any:
+    return await probe.gate
+
+
+async def _mid_stream(request: web.Request, probe: Probe) -> Any:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"first line\n")
+    return await probe.gate
+
+
+async def _reading_body(request: web.Request, probe: Probe) -> Any:
+    return await request.read()
+
+
+async def _plain_get(client: RawClient) -> None:
+    await client.get("/")
+
+
+async def _second_on_keep_alive(client: RawClient) -> None:
+    await client.get("/fast")
+    assert await client.read_response() == (200, b"fast")
+    await client.get("/")
+
+
+async def _until_first_line(client: RawClient) -> None:
+    await client.get("/")
+    await client.read_until(b"first line\n")
+
+
+async def _partial_upload(client: RawClient) -> None:
+    await client.send(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+
+KINDS: list[tuple[str, Work, Steps]] = [
+    ("awaiting", _await_gate, _plain_get),
+    ("keep-alive-2nd", _await_gate, _second_on_keep_alive),
+    ("mid-stream", _mid_stream, _until_first_line),
+    ("reading-body", _reading_body, _partial_upload),
+]
+
+# How the server runs: (name, handler_cancellation, tls)
+SERVERS = [
+    ("default", False, False),
+    ("handler_cancellation", True, False),
+    ("tls", False, True),
+]
+
+
+def _app(work: Work, probe: Probe, finish: list[asyncio.Future[None]]) -> web.Application:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        finish.append(aiodelay.notify_finish(request))
+        result = await probe.run(request, work(request, probe))
+        assert isinstance(result, web.StreamResponse)
+        return result
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_route("*", "/", handler)
+    app.router.add_get("/fast", fast)
+    return app
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize(
+    ("server", "handler_cancellation", "tls"), SERVERS, ids=[s[0] for s in SERVERS]
+)
+@pytest.mark.parametrize(("kind", "work", "steps"), KINDS, ids=[k[0] for k in KINDS])
+async def test_handler_cancelled_when_client_leaves(
+    serve: Serve,
+    kind: str,
+    work: Work,
+    steps: Steps,
+    server: str,
+    handler_cancellation: bool,
+    tls: bool,
+    drop: Drop,
+) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+    served = await serve(
+        _app(work, probe, finish), handler_cancellation=handler_cancellation, tls=tls
+    )
+    client = await served.connect()
+    await steps(client)
+    await probe.wait_started()
+
+    client.drop(drop)
+    await probe.wait_ended()
+
+    assert probe.cancelled
+    assert probe.finally_ran
+    exc = finish[-1].exception()
+    assert isinstance(exc, aiodelay.ConnectionLost)
+    # A TLS client's orderly close sends close_notify then FIN; both read as the peer leaving.
+    assert exc.reason == drop
+    assert aiodelay.stats(served.app).cancelled == 1
+
+
+async def _ping(served: Served) -> None:
+    """A full round trip on a new connection: the server has read everything sent before."""
+    client = await served.connect()
+    await client.get("/fast", close=True)
+    assert await client.read_response() == (200, b"fast")
+    await client.aclose()
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_control_without_aiodelay_handler_runs_on(serve: Serve, drop: Drop) -> None:
+    """The problem aiodelay solves: aiohttp's default server never tells the handler."""
+    probe = Probe()
+    seen_gone: list[bool] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        seen_gone.append(request.transport is None)
+        return web.Response(text="nobody reads this")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    app.router.add_get("/fast", fast)
+    served = await serve(app)
+    client = await served.connect()
+    await client.get("/")
+    await probe.wait_started()
+    client.drop(drop)
+    await _ping(served)
+
+    assert not probe.ended.is_set()
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert probe.completed
+    assert seen_gone == [True]  # the server had seen the close, and the handler ran on anyway
+
+
+async def test_handler_not_started_when_connection_already_closed(serve: Serve) -> None:
+    """A request whose connection is closing before aiodelay sees it is not worked on."""
+    called: list[str] = []
+
+    @web.middleware
+    async def close_first(request: web.Request, handler: Any) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return await handler(request)
+
+    async def handler(request: web.Request) -> web.Response:
+        called.append("handler")
+        return web.Response()
+
+    app = web.Application(middlewares=[close_first, aiodelay.middleware()])
+    app.router.add_get("/", handler)
+    served = await serve(app)
+    client = await served.connect()
+    await client.get("/")
+    assert await client.reader.read() == b""  # closed without a response
+
+    assert called == []
+    stats = aiodelay.stats(served.app)
+    assert (stats.in_flight, stats.disconnected, stats.cancelled) == (0, 1, 1)
