@@ -14,7 +14,10 @@ with the cancel policy a pending response is cancelled when the peer leaves,
 ``request.notify_finish()`` fails with :class:`aiodelay.ConnectionLost` and the log line is written.
 
 Not promised: the response is not sent while a callback runs, only once the event loop gets control
-(``write()`` buffers); a render method that blocks, blocks the whole server.
+(``write()`` buffers); a render method that blocks, blocks the whole server.  With ``NOT_DONE_YET``
+the request ends as soon as the peer leaves, whatever the policy (nothing is left to send):
+timers from ``request.call_later`` are cancelled then, and callbacks scheduled otherwise keep
+running unless ``request.on_connection_lost`` cancels them, as in Twisted.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ._errors import ConnectionLost
-from ._lifetime import is_disconnected, notify_finish
+from ._lifetime import call_later, is_disconnected, notify_finish
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -49,6 +52,8 @@ class _NotDoneYet(enum.Enum):
 
     def __repr__(self) -> str:
         return "aiodelay.NOT_DONE_YET"
+
+    __str__ = __repr__
 
 
 NOT_DONE_YET: Final = _NotDoneYet.NOT_DONE_YET
@@ -193,6 +198,16 @@ class ResourceRequest:
 
         future.add_done_callback(_done)
         return future
+
+    def call_later(
+        self, delay: float, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> asyncio.TimerHandle:
+        """``aiodelay.call_later(request, ...)``: a timer owned by this request.
+
+        It is cancelled if still pending when the request ends (under the cancel policy, as soon
+        as the peer leaves), so a callback that re-arms it stops with the response.
+        """
+        return call_later(self.request, delay, callback, *args)
 
     def _check_not_started(self, what: str) -> None:
         if self._started or self._finished:
