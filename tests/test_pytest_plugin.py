@@ -1,0 +1,433 @@
+"""The pytest plugin: ``aiodelay_server`` and ``LiveServer.drop`` over real sockets.
+
+The first part uses the fixture directly (the plugin is loaded through its entry point, as
+for any user); the second runs generated test files with ``pytester``, and one in a fresh
+project in a subprocess, to show what a user sees: passing tests, readable failures, and the
+plugin loading by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import aiodelay
+from aiodelay.pytest_plugin import AiodelayServer, DropOutcome
+
+pytest_plugins = ("pytester",)
+
+# How many times the determinism tests run; AIODELAY_REPEAT=200 for the full check.
+REPEAT = int(os.environ.get("AIODELAY_REPEAT", "20"))
+
+FOREVER = web.AppKey("forever", asyncio.Event)
+
+
+async def report(request: web.Request) -> web.Response:
+    await request.app[FOREVER].wait()  # a slow query: longer than the client waits
+    return web.Response(text="report")
+
+
+@aiodelay.shielded
+async def charge(request: web.Request) -> web.Response:
+    # Work that lasts exactly until aiodelay has seen the client leave, then finishes: a
+    # shielded handler that deterministically outlives its client.
+    with contextlib.suppress(aiodelay.ConnectionLost):
+        await aiodelay.notify_finish(request)
+    return web.Response(text="charged")
+
+
+@aiodelay.shielded
+async def held(request: web.Request) -> web.Response:
+    await request.app[FOREVER].wait()  # runs on until the test sets the event
+    return web.Response(text="held")
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"x" * 100)
+    await request.app[FOREVER].wait()
+    return response
+
+
+async def upload(request: web.Request) -> web.Response:
+    body = await request.read()  # the client leaves before the body is complete
+    return web.Response(text=str(len(body)))
+
+
+async def quick(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app[FOREVER] = asyncio.Event()
+    app.router.add_get("/report", report)
+    app.router.add_post("/charge", charge)
+    app.router.add_get("/held", held)
+    app.router.add_get("/stream", stream)
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/quick", quick)
+    return app
+
+
+# -- the usability bar: each test body is at most five lines --------------------------------
+
+
+@pytest.mark.parametrize("repetition", range(REPEAT))
+async def test_report_is_cancelled_when_the_client_leaves(
+    aiodelay_server: AiodelayServer, repetition: int
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/report")
+    assert outcome.cancelled
+    assert outcome.reason == "FIN"
+
+
+@pytest.mark.parametrize("repetition", range(REPEAT))
+async def test_shielded_charge_finishes_after_the_client_left(
+    aiodelay_server: AiodelayServer, repetition: int
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("POST", "/charge", data=b"amount=5", how="RST")
+    assert outcome.ran_on
+    assert outcome.reason == "RST"
+
+
+# -- moments and ways to drop -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("FIN", "FIN"),
+        ("RST", "RST"),
+        ("half-close", "FIN"),  # aiohttp answers a half-close by closing
+    ],
+)
+async def test_drop_is_seen_with_the_reason_of_how_the_client_left(
+    aiodelay_server: AiodelayServer, how: Any, reason: str
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/report", how=how)
+    assert (outcome.kind, outcome.reason, outcome.how) == ("cancelled", reason, how)
+
+
+async def test_drop_after_response_bytes_happens_mid_stream(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/stream", after_response_bytes=100)
+    assert outcome.cancelled
+    assert (outcome.status, outcome.received) == (200, b"x" * 100)  # chunked, decoded
+
+
+async def test_drop_after_request_bytes_happens_mid_upload(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("POST", "/upload", data=b"y" * 1000, after_request_bytes=10)
+    assert outcome.cancelled
+    assert outcome.moment == "after 10 of 1000 request body bytes"
+
+
+async def test_drop_after_seconds_counts_from_the_handler_start(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/report", after_seconds=0.05)
+    assert outcome.record is not None
+    assert outcome.dropped_at - outcome.record.started_at >= 0.05
+    assert outcome.cancelled
+
+
+async def test_cancelled_after_is_the_time_from_drop_to_cancellation(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/report")
+    assert outcome.record is not None
+    assert outcome.cancelled_after == outcome.record.ended_at - outcome.dropped_at
+    assert 0 <= outcome.cancelled_after < 1
+
+
+async def test_handler_that_ended_before_the_drop_is_completed(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    outcome = await server.drop("GET", "/quick", after_response_bytes=2)
+    assert (outcome.kind, outcome.lost, outcome.received) == ("completed", None, b"ok")
+    assert outcome.ended_after is None
+    assert outcome.cancelled_after is None
+
+
+async def test_wait_seen_reports_a_shielded_handler_still_running(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/held", wait="seen")
+    assert (outcome.kind, outcome.reason, outcome.record) == ("running", "FIN", None)
+    app[FOREVER].set()
+    assert (await outcome.wait_ended()).ran_on
+
+
+async def test_a_second_drop_on_the_same_server_is_matched_to_its_own_request(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    server = await aiodelay_server(app)
+    held = await server.drop("GET", "/held", wait="seen")
+    reported = await server.drop("GET", "/report", how="RST")
+    app[FOREVER].set()
+    assert (reported.kind, (await held.wait_ended()).kind) == ("cancelled", "ran_on")
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+async def test_server_installs_aiodelay_when_the_app_lacks_it(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    assert aiodelay.stats(server.app).in_flight == 0  # raises if not installed
+
+
+async def test_server_keeps_the_apps_own_aiodelay_setup(aiodelay_server: AiodelayServer) -> None:
+    app = create_app()
+    aiodelay.setup(app, policy="shield")
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/report", wait="seen")
+    assert outcome.running  # the app's shield policy holds, not a second, cancelling setup
+    app[FOREVER].set()
+    assert (await outcome.wait_ended()).ran_on
+
+
+async def test_server_accepts_aiodelay_as_a_listed_middleware(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = web.Application(middlewares=[aiodelay.middleware()])
+    app[FOREVER] = asyncio.Event()
+    app.router.add_get("/report", report)
+    server = await aiodelay_server(app)
+    assert (await server.drop("GET", "/report")).cancelled
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+async def test_server_runs_like_production_unless_asked(
+    aiodelay_server: AiodelayServer, handler_cancellation: bool
+) -> None:
+    kwargs = {"handler_cancellation": True} if handler_cancellation else {}
+    server = await aiodelay_server(create_app(), **kwargs)
+    assert server.runner.server is not None
+    assert server.runner.server.handler_cancellation is handler_cancellation
+    assert server.host == "127.0.0.1"
+    assert server.url.port == server.port
+    assert str(server.make_url("/a?b=c")) == f"http://127.0.0.1:{server.port}/a?b=c"
+
+
+# -- misuse and timeouts ------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    # (keyword arguments to drop(), the error, a part of its message)
+    ({"after_seconds": 1, "after_response_bytes": 1}, TypeError, "at most one of"),
+    ({"how": "FYN"}, ValueError, "how must be one of"),
+    ({"wait": "forever"}, ValueError, "wait must be one of"),
+    ({"timeout": 0}, ValueError, "timeout must be positive"),
+    ({"after_request_bytes": 5}, ValueError, "between 0 and len(data) = 0"),
+    ({"after_response_bytes": -1}, ValueError, "after_response_bytes must be >= 0"),
+    ({"after_seconds": -1}, ValueError, "after_seconds must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_ARGUMENTS)
+async def test_drop_rejects_bad_arguments_before_connecting(
+    aiodelay_server: AiodelayServer, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    server = await aiodelay_server(create_app())
+    with pytest.raises(error, match=re.escape(message)):
+        await server.drop("GET", "/report", **kwargs)
+
+
+async def test_drop_rejects_a_path_without_leading_slash(aiodelay_server: AiodelayServer) -> None:
+    server = await aiodelay_server(create_app())
+    with pytest.raises(ValueError, match="path must start with '/'"):
+        await server.drop("GET", "report")
+
+
+async def test_a_request_that_never_reaches_a_handler_fails_readably(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    expected = (
+        "GET /bad path (drop by FIN when the handler started): the handler did not start: "
+        "the server closed the connection; the client had received status 400 and body b"
+    )
+    with pytest.raises(pytest.fail.Exception, match=f"^{re.escape(expected)}"):
+        await server.drop("GET", "/bad path")  # aiohttp answers 400 itself
+
+
+async def test_a_handler_that_outlives_the_timeout_fails_readably(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    server = await aiodelay_server(app)
+    with pytest.raises(pytest.fail.Exception, match=r"still running 0\.1s after the drop"):
+        await server.drop("GET", "/held", timeout=0.1)
+    app[FOREVER].set()
+
+
+def test_outcome_repr_says_what_happened() -> None:
+    outcome = DropOutcome(
+        method="GET",
+        path="/report",
+        how="RST",
+        moment="when the handler started",
+        kind="ran_on",
+        lost=aiodelay.ConnectionLost("RST"),
+        status=None,
+        received=b"",
+        dropped_at=1.0,
+        record=None,
+        _probe=None,  # type: ignore[arg-type]
+    )
+    assert repr(outcome) == (
+        "<DropOutcome GET /report dropped by RST when the handler started: ran_on, "
+        "aiodelay saw RST, no response head, 0 body bytes received>"
+    )
+
+
+# -- what a user sees: generated projects -------------------------------------------------
+
+USER_TESTS = """
+    import asyncio
+
+    from aiohttp import web
+
+    import aiodelay
+    from aiodelay.pytest_plugin import AiodelayServer
+
+
+    async def report(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response(text="report")
+
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        return web.Response(text="charged")
+
+
+    def create_app() -> web.Application:
+        app = web.Application()
+        app.router.add_get("/report", report)
+        app.router.add_post("/charge", charge)
+        return app
+
+
+    async def test_report_is_cancelled(aiodelay_server: AiodelayServer) -> None:
+        server = await aiodelay_server(create_app())
+        outcome = await server.drop("GET", "/report")
+        assert outcome.{report_expectation}
+
+
+    async def test_charge_runs_on(aiodelay_server: AiodelayServer) -> None:
+        server = await aiodelay_server(create_app())
+        outcome = await server.drop("POST", "/charge", data=b"amount=5")
+        assert outcome.ran_on
+"""
+
+PYTEST_INI = """
+    [pytest]
+    asyncio_mode = auto
+    asyncio_default_fixture_loop_scope = function
+    filterwarnings = error
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeini(textwrap.dedent(PYTEST_INI))
+    return pytester
+
+
+@pytest.mark.parametrize("mode", ["auto", "strict"])
+def test_generated_tests_using_the_fixture_pass(project: pytest.Pytester, mode: str) -> None:
+    tests = textwrap.dedent(USER_TESTS.format(report_expectation="cancelled"))
+    if mode == "strict":  # pytest-asyncio's strict mode: tests say they are asyncio's
+        tests = f"import pytest\npytestmark = pytest.mark.asyncio\n{tests}"
+    project.makepyfile(tests)
+    result = project.runpytest("-o", f"asyncio_mode={mode}")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_wrong_expectation_fails_with_a_readable_message(project: pytest.Pytester) -> None:
+    project.makepyfile(textwrap.dedent(USER_TESTS.format(report_expectation="ran_on")))
+    result = project.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*assert False",
+            "*where False = <DropOutcome GET /report dropped by FIN when the handler started: "
+            "cancelled, aiodelay saw FIN, no response head, 0 body bytes received, "
+            "ended * ms after the drop>.ran_on",
+        ]
+    )
+
+
+def test_servers_are_closed_in_reverse_order(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        textwrap.dedent(
+            """
+            from aiohttp import web
+
+            closed = []
+
+            def app_named(name):
+                async def on_cleanup(app):
+                    closed.append(name)
+                app = web.Application()
+                app.on_cleanup.append(on_cleanup)
+                return app
+
+            async def test_start_two(aiodelay_server):
+                await aiodelay_server(app_named("first"))
+                await aiodelay_server(app_named("second"))
+
+            def test_closed_last_first():
+                assert closed == ["second", "first"]
+            """
+        )
+    )
+    project.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_plugin_loads_by_itself_in_a_fresh_project(tmp_path: Path) -> None:
+    # A separate interpreter, no conftest and no -p: only the installed entry point.
+    (tmp_path / "pytest.ini").write_text(textwrap.dedent(PYTEST_INI))
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(USER_TESTS.format(report_expectation="cancelled"))
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
