@@ -1,0 +1,3 @@
+from aiodelay._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""``python -m aiodelay``: serve a directory (or the bundled demo site) with aiodelay set up.
+
+``main(argv)`` returns the exit status: 0 after Ctrl-C or SIGTERM (a graceful stop), 1 when the
+server cannot start (port in use, unreadable directory), 2 for bad arguments.  Every error is
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from . import __version__
+from ._policy import Policy
+from ._site import create_app
+
+__all__ = ("DEMO_DIR", "main")
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+#: How long a stop waits for requests in flight before they are cancelled (their
+#: ``notify_finish`` futures then fail with reason "shutdown"). aiohttp's default is 60 s, which
+#: an open stream demo would use up entirely.
+SHUTDOWN_TIMEOUT = 3.0
+
+_PROG = "python -m aiodelay"
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {port}")
+    return port
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Serve a directory with aiodelay: static files, listings and .rpy scripts "
+        "whose work stops when the client goes away.  Without --path, a demo site.",
+    )
+    parser.add_argument(
+        "--path", type=Path, metavar="DIR", help="the directory to serve (default: the demo site)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=8080,
+        help="the port to listen on, 0 for any free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=[p.value for p in Policy],
+        default=Policy.CANCEL.value,
+        help="what a client leaving does to its request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-scripts",
+        dest="scripts",
+        action="store_false",
+        help="static-only mode: .rpy scripts are not run (they give 404)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log each request (default: on)",
+    )
+    parser.add_argument("--version", action="version", version=f"aiodelay {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until Ctrl-C or SIGTERM; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.host == "":
+        parser.error("argument --host: expected a host name or address")
+    root: Path = args.path if args.path is not None else DEMO_DIR
+    try:
+        app = create_app(root, scripts=args.scripts, policy=args.policy)
+    except OSError as exc:
+        return _fail(f"cannot serve {root}: {exc.strerror or exc}")
+    with _logging_to_stderr():
+        try:
+            return asyncio.run(_serve(app, args.host, args.port, args.access_log, root))
+        except KeyboardInterrupt:  # where signal handlers cannot be installed
+            return 0
+
+
+async def _serve(app: web.Application, host: str, port: int, access_log: bool, root: Path) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Not on Windows (Ctrl-C is then KeyboardInterrupt), nor outside the main thread.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=False,
+        access_log=access_logger if access_log else None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            return _fail(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}")
+        what = "the aiodelay demo" if root == DEMO_DIR else str(root)
+        bound_host, bound_port = runner.addresses[0][:2]
+        _announce(f"Serving {what} at http://{_address(bound_host, bound_port)}/ (Ctrl-C to stop)")
+        await stop.wait()
+        logging.getLogger("aiodelay").info("stopping (waiting up to %.0fs)", SHUTDOWN_TIMEOUT)
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+def _fail(message: str) -> int:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, as under pytest)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """INFO lines of aiodelay and aiohttp on stderr, while the server runs (and no longer)."""
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    loggers = [logging.getLogger(name) for name in ("aiodelay", "aiohttp")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
