@@ -8,6 +8,7 @@ and would make every disconnect test pass with or without aiodelay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
@@ -172,10 +173,8 @@ class RawClient:
 
     async def aclose(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
 
 class Probe:

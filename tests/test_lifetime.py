@@ -50,9 +50,11 @@ async def test_notify_finish_resolves_after_write_eof(serve: Serve) -> None:
         return response
 
     served = await serve(_app(web.get("/", handler)))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{served.port}/") as resp:
-            assert await resp.read() == body
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{served.port}/") as resp,
+    ):
+        assert await resp.read() == body
     await asyncio.wait_for(done.wait(), 5)
     assert seen == [(None, True)]
 
@@ -156,7 +158,8 @@ async def test_notify_finish_resolves_after_a_raised_http_exception_is_written(
     client = await served.connect()
     await client.get("/")
     assert await client.read_response() == (404, b"no such thing")
-    assert await asyncio.wait_for(futures[0], 5) is None
+    await asyncio.wait_for(futures[0], 5)
+    assert futures[0].result() is None
 
 
 async def test_notify_finish_fails_with_the_handlers_exception(serve: Serve) -> None:
@@ -420,7 +423,8 @@ async def test_no_tasks_or_timers_left_after_1000_disconnects(serve: Serve) -> N
         return web.Response()
 
     def live_timers() -> int:
-        return sum(1 for h in loop._scheduled if not h.cancelled())  # type: ignore[attr-defined]
+        scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
+        return sum(1 for handle in scheduled if not handle.cancelled())
 
     served = await serve(_app(web.get("/", handler)))
     tasks_before, timers_before = len(asyncio.all_tasks()), live_timers()

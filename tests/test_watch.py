@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 import aiodelay
 from tests.conftest import Drop, Probe, RawClient, Serve, Served
@@ -170,7 +171,7 @@ async def test_handler_not_started_when_connection_already_closed(serve: Serve) 
     called: list[str] = []
 
     @web.middleware
-    async def close_first(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def close_first(request: web.Request, handler: Handler) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.close()
         return await handler(request)

@@ -1,0 +1,563 @@
+"""setup() and middleware(): policies, "not done yet" results, logging, stats, transparency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+import aiodelay
+from aiodelay._middleware import Middleware
+from tests.conftest import Drop, Probe, Serve
+
+
+def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
+    app = web.Application()
+    aiodelay.setup(app, policy=policy)
+    app.add_routes(routes)
+    return app
+
+
+# -- "not done yet": a handler returns a pending awaitable ----------------------------------
+
+
+async def test_twisted_example_delivers_after_the_delay(serve: Serve) -> None:
+    """The Twisted document's example, in aiohttp form (the delay shortened)."""
+
+    async def delayed(request: web.Request) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        aiodelay.call_later(
+            request, 0.01, fut.set_result, web.Response(text="Sorry to keep you waiting.")
+        )
+        return fut
+
+    served = await serve(_app(web.get("/", delayed)))
+    client = await served.connect()
+    await client.get("/")
+    assert await client.read_response() == (200, b"Sorry to keep you waiting.")
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_twisted_example_dropped_never_renders(serve: Serve, drop: Drop) -> None:
+    returned: list[asyncio.Future[web.Response]] = []
+    timers: list[asyncio.TimerHandle] = []
+    rendered: list[str] = []
+    started = asyncio.Event()
+
+    def render() -> None:
+        rendered.append("rendered")
+        returned[0].set_result(web.Response(text="Sorry to keep you waiting."))
+
+    async def delayed(request: web.Request) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        timers.append(aiodelay.call_later(request, 5, render))
+        returned.append(fut)
+        started.set()
+        return fut
+
+    served = await serve(_app(web.get("/", delayed)))
+    client = await served.connect()
+    await client.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop(drop)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(returned[0], 5)  # cancelled by aiodelay, not by wait_for
+    assert timers[0].cancelled()
+    assert rendered == []
+    assert aiodelay.stats(served.app).cancelled == 1
+
+
+@pytest.mark.parametrize("form", ["future", "task", "coroutine", "sync-function"])
+async def test_pending_awaitables_of_every_kind_are_awaited(serve: Serve, form: str) -> None:
+    async def later() -> web.Response:
+        await asyncio.sleep(0)
+        return web.Response(text=form)
+
+    async def handler(request: web.Request) -> Any:
+        if form == "future":
+            fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(fut.set_result, web.Response(text=form))
+            return fut
+        if form == "task":
+            return asyncio.ensure_future(later())
+        return later()
+
+    @aiodelay.cancellable
+    def sync_handler(request: web.Request) -> Any:
+        return asyncio.ensure_future(later())
+
+    route = sync_handler if form == "sync-function" else handler
+    served = await serve(_app(web.get("/", route)))
+    client = await served.connect()
+    await client.get("/")
+    assert await client.read_response() == (
+        200,
+        b"sync-function" if route is sync_handler else form.encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("returned", "shown"),
+    [
+        ("a string", "'a string'"),
+        (None, "None"),
+        ("awaitable-of-int", "an awaitable that resolved to 42"),
+    ],
+)
+async def test_a_result_that_is_no_response_gives_500_and_a_log_line(
+    serve: Serve, caplog: pytest.LogCaptureFixture, returned: Any, shown: str
+) -> None:
+    caplog.set_level(logging.ERROR, logger="aiodelay")
+
+    async def answer() -> int:
+        return 42
+
+    async def confused(request: web.Request) -> Any:
+        return answer() if returned == "awaitable-of-int" else returned
+
+    served = await serve(_app(web.get("/thing", confused)))
+    client = await served.connect()
+    await client.get("/thing")
+    status, _ = await client.read_response()
+    assert status == 500
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    message = record.getMessage()
+    assert "confused" in message
+    assert "GET /thing" in message
+    assert shown in message
+
+
+# -- shielded handlers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+@pytest.mark.parametrize("how", ["decorator", "app-policy", "view-class"])
+async def test_shielded_handler_runs_to_completion(
+    serve: Serve, handler_cancellation: bool, how: str
+) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    async def work(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response(text="charged")
+
+    @aiodelay.shielded
+    class Charge(web.View):
+        async def post(self) -> web.Response:
+            return await work(self.request)
+
+    route: Any = {"decorator": aiodelay.shielded(work), "app-policy": work, "view-class": Charge}[
+        how
+    ]
+    policy = "shield" if how == "app-policy" else "cancel"
+    app = _app(web.route("*", "/", route), policy=policy)
+    served = await serve(app, handler_cancellation=handler_cancellation)
+    client = await served.connect()
+    await client.send(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+    await probe.wait_started()
+    client.drop("RST")
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(finish[0], 5)  # the server has seen the client leave
+    assert not probe.ended.is_set()
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert probe.completed
+    assert not probe.cancelled
+    stats = aiodelay.stats(served.app)
+    assert (stats.shielded_ran_on, stats.cancelled, stats.disconnected) == (1, 0, 1)
+
+
+async def test_cancellable_overrides_an_app_wide_shield(serve: Serve) -> None:
+    probe = Probe()
+
+    @aiodelay.cancellable
+    async def report(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", report), policy="shield"))
+    client = await served.connect()
+    await client.get("/")
+    await probe.wait_started()
+    client.drop("FIN")
+    await probe.wait_ended()
+    assert probe.cancelled
+
+
+# -- cancellations that are not the disconnect's ------------------------------------------
+
+
+async def test_cancelling_the_request_task_propagates(serve: Serve) -> None:
+    """The caller cancels: the CancelledError goes through aiodelay unchanged."""
+    probe = Probe()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    await client.get("/")
+    await probe.wait_started()
+    tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    assert probe.cancelled
+    assert aiodelay.stats(served.app).cancelled == 0  # not a disconnect
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 cannot count cancel requests")
+async def test_a_foreign_cancel_during_a_disconnect_still_propagates(serve: Serve) -> None:
+    """Both arrive before the handler wakes up: aiodelay takes back only its own."""
+    probe = Probe()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        # Runs right after aiodelay requested the cancellation, before the handler wakes.
+        aiodelay.notify_finish(request).add_done_callback(lambda _: task.cancel())
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    await client.get("/")
+    await probe.wait_started()
+    client.drop("RST")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(tasks[0], 5)
+
+
+async def test_server_shutdown_fails_notify_finish_with_shutdown_reason(serve: Serve) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = _app(web.get("/", handler))
+    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    await probe.wait_started()
+    await runner.cleanup()  # aiohttp cancels the handler after its shutdown timeout
+    writer.close()
+    assert probe.cancelled
+    with pytest.raises(aiodelay.ConnectionLost) as caught:
+        await finish[0]
+    assert caught.value.reason == "shutdown"
+
+
+# -- logging and stats ----------------------------------------------------------------------
+
+
+async def test_one_info_line_per_interrupted_request(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/slow/thing", handler)))
+    client = await served.connect()
+    await client.get("/slow/thing")
+    await probe.wait_started()
+    client.drop("RST")
+    await probe.wait_ended()
+    await client.aclose()
+    ours = [r for r in caplog.records if r.name == "aiodelay"]
+    assert len(ours) == 1
+    assert ours[0].levelno == logging.INFO
+    assert (
+        ours[0].getMessage().startswith("GET /slow/thing from 127.0.0.1 interrupted by RST after ")
+    )
+    assert ours[0].getMessage().endswith("s: cancelled")
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == []  # nothing in aiohttp's error log, nothing from asyncio
+
+
+async def test_shielded_log_line_says_it_ran_on(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    @aiodelay.shielded
+    async def handler(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.post("/charge", handler)))
+    client = await served.connect()
+    await client.send(b"POST /charge HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+    await probe.wait_started()
+    client.drop("FIN")
+    with pytest.raises(aiodelay.ConnectionLost):
+        await finish[0]
+    probe.gate.set_result(None)
+    await probe.wait_ended()  # the handler returns and aiodelay logs in the same task step
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    assert " interrupted by FIN after " in record.getMessage()
+    assert "ran on (shielded), ended after " in record.getMessage()
+
+
+async def test_stats_count_completed_and_in_flight(serve: Serve) -> None:
+    snapshots: list[aiodelay.Stats] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        snapshots.append(aiodelay.stats(request.app))
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(f"http://127.0.0.1:{served.port}/") as resp:
+                assert resp.status == 200
+    assert [s.in_flight for s in snapshots] == [1, 1, 1]
+    assert aiodelay.stats(served.app) == aiodelay.Stats(
+        in_flight=0, completed=3, disconnected=0, cancelled=0, shielded_ran_on=0
+    )
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["nope", "CANCEL", "", 1, None, object()])
+def test_bad_policy_values_are_rejected_naming_the_valid_ones(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"'cancel', 'shield'"):
+        aiodelay.setup(web.Application(), policy=bad)
+    with pytest.raises(ValueError, match=r"'cancel', 'shield'"):
+        aiodelay.middleware(policy=bad)
+
+
+def test_policies_accept_strings_and_the_enum() -> None:
+    for policy in ("cancel", "shield", aiodelay.Policy.CANCEL, aiodelay.Policy.SHIELD):
+        aiodelay.setup(web.Application(), policy=policy)
+
+
+def test_setup_twice_is_an_error() -> None:
+    app = web.Application()
+    aiodelay.setup(app)
+    with pytest.raises(RuntimeError, match="already installed"):
+        aiodelay.setup(app)
+    with pytest.raises(TypeError):
+        aiodelay.setup(object())  # type: ignore[arg-type]
+
+
+def test_setup_puts_the_middleware_outermost() -> None:
+    @web.middleware
+    async def other(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request)
+
+    app = web.Application(middlewares=[other])
+    aiodelay.setup(app)
+    assert isinstance(app.middlewares[0], Middleware)
+    assert app.middlewares[1] is other
+
+
+def test_stats_without_aiodelay_names_the_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"aiodelay\.setup\(app\)"):
+        aiodelay.stats(web.Application())
+
+
+def test_public_names() -> None:
+    assert set(aiodelay.__all__) >= {
+        "setup",
+        "middleware",
+        "cancellable",
+        "shielded",
+        "shield",
+        "notify_finish",
+        "is_disconnected",
+        "call_later",
+        "spawn",
+        "ConnectionLost",
+        "stats",
+    }
+    assert all(hasattr(aiodelay, name) for name in aiodelay.__all__)
+    assert issubclass(aiodelay.ConnectionLost, ConnectionError)
+
+
+# -- transparency: what aiodelay does not touch behaves as without it -------------------------
+
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+async def _transparency_app(with_aiodelay: bool, static: Path) -> web.Application:
+    @web.middleware
+    async def set_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+        _request_id.set("id-7")
+        return await handler(request)
+
+    async def ctx(request: web.Request) -> web.Response:
+        return web.Response(text=_request_id.get("unset"))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(f"chunk {i}\n".encode())
+        await response.write_eof()
+        return response
+
+    async def file(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(static)
+
+    async def missing(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound(text="gone fishing")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ctx")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            await socket.send_str(f"echo {message.data}")
+        return socket
+
+    middlewares: list[Any] = [set_id]
+    if with_aiodelay:
+        # aiodelay outermost would run before set_id; put it inside to test that a contextvar
+        # set outside it is seen by the handler, then also test setup() (outermost) below.
+        middlewares.append(aiodelay.middleware())
+    app = web.Application(middlewares=middlewares)
+    app.add_routes(
+        [
+            web.get("/ctx", ctx),
+            web.get("/stream", stream),
+            web.get("/file", file),
+            web.get("/missing", missing),
+            web.get("/redirect", redirect),
+            web.get("/ws", ws),
+        ]
+    )
+    return app
+
+
+async def _exercise(port: int) -> list[Any]:
+    seen: list[Any] = []
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for path, headers in [
+            ("/ctx", {}),
+            ("/stream", {}),
+            ("/file", {}),
+            ("/file", {"Range": "bytes=2-5"}),
+            ("/missing", {}),
+            ("/redirect", {}),
+        ]:
+            async with session.get(base + path, headers=headers, allow_redirects=False) as resp:
+                seen.append(
+                    (
+                        path,
+                        resp.status,
+                        resp.headers.get("Content-Type"),
+                        resp.headers.get("Location"),
+                        await resp.read(),
+                    )
+                )
+        async with session.ws_connect(base + "/ws") as socket:
+            await socket.send_str("hi")
+            seen.append(("/ws", (await socket.receive()).data))
+    return seen
+
+
+async def test_transparent_for_what_it_does_not_touch(serve: Serve, tmp_path: Path) -> None:
+    static = tmp_path / "data.txt"
+    static.write_bytes(b"0123456789")
+    results = []
+    for with_aiodelay in (False, True):
+        served = await serve(await _transparency_app(with_aiodelay, static))
+        results.append(await _exercise(served.port))
+    without, with_ = results
+    assert with_ == without
+    assert ("/ctx", 200, "text/plain; charset=utf-8", None, b"id-7") in with_
+    assert ("/file", 206, "text/plain", None, b"2345") in with_
+    assert ("/ws", "echo hi") in with_
+
+
+class _Log(AbstractAccessLogger):
+    """Records what aiohttp's access log is given."""
+
+    lines: ClassVar[list[str]] = []
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.lines.append(
+            f"{request.method} {request.path_qs} {response.status} {response.body_length}"
+        )
+
+
+async def test_access_log_is_the_same_with_and_without(serve: Serve, tmp_path: Path) -> None:
+    static = tmp_path / "data.txt"
+    static.write_bytes(b"0123456789")
+    logs: list[list[str]] = []
+    for with_aiodelay in (False, True):
+        lines: list[str] = []
+        _Log.lines = lines
+        app = await _transparency_app(with_aiodelay, static)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=False,
+            access_log_class=_Log,
+            access_log=logging.getLogger("t"),
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        await _exercise(runner.addresses[0][1])
+        await runner.cleanup()
+        logs.append(lines)
+    assert logs[1] == logs[0]
+    assert len(logs[0]) == 7
+
+
+async def test_contextvar_of_an_outer_middleware_reaches_a_handler_under_setup(
+    serve: Serve,
+) -> None:
+    @web.middleware
+    async def set_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = _request_id.set("inner-9")
+        try:
+            return await handler(request)
+        finally:
+            _request_id.reset(token)
+
+    async def ctx(request: web.Request) -> web.Response:
+        return web.Response(text=_request_id.get("unset"))
+
+    app = web.Application(middlewares=[set_id])
+    aiodelay.setup(app)
+    app.router.add_get("/", ctx)
+    served = await serve(app)
+    client = await served.connect()
+    await client.get("/")
+    assert await client.read_response() == (200, b"inner-9")
