@@ -1,0 +1,129 @@
+"""Each file in examples/ served as the demo serves it, both ways: wait for it, and leave early.
+
+The demo site ships copies of these files; a test keeps the copies identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import filecmp
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import aiodelay
+from aiodelay._cli import DEMO_DIR
+from aiodelay._site import create_app
+from aiodelay.pytest_plugin import AiodelayServer, LiveServer
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+async def _get(server: LiveServer, path: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url(path)) as resp,
+    ):
+        return resp.status, await resp.read()
+
+
+class TimerSpy:
+    """Records the loop.call_later() calls whose callback has a given name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+        self.handles: list[tuple[float, asyncio.TimerHandle]] = []
+
+        def spy(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+            handle = real(delay, callback, *args)
+            if getattr(callback, "__name__", None) == name:
+                self.handles.append((delay, handle))
+            return handle
+
+        monkeypatch.setattr(loop, "call_later", spy)
+
+
+async def test_interrupted_renders_after_five_seconds_or_never(
+    aiodelay_server: AiodelayServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twisted's example both ways, at the same time: one client waits, one leaves."""
+    timers = TimerSpy(monkeypatch, "_delayed_render")
+    server = await aiodelay_server(create_app(EXAMPLES))
+    started = asyncio.get_running_loop().time()
+    waiting = asyncio.ensure_future(_get(server, "/interrupted.rpy"))
+    dropped = await server.drop("GET", "/interrupted.rpy")
+    assert dropped.cancelled
+    assert (dropped.reason, dropped.received) == ("FIN", b"")
+    cancelled = [handle for _, handle in timers.handles if handle.cancelled()]
+    assert len(cancelled) == 1  # the errback cancelled the dropped request's delayed render
+
+    status, body = await asyncio.wait_for(waiting, 10)
+    assert (status, body) == (200, b"<html><body>Sorry to keep you waiting.</body></html>")
+    assert asyncio.get_running_loop().time() - started >= 5
+    assert [delay for delay, _ in timers.handles] == [5, 5]
+    stats = aiodelay.stats(server.app)
+    assert (stats.completed, stats.cancelled) == (1, 1)
+
+
+async def test_asynchronous_work_completes_even_when_the_client_leaves(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app(EXAMPLES))
+    waiting = asyncio.ensure_future(_get(server, "/asynchronous.rpy"))
+    dropped = await server.drop("GET", "/asynchronous.rpy", timeout=10)
+    assert dropped.ran_on
+    assert dropped.ended_after is not None
+    assert dropped.ended_after > 1
+    status, body = await asyncio.wait_for(waiting, 10)
+    assert status == 200
+    assert b"completed" in body
+    stats = aiodelay.stats(server.app)
+    assert (stats.completed, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+
+
+async def test_stream_writes_lines_until_the_client_leaves(aiodelay_server: AiodelayServer) -> None:
+    server = await aiodelay_server(create_app(EXAMPLES))
+    first_line = len(b"A line every second until you leave (close the tab, or press Esc).\n\n")
+    dropped = await server.drop("GET", "/stream.rpy", after_response_bytes=first_line + 10)
+    assert dropped.cancelled
+    assert dropped.status == 200
+    assert b"   1  " in dropped.received
+    assert b"still here" in dropped.received
+
+
+async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -> None:
+    server = await aiodelay_server(create_app(EXAMPLES))
+    status, page = await _get(server, "/status.rpy")
+    assert status == 200
+    assert b"aiodelay status" in page
+    for field in dataclasses.fields(aiodelay.Stats):
+        assert f'id="{field.name}"'.encode() in page
+
+    await server.drop("GET", "/interrupted.rpy")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/status.rpy?json")) as resp,
+    ):
+        counters = await resp.json()
+    assert counters == {
+        "in_flight": 1,  # this request
+        "completed": 1,  # the page
+        "disconnected": 1,
+        "cancelled": 1,
+        "shielded_ran_on": 0,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.rpy")))
+def test_demo_ships_each_example_unchanged(name: str) -> None:
+    assert filecmp.cmp(EXAMPLES / name, DEMO_DIR / name, shallow=False)
+    assert f'href="{name}"' in (DEMO_DIR / "index.html").read_text()
+
+
+def test_demo_has_no_script_that_is_not_an_example() -> None:
+    assert {p.name for p in DEMO_DIR.glob("*.rpy")} == {p.name for p in EXAMPLES.glob("*.rpy")}
