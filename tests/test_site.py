@@ -1,0 +1,381 @@
+"""Serving a directory: traversal safety, static files, listings, .rpy scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from aiodelay._site import create_app, request_segments
+from aiodelay.pytest_plugin import AiodelayServer, LiveServer
+
+SECRET = b"SECRET-OUTSIDE-THE-ROOT"
+
+
+@dataclass
+class Tree:
+    """``tmp/root`` is served; ``tmp/outside`` must never be read or run."""
+
+    root: Path
+    outside: Path
+
+    @property
+    def evil_ran(self) -> bool:
+        return (self.outside / "evil-ran").exists()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(SECRET)
+    marker = outside / "evil-ran"
+    (outside / "evil.rpy").write_text(f"open({str(marker)!r}, 'w').close()\nresource = None\n")
+    (root / "a.txt").write_text("hello\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.txt").write_text("inner\n")
+    (root / "sub" / ".hidden").write_text("hidden\n")
+    (root / ".hidden").write_text("hidden\n")
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("[core]\n")
+    (root / "page.rpy").write_text("resource = lambda request: None\n# SOURCE-OF-PAGE\n")
+    (root / "link-out").symlink_to(outside, target_is_directory=True)
+    (root / "link-secret").symlink_to(outside / "secret.txt")
+    (root / "link-evil.rpy").symlink_to(outside / "evil.rpy")
+    (root / "link-in").symlink_to(root / "sub" / "inner.txt")
+    (root / "link-hidden").symlink_to(root / ".hidden")
+    os.mkfifo(root / "fifo")
+    return Tree(root, outside)
+
+
+async def _raw(port: int, target: str) -> tuple[int, bytes]:
+    """Send ``target`` byte for byte (no client-side normalisation); (status, whole response)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        response = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return int(response.split(b" ", 2)[1]), response
+
+
+# Each case: (request target as sent on the wire, expected status).
+TRAVERSALS = [
+    # Controls: what is inside the root is served.
+    ("/a.txt", 200),
+    ("/sub/inner.txt", 200),
+    ("/link-in", 200),  # a symlink that stays inside the root
+    # Dot-dot, plain and percent-encoded (either case), alone and after a real directory.
+    ("/../outside/secret.txt", 404),
+    ("/sub/../../outside/secret.txt", 404),
+    ("/%2e%2e/outside/secret.txt", 404),
+    ("/%2E%2E/outside/secret.txt", 404),
+    ("/sub/%2e%2e/%2e%2e/outside/secret.txt", 404),
+    ("/.%2e/outside/secret.txt", 404),
+    ("/sub/../a.txt", 404),  # even when it would land inside: clients normalise, we refuse
+    ("/./a.txt", 404),
+    # Encoded slashes: one segment that hides a path.
+    ("/..%2foutside%2fsecret.txt", 404),
+    ("/%2e%2e%2foutside%2fsecret.txt", 404),
+    ("/sub%2f..%2f..%2foutside%2fsecret.txt", 404),
+    ("/sub%2Finner.txt", 404),
+    # Backslashes, raw and encoded (a separator on Windows).
+    ("/..%5coutside%5csecret.txt", 404),
+    ("/sub%5c..%5c..%5coutside%5csecret.txt", 404),
+    ("/sub\\inner.txt", 404),
+    # NUL bytes: C-level truncation must not give a.txt.
+    ("/a.txt%00", 404),
+    ("/a.txt%00.html", 404),
+    # Absolute paths in disguise.
+    ("//etc/passwd", 404),
+    ("/%2fetc%2fpasswd", 404),
+    ("/%2Fetc/passwd", 404),
+    ("/{outside}/secret.txt", 404),  # the real absolute path, taken relative to the root
+    ("http://127.0.0.1/../outside/secret.txt", 404),  # absolute-form request target
+    # Symlinks pointing out of the root: neither read nor run.
+    ("/link-out/secret.txt", 404),
+    ("/link-out/", 404),
+    ("/link-secret", 404),
+    ("/link-evil.rpy", 404),
+    # Dotfiles, also through a symlink and encoded.
+    ("/.hidden", 404),
+    ("/%2ehidden", 404),
+    ("/.git/config", 404),
+    ("/sub/.hidden", 404),
+    ("/link-hidden", 404),
+    # Odd files and odd names.
+    ("/fifo", 404),  # opening a FIFO would hang
+    ("/a.txt/", 404),
+    ("/%ff", 404),  # not UTF-8
+    ("/nonexistent", 404),
+]
+
+
+@pytest.mark.parametrize(("target", "status"), TRAVERSALS)
+async def test_requests_cannot_leave_the_root(
+    aiodelay_server: AiodelayServer, tree: Tree, target: str, status: int
+) -> None:
+    server = await aiodelay_server(create_app(tree.root))
+    got, response = await _raw(server.port, target.format(outside=tree.outside))
+    assert got == status
+    assert SECRET not in response
+    assert not tree.evil_ran
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "segments"),
+    [
+        ("/", [""]),
+        ("/a/b%20c/", ["a", "b c", ""]),
+        ("/caf%C3%A9", ["caf\u00e9"]),
+        ("a.txt", None),
+        ("/a//b", None),
+        ("/..", None),
+        ("/%2e", None),
+        ("/a%2Fb", None),
+        ("/a%5Cb", None),
+        ("/a%00", None),
+        ("/%c3", None),
+    ],
+)
+def test_request_segments(raw_path: str, segments: list[str] | None) -> None:
+    assert request_segments(raw_path) == segments
+
+
+# -- static files and listings -----------------------------------------------------------------
+
+
+async def _fetch(
+    server: LiveServer, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, server.make_url(path), headers=headers, allow_redirects=False
+        ) as resp,
+    ):
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
+
+
+async def test_static_file_with_content_type_range_and_conditional(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    (tree.root / "style.css").write_text("body { color: red }\n")
+    server = await aiodelay_server(create_app(tree.root))
+    status, headers, body = await _fetch(server, "/style.css")
+    assert (status, headers["Content-Type"], body) == (200, "text/css", b"body { color: red }\n")
+
+    status, _, body = await _fetch(server, "/style.css", headers={"Range": "bytes=0-3"})
+    assert (status, body) == (206, b"body")
+
+    etag = headers["ETag"]
+    status, _, body = await _fetch(server, "/style.css", headers={"If-None-Match": etag})
+    assert (status, body) == (304, b"")
+
+    status, headers, body = await _fetch(server, "/style.css", "HEAD")
+    assert (status, headers["Content-Length"], body) == (200, "20", b"")
+
+
+async def test_static_files_only_answer_get_and_head(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    server = await aiodelay_server(create_app(tree.root))
+    status, headers, _ = await _fetch(server, "/a.txt", "POST")
+    assert (status, headers["Allow"]) == (405, "GET,HEAD")
+
+
+async def test_listing_links_entries_and_hides_what_is_not_served(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    (tree.root / "<b>&.txt").write_text("odd name\n")
+    server = await aiodelay_server(create_app(tree.root))
+    status, headers, body = await _fetch(server, "/")
+    page = body.decode()
+    assert (status, headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+    for shown in ('href="a.txt"', 'href="sub/"', 'href="page.rpy"', 'href="link-in"'):
+        assert shown in page
+    assert '<a href="%3Cb%3E%26.txt">&lt;b&gt;&amp;.txt</a>' in page
+    for hidden in (".hidden", ".git", "link-out", "link-secret", "link-evil", "fifo"):
+        assert hidden not in page
+    assert (await _fetch(server, "/%3Cb%3E%26.txt"))[2] == b"odd name\n"
+
+
+async def test_directory_redirects_to_slash_then_serves_index_html(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    (tree.root / "sub" / "index.html").write_text("<h1>index</h1>")
+    server = await aiodelay_server(create_app(tree.root))
+    status, headers, _ = await _fetch(server, "/sub?x=1")
+    assert (status, headers["Location"]) == (301, "/sub/?x=1")
+    status, headers, body = await _fetch(server, "/sub/")
+    assert (status, headers["Content-Type"], body) == (200, "text/html", b"<h1>index</h1>")
+
+
+# -- scripts -----------------------------------------------------------------------------------
+
+
+COUNTING_SCRIPT = """\
+from aiohttp import web
+with open({log!r}, "a") as log:
+    log.write("loaded\\n")
+VERSION = {version}
+async def resource(request):
+    return web.Response(text=f"version {{VERSION}}")
+"""
+
+
+def _write_script(path: Path, log: Path, version: int) -> None:
+    path.write_text(COUNTING_SCRIPT.format(log=str(log), version=version))
+    # A new modification time even on filesystems with coarse timestamps.
+    os.utime(path, ns=(version * 10**9, version * 10**9))
+
+
+async def test_script_loads_on_first_request_and_again_only_on_change(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    script, log = tree.root / "count.rpy", tree.outside / "loads.log"
+    _write_script(script, log, 1)
+    server = await aiodelay_server(create_app(tree.root))
+    assert not log.exists()  # not before its first request
+    assert (await _fetch(server, "/count.rpy"))[2] == b"version 1"
+    assert (await _fetch(server, "/count.rpy"))[2] == b"version 1"
+    assert log.read_text() == "loaded\n"
+    _write_script(script, log, 2)
+    assert (await _fetch(server, "/count.rpy"))[2] == b"version 2"
+    assert log.read_text() == "loaded\nloaded\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("resource = (\n", "broken.rpy: SyntaxError: '(' was never closed (line 1)"),
+        (
+            "x = 1\nresource = missing_name\n",
+            "NameError: name 'missing_name' is not defined (line 2)",
+        ),
+        ("import sys\nsys.exit(3)\n", "broken.rpy: SystemExit: 3 (line 2)"),
+        ("x = 1\n", "broken.rpy defines no module-level `resource`"),
+        (
+            "resource = 42\n",
+            "`resource` must be an aiodelay.Resource or an aiohttp handler, not int",
+        ),
+        (
+            "from aiodelay import Resource\nclass Page(Resource): pass\nresource = Page\n",
+            "`resource` is the class Page; use `resource = Page()`",
+        ),
+    ],
+)
+async def test_broken_script_is_a_500_with_one_line_then_the_fix_is_picked_up(
+    aiodelay_server: AiodelayServer,
+    tree: Tree,
+    caplog: pytest.LogCaptureFixture,
+    source: str,
+    reason: str,
+) -> None:
+    script = tree.root / "broken.rpy"
+    script.write_text(source)
+    server = await aiodelay_server(create_app(tree.root))
+    with caplog.at_level(logging.INFO, logger="aiodelay.site"):
+        status, _, body = await _fetch(server, "/broken.rpy")
+    assert status == 500
+    text = body.decode()
+    assert reason in text
+    assert text.count("\n") == 1
+    assert "Traceback" not in text
+    assert "broken.rpy" in caplog.text  # the details are in the server log
+    script.write_text(
+        "from aiohttp import web\nasync def resource(r):\n    return web.Response()\n"
+    )
+    os.utime(script, ns=(10**9, 10**9))
+    assert (await _fetch(server, "/broken.rpy"))[0] == 200
+
+
+async def test_script_source_is_never_served(aiodelay_server: AiodelayServer, tree: Tree) -> None:
+    server = await aiodelay_server(create_app(tree.root))
+    # page.rpy's resource returns None: a 500, not its source.
+    status, _, body = await _fetch(server, "/page.rpy")
+    assert status == 500
+    assert b"SOURCE-OF-PAGE" not in body
+
+
+async def test_no_scripts_mode_gives_404_and_runs_nothing(
+    aiodelay_server: AiodelayServer, tree: Tree
+) -> None:
+    script, log = tree.root / "count.rpy", tree.outside / "loads.log"
+    _write_script(script, log, 1)
+    server = await aiodelay_server(create_app(tree.root, scripts=False))
+    status, _, body = await _fetch(server, "/count.rpy")
+    assert status == 404
+    assert b"VERSION" not in body
+    assert not log.exists()
+    assert b"count.rpy" not in (await _fetch(server, "/"))[2]
+
+
+async def test_script_handler_kinds(aiodelay_server: AiodelayServer, tree: Tree) -> None:
+    (tree.root / "sync.rpy").write_text(
+        "from aiohttp import web\ndef resource(request):\n    return web.Response(text='sync')\n"
+    )
+    (tree.root / "view.rpy").write_text(
+        "from aiohttp import web\nclass resource(web.View):\n"
+        "    async def get(self):\n        return web.Response(text='view')\n"
+    )
+    (tree.root / "twisted.rpy").write_text(
+        "from aiodelay import Resource\nclass Page(Resource):\n"
+        "    def render_GET(self, request):\n        return b'twisted'\nresource = Page()\n"
+    )
+    server = await aiodelay_server(create_app(tree.root))
+    for name in ("sync", "view", "twisted"):
+        assert (await _fetch(server, f"/{name}.rpy"))[2] == name.encode()
+    assert (await _fetch(server, "/view.rpy", "POST"))[0] == 405
+
+
+SHIELDED_SCRIPT = """\
+import asyncio
+import aiodelay
+from aiodelay import NOT_DONE_YET, Resource
+from aiohttp import web
+
+@aiodelay.shielded
+async def resource(request):
+    await asyncio.sleep(0.2)
+    return web.Response(text="done")
+"""
+
+
+@pytest.mark.parametrize("policy", ["cancel", "shield"])
+async def test_script_mark_wins_over_the_app_policy(
+    aiodelay_server: AiodelayServer, tree: Tree, policy: str
+) -> None:
+    """The script's own handler is the route's handler, so @aiodelay.shielded applies."""
+    (tree.root / "shielded.rpy").write_text(SHIELDED_SCRIPT)
+    (tree.root / "plain.rpy").write_text(SHIELDED_SCRIPT.replace("@aiodelay.shielded", ""))
+    server = await aiodelay_server(create_app(tree.root, policy=policy))
+    assert (await server.drop("GET", "/shielded.rpy")).ran_on
+    plain = await server.drop("GET", "/plain.rpy")
+    assert plain.kind == ("cancelled" if policy == "cancel" else "ran_on")
+
+
+def test_create_app_refuses_what_is_not_a_directory(tree: Tree) -> None:
+    with pytest.raises(FileNotFoundError):
+        create_app(tree.root / "missing")
+    with pytest.raises(NotADirectoryError):
+        create_app(tree.root / "a.txt")
+
+
+async def test_a_request_handler_error_in_a_script_keeps_the_server_up(
+    aiodelay_server: AiodelayServer, tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tree.root / "raises.rpy").write_text(
+        "async def resource(request):\n    raise ValueError('boom')\n"
+    )
+    server = await aiodelay_server(create_app(tree.root))
+    assert (await _fetch(server, "/raises.rpy"))[0] == 500
+    assert "ValueError: boom" in caplog.text
+    assert (await _fetch(server, "/a.txt"))[0] == 200
