@@ -89,9 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; returns the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.host == "":
-        parser.error("argument --host: expected a host name or address")
+    try:
+        args = parser.parse_args(argv)
+        if not args.host:
+            parser.error("argument --host: expected a host name or address")
+    except SystemExit as exc:  # argparse's exit (2 after its one-line error, 0 for --version)
+        return exc.code if isinstance(exc.code, int) else 2
     root: Path = args.path if args.path is not None else DEMO_DIR
     try:
         app = create_app(root, scripts=args.scripts, policy=args.policy)

@@ -1,0 +1,226 @@
+"""``python -m aiodelay``: main(argv) in-process, and once as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import aiodelay
+from aiodelay import _cli
+from aiodelay._cli import main
+
+
+def _one_error_line(err: str) -> str:
+    """The error line, after checking it is the last line and that there is no traceback."""
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m aiodelay: error: ")
+    return last
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"aiodelay {aiodelay.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "http"], "not a port number: 'http'"),
+        (["--port", "65536"], "port must be in 0..65535, got 65536"),
+        (["--policy", "maybe"], "invalid choice: 'maybe'"),
+        (["--host", ""], "expected a host name or address"),
+        (["--path"], "expected one argument"),
+        (["--verbose"], "unrecognized arguments: --verbose"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_port_in_use_exits_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, busy_port: int
+) -> None:
+    assert main(["--port", str(busy_port), "--path", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{busy_port}: " in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("missing", "No such file or directory"), ("file", "not a directory")]
+)
+def test_unusable_directory_exits_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, message: str
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    assert main(["--path", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert message in _one_error_line(err)
+
+
+def _url(line: str) -> str:
+    match = re.search(r"http://\S+/", line)
+    assert match is not None, line
+    return match.group()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_main_serves_the_demo_until_a_signal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """In-process: the demo by default, one line with the URL, Ctrl-C (or SIGTERM) gives 0."""
+    visits: list[asyncio.Task[None]] = []
+    pages: list[str] = []
+
+    def announce(line: str) -> None:
+        print(line)
+        visits.append(asyncio.get_running_loop().create_task(visit(_url(line))))
+
+    async def visit(url: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            for path in ("", "status.rpy?json"):
+                async with session.get(url + path) as resp:
+                    pages.append(await resp.text())
+        signal.raise_signal(signum)
+
+    monkeypatch.setattr(_cli, "_announce", announce)
+    assert main(["--port", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Serving the aiodelay demo at http://127.0.0.1:")
+    assert out.count("\n") == 1
+    assert "aiodelay demo" in pages[0]
+    assert '"completed": 1' in pages[1]
+    assert '"GET /status.rpy?json HTTP/1.1" 200' in err  # the access log
+    assert "Traceback" not in err
+
+
+PENDING_SCRIPT = """\
+import logging
+from aiodelay import NOT_DONE_YET, Resource
+
+class Pending(Resource):
+    def _failed(self, err):
+        logging.getLogger("aiodelay").info("errback: %s", err.reason)
+
+    def render_GET(self, request):
+        request.on_connection_lost(self._failed)
+        request.write(b"started\\n")
+        return NOT_DONE_YET  # and never finish
+
+resource = Pending()
+"""
+
+
+def test_stop_fails_pending_requests_with_reason_shutdown(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "pending.rpy").write_text(PENDING_SCRIPT)
+    monkeypatch.setattr(_cli, "SHUTDOWN_TIMEOUT", 0.1)
+    tasks: list[asyncio.Task[None]] = []
+
+    def announce(line: str) -> None:
+        tasks.append(asyncio.get_running_loop().create_task(visit(_url(line))))
+
+    async def visit(url: str) -> None:
+        async with aiohttp.ClientSession() as session, session.get(url + "pending.rpy") as resp:
+            await resp.content.readline()  # the handler runs
+            signal.raise_signal(signal.SIGINT)
+            with contextlib.suppress(aiohttp.ClientError):
+                await resp.read()
+
+    monkeypatch.setattr(_cli, "_announce", announce)
+    assert main(["--port", "0", "--path", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "errback: shutdown" in err
+    assert "Traceback" not in err
+
+
+SLOW_SCRIPT = """\
+from aiodelay import NOT_DONE_YET, Resource
+
+class Slow(Resource):
+    def render_GET(self, request):
+        request.write(b"started\\n")
+        return NOT_DONE_YET  # and never finish
+
+resource = Slow()
+"""
+
+
+async def _read_until(stream: asyncio.StreamReader, marker: str, seen: list[str]) -> str:
+    while True:
+        line = (await stream.readline()).decode()
+        if not line:
+            raise AssertionError(f"output ended before {marker!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if marker in line:
+            return line
+
+
+async def test_python_m_aiodelay_serves_logs_and_stops_on_sigint(tmp_path: Path) -> None:
+    (tmp_path / "slow.rpy").write_text(SLOW_SCRIPT)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiodelay",
+        "--port",
+        "0",
+        "--path",
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out: list[str] = []
+    err: list[str] = []
+    try:
+        line = await asyncio.wait_for(_read_until(proc.stdout, "Serving", out), 20)
+        port = int(_url(line).rstrip("/").rsplit(":", 1)[1])
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow.rpy HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"started" not in received:
+            chunk = await asyncio.wait_for(reader.read(1024), 10)
+            assert chunk, "connection closed before the script started"
+            received += chunk
+        writer.close()  # leave: a FIN
+
+        logged = await asyncio.wait_for(_read_until(proc.stderr, "interrupted by", err), 10)
+        assert "GET /slow.rpy from 127.0.0.1 interrupted by FIN" in logged
+        assert logged.rstrip().endswith(": cancelled")
+
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        err.append((await proc.stderr.read()).decode())
+        out.append((await proc.stdout.read()).decode())
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "".join(out).count("\n") == 1  # one line: the URL
+    assert "Traceback" not in "".join(err)
+    assert "stopping" in "".join(err)
