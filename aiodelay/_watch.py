@@ -78,13 +78,16 @@ class Watch(asyncio.Protocol):
         return keep_open
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        proto = self._proto
         if exc is None:
-            self._lose(ConnectionLost("closed"))
+            # An orderly close. Without a FIN seen first it is either aiohttp closing the
+            # connection itself, or a TLS peer's close_notify (Python 3.10's SSL transport
+            # reports that without eof_received).
+            self._lose(ConnectionLost("closed" if proto._force_close or proto._close else "FIN"))
         else:
             lost = ConnectionLost("RST")
             lost.__cause__ = exc
             self._lose(lost)
-        proto = self._proto
         manager = proto._manager
         if self.listener is not None and manager is not None and manager.handler_cancellation:
             # aiodelay decides what a disconnect does to the request it watches; without
