@@ -1,0 +1,206 @@
+"""A real browser leaves the interrupted demo: headless Chromium, driven over its DevTools protocol.
+
+Chromium loads /interrupted.rpy of the demo site and is stopped (``Page.stopLoading``, what Esc
+does) while the server holds the five-second response. The server must count a cancellation,
+the delayed render must be cancelled (so it never runs), and the page must stay empty.
+
+This test runs wherever the suite runs; without ``/usr/bin/chromium`` it fails and says how to
+install it (``.ci/run`` installs Debian's ``chromium``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import aiodelay
+from aiodelay._cli import DEMO_DIR
+from aiodelay._observe import Outcome, add_observer
+from aiodelay._site import create_app
+from aiodelay.pytest_plugin import AiodelayServer
+from tests.test_examples import TimerSpy
+
+CHROMIUM = Path(os.environ.get("AIODELAY_CHROMIUM", "/usr/bin/chromium"))
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+DEVTOOLS_MARKER = "DevTools listening on "
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over aiohttp's websocket client."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def send(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None
+    ) -> dict[str, Any]:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        future = self._pending[self._next_id] = asyncio.get_running_loop().create_future()
+        await self._ws.send_str(json.dumps(message))
+        return await asyncio.wait_for(future, 10)
+
+    async def _read(self) -> None:
+        async for msg in self._ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(msg.data)
+            future = self._pending.pop(data.get("id", -1), None)
+            if future is None or future.done():
+                continue  # an event, or a reply nobody waits for any more
+            if "error" in data:
+                future.set_exception(AssertionError(f"DevTools error: {data['error']}"))
+            else:
+                future.set_result(data["result"])
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the DevTools connection closed"))
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def chromium(profile: Path) -> AsyncIterator[DevTools]:
+    """Start headless Chromium with a throwaway profile; its DevTools client, closed after."""
+    _require_chromium()
+    proc = await asyncio.create_subprocess_exec(
+        str(CHROMIUM),
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "about:blank",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its renderer and helpers form a group we can stop as one
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        url = await asyncio.wait_for(_devtools_url(proc.stderr, log), 30)
+        drain = asyncio.ensure_future(_drain(proc.stderr))
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            devtools = DevTools(ws)
+            try:
+                yield devtools
+            finally:
+                with contextlib.suppress(Exception):
+                    await devtools.send("Browser.close")
+                await devtools.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
+        drain.cancel()
+    except asyncio.TimeoutError:
+        pytest.fail(f"Chromium did not start its DevTools server:\n{''.join(log)}", pytrace=False)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def _require_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} not found: this test needs a real Chromium "
+            "(Debian: apt-get install -y chromium; .ci/run installs it)",
+            pytrace=False,
+        )
+
+
+async def _devtools_url(stderr: asyncio.StreamReader, log: list[str]) -> str:
+    while True:
+        line = (await stderr.readline()).decode(errors="replace")
+        if not line:
+            raise asyncio.TimeoutError  # Chromium exited: reported with its output
+        log.append(line)
+        if DEVTOOLS_MARKER in line:
+            return line.split(DEVTOOLS_MARKER, 1)[1].strip()
+
+
+async def _drain(stderr: asyncio.StreamReader) -> None:
+    while await stderr.read(65536):  # a full pipe would stall Chromium
+        pass
+
+
+class Requests:
+    """aiodelay's view of each request: started (an event) and how it ended."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.started = asyncio.Event()
+        self.ended: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        if request.path == self.path:
+            self.started.set()
+
+    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
+        if request.path == self.path and not self.ended.done():
+            self.ended.set_result(outcome)
+
+
+async def test_chromium_stopping_the_interrupted_demo_cancels_the_render(
+    aiodelay_server: AiodelayServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timers = TimerSpy(monkeypatch, "_delayed_render")
+    app = create_app(DEMO_DIR)
+    requests = Requests("/interrupted.rpy")
+    add_observer(app, requests)
+    server = await aiodelay_server(app)
+
+    async with chromium(tmp_path / "profile") as devtools:
+        target = await devtools.send("Target.createTarget", {"url": "about:blank"})
+        attached = await devtools.send(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        page = attached["sessionId"]
+        url = str(server.make_url("/interrupted.rpy"))
+        navigation = asyncio.ensure_future(devtools.send("Page.navigate", {"url": url}, page))
+        await asyncio.wait_for(requests.started.wait(), 20)  # the server holds the request
+        await devtools.send("Page.stopLoading", session=page)  # what pressing Esc does
+
+        outcome = await asyncio.wait_for(requests.ended, 10)
+        assert outcome.kind == "cancelled"
+        assert outcome.lost is not None
+        assert outcome.ended_at - outcome.started_at < 5  # well before the render was due
+        with contextlib.suppress(Exception):
+            await navigation
+        shown = await devtools.send(
+            "Runtime.evaluate",
+            {"expression": "document.body ? document.body.innerText : ''", "returnByValue": True},
+            page,
+        )
+        assert shown["result"]["value"] == ""  # never rendered
+
+    assert aiodelay.stats(app).cancelled == 1
+    [(delay, handle)] = timers.handles
+    assert delay == 5
+    assert handle.cancelled()  # the delayed render can never run
