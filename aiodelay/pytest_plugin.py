@@ -81,7 +81,8 @@ class DropOutcome:
     ``None`` if it is still running or ended before the drop; for a cancelled handler that is
     the time from the drop to the cancellation (also as ``cancelled_after``).
     ``record`` is the core's raw record (``None`` while running): its times are
-    ``loop.time()`` values, comparable with ``dropped_at``.
+    ``loop.time()`` values, comparable with ``dropped_at`` (with the loop's resolution:
+    uvloop's clock ticks in milliseconds).
     """
 
     method: str
