@@ -26,6 +26,7 @@ import asyncio
 import enum
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, final
 
@@ -94,7 +95,7 @@ class ResourceRequest:
         self.request = request
         self._status = 200
         self._headers: CIMultiDict[str] = CIMultiDict()
-        self._pending: list[bytes] = []
+        self._pending: deque[bytes] = deque()
         self._started = False  # write() was called: status and headers are fixed
         self._finished = False
         self._gone = False  # the peer left or the response was abandoned
@@ -242,14 +243,14 @@ class ResourceRequest:
         try:
             while True:
                 while self._pending and not self._gone:
-                    chunk = self._pending.pop(0)
+                    chunk = self._pending.popleft()
                     if response is None:
                         response = await self._prepare()
                     if send_body:
                         await response.write(chunk)
-                failure = lost.exception() if lost.done() else None
+                failure = lost.exception() if lost.done() and not lost.cancelled() else None
                 if failure is not None:
-                    raise failure
+                    raise failure  # nothing can be sent any more
                 if self._finished:
                     if response is None:
                         response = await self._prepare()

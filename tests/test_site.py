@@ -344,8 +344,23 @@ from aiohttp import web
 
 @aiodelay.shielded
 async def resource(request):
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.1)
     return web.Response(text="done")
+"""
+
+
+SHIELDED_RESOURCE_SCRIPT = """\
+import asyncio
+import aiodelay
+from aiodelay import Resource
+
+@aiodelay.shielded
+class Slow(Resource):
+    async def render_GET(self, request):
+        await asyncio.sleep(0.1)
+        return b"done"
+
+resource = Slow()
 """
 
 
@@ -353,11 +368,14 @@ async def resource(request):
 async def test_script_mark_wins_over_the_app_policy(
     aiodelay_server: AiodelayServer, tree: Tree, policy: str
 ) -> None:
-    """The script's own handler is the route's handler, so @aiodelay.shielded applies."""
+    """The script's own handler is the route's handler, so @aiodelay.shielded applies, on a
+    function or on a Resource subclass."""
     (tree.root / "shielded.rpy").write_text(SHIELDED_SCRIPT)
     (tree.root / "plain.rpy").write_text(SHIELDED_SCRIPT.replace("@aiodelay.shielded", ""))
+    (tree.root / "shielded_resource.rpy").write_text(SHIELDED_RESOURCE_SCRIPT)
     server = await aiodelay_server(create_app(tree.root, policy=policy))
     assert (await server.drop("GET", "/shielded.rpy")).ran_on
+    assert (await server.drop("GET", "/shielded_resource.rpy")).ran_on
     plain = await server.drop("GET", "/plain.rpy")
     assert plain.kind == ("cancelled" if policy == "cancel" else "ran_on")
 
