@@ -24,6 +24,7 @@ with, and the minimal HTTP/1.1 client that makes a precise drop possible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -283,12 +284,13 @@ async def aiodelay_server() -> AsyncIterator[AiodelayServer]:
             **runner_kwargs,
         )
         await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((_HOST, 0))
+            sock.bind((_HOST, 0))  # our own socket: the port is known without a race
             await web.SockSite(runner, sock).start()
             server = LiveServer(app, runner, sock.getsockname()[1])
         except BaseException:
+            sock.close()
             await runner.cleanup()
             raise
         servers.append(server)
@@ -396,7 +398,8 @@ class _Probe:
         await self._stop_reading()
         self._drain()
         if self.how == "half-close":
-            self.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # the server may have closed already
+                self.sock.shutdown(socket.SHUT_WR)
         else:
             if self.how == "RST":
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

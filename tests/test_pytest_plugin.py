@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from aiodelay.pytest_plugin import AiodelayServer, DropOutcome
+from aiodelay.pytest_plugin import AiodelayServer, DropOutcome, _Response
 
 pytest_plugins = ("pytester",)
 
@@ -439,3 +439,52 @@ def test_plugin_loads_by_itself_in_a_fresh_project(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+# -- the response reader ------------------------------------------------------------------
+
+RESPONSES = [
+    # (method, the bytes as they arrive in separate reads, status, body, complete)
+    ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], 200, b"ok", True),
+    ("GET", [b"HTTP/1.1 200 OK\r\nContent-Len", b"gth: 5\r\n\r\nab", b"c"], 200, b"abc", False),
+    # chunked, split inside a size line, a chunk and its CRLF; extensions ignored
+    (
+        "GET",
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r", b"\nhel", b"lo\r", b"\n"],
+        200,
+        b"hello",
+        False,
+    ),
+    (
+        "GET",
+        [b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\n\r\n"],
+        200,
+        b"abc",
+        True,
+    ),
+    # no length: the body lasts until the server closes (b"" is the close)
+    ("GET", [b"HTTP/1.1 200 OK\r\n\r\nuntil", b" close", b""], 200, b"until close", True),
+    # an interim 100 Continue before the real response
+    ("POST", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n\r\n"], 201, b"", False),
+    # responses without a body
+    ("HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"], 200, b"", True),
+    ("GET", [b"HTTP/1.1 204 No Content\r\n\r\n"], 204, b"", True),
+]
+
+
+@pytest.mark.parametrize(("method", "reads", "status", "body", "complete"), RESPONSES)
+def test_response_reader_counts_body_bytes_as_they_arrive(
+    method: str, reads: list[bytes], status: int, body: bytes, complete: bool
+) -> None:
+    response = _Response(method)
+    for data in reads:
+        response.feed(data)
+    assert (response.status, bytes(response.body), response.done) == (status, body, complete)
+    assert response.error is None
+
+
+def test_response_reader_stops_at_a_malformed_response() -> None:
+    response = _Response("GET")
+    response.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert response.eof
+    assert response.error == "malformed response: invalid literal for int() with base 16: b'zz'"
