@@ -177,8 +177,10 @@ class ResourceRequest:
 
         Twisted's ``request.notifyFinish().addErrback(self._responseFailed, call)`` becomes
         ``request.on_connection_lost(self._response_failed, call)``.  ``err`` is the
-        :class:`aiodelay.ConnectionLost`; the callback is not called when the response completes.
-        An exception raised by the callback is logged on the ``aiodelay`` logger.
+        :class:`aiodelay.ConnectionLost` (``err.reason``: ``"FIN"``, ``"RST"``, ``"shutdown"``,
+        ...).  The callback is not called when the response completes, nor when the handler
+        raises (aiohttp logs that).  An exception raised by the callback is logged on the
+        ``aiodelay`` logger.
         Returns the ``notify_finish()`` future the callback is attached to.
         """
         future = self.notify_finish()
@@ -187,10 +189,7 @@ class ResourceRequest:
             if future.cancelled():
                 return
             err = future.exception()
-            if err is None:
-                return
-            if not isinstance(err, ConnectionLost):  # not in the core's contract: say so
-                logger.error("notify_finish() failed with %r, not ConnectionLost", err)
+            if not isinstance(err, ConnectionLost):  # completed, or the handler raised
                 return
             try:
                 callback(err, *args)

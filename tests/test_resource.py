@@ -340,3 +340,22 @@ async def test_without_setup_bodies_work_and_not_done_yet_names_the_fix(
         async with session.get(f"http://127.0.0.1:{served.port}/?later=1") as resp:
             assert resp.status == 500
     assert "call aiodelay.setup(app)" in caplog.text
+
+
+async def test_errback_is_not_called_when_the_render_method_raises(
+    aiodelay_server: AiodelayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    called: list[object] = []
+    failed = asyncio.Event()
+
+    class Broken(Resource):
+        def render_GET(self, request: ResourceRequest) -> object:
+            request.on_connection_lost(lambda err: called.append(err))
+            request.notify_finish().add_done_callback(lambda _: failed.set())
+            raise ValueError("a bug in the render method")
+
+    server = await aiodelay_server(_app(Broken()))
+    assert (await _fetch(server))[0] == 500
+    await asyncio.wait_for(failed.wait(), 5)
+    assert called == []
+    assert "ValueError: a bug in the render method" in caplog.text  # aiohttp's own log
