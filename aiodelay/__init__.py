@@ -5,10 +5,11 @@ detected.
 """
 
 from ._errors import ConnectionLost
-from ._lifetime import call_later, is_disconnected, notify_finish, shield, spawn
+from ._lifetime import call_later, is_disconnected, notify_finish, spawn
 from ._middleware import middleware, setup, stats
 from ._policy import Policy, cancellable, shielded
 from ._resource import NOT_DONE_YET, Resource
+from ._shield import shield
 from ._stats import Stats
 
 __version__ = "0.1.0"

@@ -8,11 +8,9 @@ future until ``notify_finish`` is called, no set until a timer or task is starte
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -25,12 +23,12 @@ if TYPE_CHECKING:
     from ._middleware import Middleware
 
 __all__ = (
+    "NOT_SET_UP",
     "Lifetime",
     "call_later",
     "is_disconnected",
     "lifetime_of",
     "notify_finish",
-    "shield",
     "spawn",
 )
 
@@ -41,13 +39,11 @@ _T = TypeVar("_T")
 _KEY: Any = (
     web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay.lifetime"
 )
-_NOT_SET_UP = (
+NOT_SET_UP = (
     "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
     "(or add aiodelay.middleware() to its middlewares)"
 )
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
-#: The lifetime of the request whose handler runs in this context (for shield()).
-_current: contextvars.ContextVar[Lifetime] = contextvars.ContextVar("aiodelay_lifetime")
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
@@ -267,16 +263,8 @@ class Lifetime:
 def lifetime_of(request: web.BaseRequest) -> Lifetime:
     life: Lifetime | None = request.get(_KEY)
     if life is None:
-        raise RuntimeError(_NOT_SET_UP)
+        raise RuntimeError(NOT_SET_UP)
     return life
-
-
-def enter(life: Lifetime) -> contextvars.Token[Lifetime]:
-    return _current.set(life)
-
-
-def leave(token: contextvars.Token[Lifetime]) -> None:
-    _current.reset(token)
 
 
 def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
@@ -328,30 +316,3 @@ def spawn(request: web.BaseRequest, coro: Coroutine[Any, Any, _T]) -> asyncio.Ta
         coro.close()
         raise
     return life.spawn(coro)
-
-
-async def shield(aw: Awaitable[_T]) -> _T:
-    """Run ``aw`` to its end even if the client leaves meanwhile.
-
-    Inside a cancellable handler, a disconnect during the section is held back; when the
-    section ends, the handler is cancelled (``CancelledError`` is raised here, after ``aw``
-    finished). Only the disconnect is held back: a server shutdown or an outer timeout
-    cancels ``aw`` as usual. Protects the handler's own task; in another task this is a plain
-    ``await``.
-    """
-    life = _current.get(None)
-    if life is None:
-        if inspect.iscoroutine(aw):
-            aw.close()  # never started: do not warn "never awaited" on top of the error
-        raise RuntimeError(_NOT_SET_UP)
-    if asyncio.current_task() is not life.task:
-        return await aw
-    life.shield_depth += 1
-    try:
-        result = await aw
-    finally:
-        life.shield_depth -= 1
-    if life.shield_depth == 0 and life.lost is not None and life.policy is Policy.CANCEL:
-        life.release()
-        raise asyncio.CancelledError("aiodelay: the client left during a shielded section")
-    return result

@@ -12,9 +12,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ._errors import ConnectionLost
-from ._lifetime import Lifetime, enter, leave
+from ._lifetime import Lifetime
 from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, coerce_policy, policy_of
+from ._shield import enter, leave
 from ._stats import Counters, Stats
 from ._watch import closing_reason, watch
 
