@@ -118,6 +118,8 @@ class Lifetime:
         self.lost = lost
         self.lost_at = self.task.get_loop().time()
         self.fail_waiters(lost)
+        for observer in self.owner.observers:
+            observer.request_lost(self.request, lost)
         if self.policy is Policy.CANCEL and self.shield_depth == 0:
             self.release()
             self._cancel_requested = True

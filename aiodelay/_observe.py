@@ -37,6 +37,9 @@ class RequestObserver(Protocol):
 
     def request_started(self, request: web.BaseRequest) -> None: ...
 
+    def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
+        """The client left while the handler runs (before it is cancelled, if it will be)."""
+
     def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None: ...
 
 

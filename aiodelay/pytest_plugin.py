@@ -323,6 +323,11 @@ class _Observer:
             if not probe.started.done():
                 probe.started.set_result(request)
 
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        probe = self.by_request.get(id(request))
+        if probe is not None and not probe.seen.done():
+            probe.seen.set_result(lost)
+
     def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
         probe = self.by_request.pop(id(request), None)
         if probe is not None and not probe.ended.done():
@@ -343,6 +348,8 @@ class _Probe:
         self.response = _Response(method)
         self.started: asyncio.Future[web.BaseRequest] = self.loop.create_future()
         self.ended: asyncio.Future[Outcome] = self.loop.create_future()
+        #: aiodelay saw the client leave while the handler ran.
+        self.seen: asyncio.Future[aiodelay.ConnectionLost] = self.loop.create_future()
         self.progress: asyncio.Future[None] = self.loop.create_future()
         self.reader: asyncio.Task[None] | None = None
         self.request: web.BaseRequest | None = None
@@ -433,26 +440,12 @@ class _Probe:
 
     async def wait_seen(self, timeout: float) -> DropOutcome:
         __tracebackhide__ = True
-        finish = None
-        if not self.ended.done() and self.request is not None:
-            finish = aiodelay.notify_finish(self.request)
-        deadline = self.loop.time() + timeout
-        while not self.ended.done():
-            waiting: set[asyncio.Future[Any]] = {self.ended}
-            if finish is not None:
-                waiting.add(finish)
-            remaining = max(deadline - self.loop.time(), 0)
-            done, _ = await asyncio.wait(
-                waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                await self._fail(f"aiodelay did not see the client leave within {timeout}s")
-            if finish is not None and finish.done():
-                exc = None if finish.cancelled() else finish.exception()
-                if isinstance(exc, aiodelay.ConnectionLost):
-                    self.lost = exc
-                    break
-                finish = None  # the response was complete: only the end is left to see
+        waiting: set[asyncio.Future[Any]] = {self.ended, self.seen}
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self.seen.done():
+            self.lost = self.seen.result()
+        elif not self.ended.done():
+            await self._fail(f"aiodelay did not see the client leave within {timeout}s")
         return self.outcome()
 
     def outcome(self) -> DropOutcome:

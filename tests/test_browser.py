@@ -162,6 +162,9 @@ class Requests:
         if request.path == self.path:
             self.started.set()
 
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        pass  # the outcome says it too
+
     def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
         if request.path == self.path and not self.ended.done():
             self.ended.set_result(outcome)

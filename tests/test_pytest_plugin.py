@@ -366,6 +366,9 @@ PYTEST_INI = """
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A user's project, run in a fresh interpreter (runpytest_subprocess): in-process, the
+    inner run would find aiodelay already imported by this suite and warn that it cannot
+    rewrite its asserts, which its filterwarnings=error turns into a failure."""
     pytester.makeini(textwrap.dedent(PYTEST_INI))
     return pytester
 
@@ -376,13 +379,13 @@ def test_generated_tests_using_the_fixture_pass(project: pytest.Pytester, mode: 
     if mode == "strict":  # pytest-asyncio's strict mode: tests say they are asyncio's
         tests = f"import pytest\npytestmark = pytest.mark.asyncio\n{tests}"
     project.makepyfile(tests)
-    result = project.runpytest("-o", f"asyncio_mode={mode}")
+    result = project.runpytest_subprocess("-o", f"asyncio_mode={mode}")
     result.assert_outcomes(passed=2)
 
 
 def test_a_wrong_expectation_fails_with_a_readable_message(project: pytest.Pytester) -> None:
     project.makepyfile(textwrap.dedent(USER_TESTS.format(report_expectation="ran_on")))
-    result = project.runpytest()
+    result = project.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -418,7 +421,7 @@ def test_servers_are_closed_in_reverse_order(project: pytest.Pytester) -> None:
             """
         )
     )
-    project.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+    project.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
 
 
 def test_plugin_loads_by_itself_in_a_fresh_project(tmp_path: Path) -> None:
