@@ -8,6 +8,7 @@ test waits for the handler to end. Without aiodelay the handler would wait forev
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -190,3 +191,42 @@ async def test_handler_not_started_when_connection_already_closed(serve: Serve) 
     assert called == []
     stats = aiodelay.stats(served.app)
     assert (stats.in_flight, stats.disconnected, stats.cancelled) == (0, 1, 1)
+
+
+async def test_undetectable_while_reading_is_paused_is_no_worse_than_plain_aiohttp(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented blind spot: the handler does not read a large upload, aiohttp stops
+    reading the socket, and the client's FIN waits behind the unread body. aiodelay cannot
+    see it; the handler runs on and its response is dropped quietly, as without aiodelay."""
+    caplog.set_level(logging.WARNING)
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response(text="nobody reads this")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text="fast")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_post("/", handler)
+    app.router.add_get("/fast", fast)
+    served = await serve(app)
+    client = await served.connect()
+    size = 32 * 1024 * 1024  # far more than aiohttp buffers before it pauses reading
+    await client.send(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % size)
+    await probe.wait_started()
+    client.writer.write(b"x" * size)
+    client.drop("half-close")  # the FIN goes out after the body, which the server won't read
+    await _ping(served)
+
+    assert not probe.ended.is_set()  # not seen
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert probe.completed
+    client.writer.transport.abort()
+    await _ping(served)
+    assert aiodelay.stats(served.app).in_flight == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
