@@ -1,0 +1,274 @@
+"""What aiodelay costs per request: requests/s of a hello-world app with and without it.
+
+Three copies of the same app, each served in a process of its own by a plain
+``web.AppRunner(app)`` (aiohttp's defaults) on a free port of 127.0.0.1:
+
+- ``bare``: the app alone;
+- ``empty``: the app with one empty pass-through ``@web.middleware`` (what any middleware
+  costs: aiohttp's middleware chain);
+- ``aiodelay``: the app with ``aiodelay.setup(app)``.
+
+Load runs alternate between them for several rounds (the order rotates each round), so that
+drift of a shared machine hits all three alike; the script prints requests/s of each run, the
+median per app and the ratios aiodelay/bare and aiodelay/empty. The load generator is ``wrk``
+(``-t1 -cN -dS``) when it is on PATH, else a bounded aiohttp client loop in another process
+(much slower per request than wrk: its numbers say less). With two or more CPUs, the servers
+are pinned to one and the load generator to another.
+
+Besides requests/s of wall time, each run is also counted in requests per second of the
+server's own CPU time (``/proc/PID/schedstat``): that is what a request costs the server, and
+other processes competing for its CPU disturb it much less than they disturb requests/s. The
+ratios are given of the medians of both, and as the median of the per-round ratios (each
+round's runs are neighbours in time). A target counts as met when both ratios of medians
+reach it.
+
+Run (from the repository root, in the project's virtualenv)::
+
+    python benchmarks/overhead.py                  # 5 rounds x 5 s per app, about 1.5 min
+    python benchmarks/overhead.py --uvloop --rounds 7 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from _serve import ServerProcess, cpu_seconds, run_server, two_cpus
+from aiohttp import ClientSession, TCPConnector, web
+from aiohttp.typedefs import Handler
+
+import aiodelay
+
+KINDS = ("bare", "empty", "aiodelay")
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="Hello, world")
+
+
+@web.middleware
+async def passthrough(request: web.Request, handler: Handler) -> web.StreamResponse:
+    return await handler(request)
+
+
+def make_app(kind: str) -> web.Application:
+    app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
+    app.router.add_get("/", hello)
+    if kind == "aiodelay":
+        aiodelay.setup(app)
+    return app
+
+
+class Run(NamedTuple):
+    """One load run against one server."""
+
+    rps: float  # requests per second of wall time
+    #: Requests per second of the server's CPU time: what one request costs the server,
+    #: much less disturbed than ``rps`` by other processes sharing its CPU.
+    per_cpu: float
+
+
+# -- load generators ------------------------------------------------------------------------
+
+
+def run_wrk(wrk: str, url: str, connections: int, duration: int, cpu: int | None) -> int:
+    """Number of requests wrk completed against ``url`` in ``duration`` seconds."""
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", url + "/"]
+    taskset = shutil.which("taskset")
+    if cpu is not None and taskset:
+        cmd = [taskset, "-c", str(cpu), *cmd]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, timeout=duration + 30
+    ).stdout
+    for problem in ("Non-2xx or 3xx responses", "Socket errors"):
+        if problem in out:
+            print(f"  wrk reported {problem.lower()}:\n{out}", file=sys.stderr)
+    match = re.search(r"(\d+) requests in", out)
+    if match is None:
+        raise RuntimeError(f"no request count in wrk's output:\n{out}")
+    return int(match.group(1))
+
+
+def run_client_load(url: str, connections: int, duration: int, cpu: int | None) -> int:
+    """Requests done by the fallback aiohttp-client load, run in a child (``--load``)."""
+    cmd = [sys.executable, __file__, "--load", url, "--connections", str(connections)]
+    cmd += ["--duration", str(duration)]
+    if cpu is not None:
+        cmd += ["--cpu", str(cpu)]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, timeout=duration + 30
+    ).stdout
+    return int(out.split()[-1])
+
+
+async def client_load(url: str, connections: int, duration: float) -> int:
+    """``connections`` keep-alive clients doing GET ``url`` in a loop for ``duration`` s."""
+    done = 0
+    errors = 0
+
+    async def worker(session: ClientSession, deadline: float) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < deadline:
+            async with session.get(url + "/") as resp:
+                await resp.read()
+                if resp.status == 200:
+                    done += 1
+                else:
+                    errors += 1
+
+    async with ClientSession(connector=TCPConnector(limit=connections)) as session:
+        deadline = time.perf_counter() + duration
+        await asyncio.gather(*(worker(session, deadline) for _ in range(connections)))
+    if errors:
+        print(f"client load: {errors} non-200 responses", file=sys.stderr)
+    return done
+
+
+# -- the comparison ----------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> int:
+    cpus = two_cpus()
+    server_cpu, load_cpu = cpus if cpus is not None else (None, None)
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    loop_name = "uvloop" if args.uvloop else "asyncio"
+    pinning = f"servers on CPU {server_cpu}, load on CPU {load_cpu}" if cpus else "not pinned"
+    print(f"python {sys.version.split()[0]}, aiohttp {_aiohttp_version()}, {loop_name} loop")
+    print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}")
+    print(
+        f"load: {'wrk -t1' if wrk else 'aiohttp client (wrk not found)'}, "
+        f"{args.connections} connections, {args.rounds} rounds x {args.duration} s per app; "
+        f"{pinning}"
+    )
+
+    def load(server: ServerProcess, duration: int) -> Run:
+        cpu_before = cpu_seconds(server.pid)
+        if wrk:
+            requests = run_wrk(wrk, server.url, args.connections, duration, load_cpu)
+        else:
+            requests = run_client_load(server.url, args.connections, duration, load_cpu)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        return Run(requests / duration, requests / cpu if cpu else 0.0)
+
+    runs: dict[str, list[Run]] = {kind: [] for kind in KINDS}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for kind in KINDS:
+            argv = [__file__, "--serve", kind]
+            if args.uvloop:
+                argv.append("--uvloop")
+            if server_cpu is not None:
+                argv += ["--cpu", str(server_cpu)]
+            servers[kind] = stack.enter_context(ServerProcess(argv))
+        for kind in KINDS:  # warm-up: imports, caches, the first connections
+            load(servers[kind], args.warmup)
+        header = "  ".join(f"{kind:>21s}" for kind in KINDS)
+        print(f"round   {header}   (req/s, req/CPU-s)")
+        for rnd in range(args.rounds):
+            # Rotate the order, so that no app always follows the same one.
+            for kind in KINDS[rnd % 3 :] + KINDS[: rnd % 3]:
+                runs[kind].append(load(servers[kind], args.duration))
+            cells = (f"{runs[k][-1].rps:10.0f} {runs[k][-1].per_cpu:10.0f}" for k in KINDS)
+            print(f"{rnd + 1:5d}   " + "  ".join(cells), flush=True)
+    report(runs)
+    return 0
+
+
+def report(runs: dict[str, list[Run]]) -> None:
+    """Medians per app, and the ratios between apps three ways."""
+    print()
+    rps = {kind: statistics.median(run.rps for run in runs[kind]) for kind in KINDS}
+    per_cpu = {kind: statistics.median(run.per_cpu for run in runs[kind]) for kind in KINDS}
+    for kind in KINDS:
+        values = [run.rps for run in runs[kind]]
+        spread = max(values) / min(values) - 1
+        print(
+            f"median {kind:9s} {rps[kind]:9.0f} req/s (max/min {spread:+.1%})"
+            f"   {per_cpu[kind]:9.0f} req per server CPU-second"
+        )
+    print()
+    print(
+        f"{'ratio':16s} {'medians: req/s':>20s} {'req/CPU-s':>10s} {'per round':>15s}"
+        "   (per round: median of the rounds' req/CPU-s ratios)"
+    )
+    for name, num, den, target in (
+        ("empty/bare", "empty", "bare", None),
+        ("aiodelay/bare", "aiodelay", "bare", 0.97),
+        ("aiodelay/empty", "aiodelay", "empty", 0.98),
+    ):
+        wall, cpu = rps[num] / rps[den], per_cpu[num] / per_cpu[den]
+        paired = statistics.median(
+            n.per_cpu / d.per_cpu for n, d in zip(runs[num], runs[den], strict=True) if d.per_cpu
+        )
+        note = "" if target is None else f"   target >= {target}: {_verdict(wall, cpu, target)}"
+        print(f"{name:16s} {wall:20.3f} {cpu:10.3f} {paired:15.3f}{note}")
+
+
+def _verdict(wall: float, cpu: float, target: float) -> str:
+    if wall >= target and cpu >= target:
+        return "met"
+    if wall < target and cpu < target:
+        return "MISSED"
+    return "by one measure only"
+
+
+def _aiohttp_version() -> str:
+    import aiohttp
+
+    return aiohttp.__version__
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="requests/s of a hello-world app: bare, with an empty middleware, with aiodelay"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="load runs per app (default 5)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per app (2)")
+    parser.add_argument("--connections", type=int, default=50, help="concurrent connections (50)")
+    parser.add_argument("--uvloop", action="store_true", help="serve with uvloop's event loop")
+    parser.add_argument("--no-wrk", action="store_true", help="use the aiohttp client load")
+    # The children this script runs: a server, or the fallback load generator.
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 1 or args.connections < 1:
+        parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
+    if args.rounds * len(KINDS) * args.duration > 3600:
+        parser.error("that would run for more than an hour: lower --rounds or --duration")
+    if args.serve:
+        kind: str = args.serve
+        run_server(lambda: make_app(kind), use_uvloop=args.uvloop, cpu=args.cpu)
+        return 0
+    if args.load:
+        if args.cpu is not None:
+            os.sched_setaffinity(0, {args.cpu})
+        print(asyncio.run(client_load(args.load, args.connections, args.duration)))
+        return 0
+    return measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
