@@ -74,6 +74,7 @@ class Lifetime:
         "started_at",
         "task",
         "watch",
+        "websocket",
     )
 
     def __init__(
@@ -98,6 +99,8 @@ class Lifetime:
         #: After the end: the response handed to aiohttp, if any.
         self.response: web.StreamResponse | None = None
         self.shield_depth = 0
+        #: The client left a WebSocket: aiohttp, not aiodelay, ends the handler.
+        self.websocket = False
         self._cancel_requested = False
         self._waiters: list[asyncio.Future[None]] | None = None
         self._handles: list[asyncio.TimerHandle] | None = None
@@ -120,10 +123,18 @@ class Lifetime:
         self.fail_waiters(lost)
         for observer in self.owner.observers:
             observer.request_lost(self.request, lost)
-        if self.policy is Policy.CANCEL and self.shield_depth == 0:
+        if self.watch is not None and self.watch.is_websocket():
+            # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
+            # would change how WebSocket handlers end.
+            self.websocket = True
+        elif self.policy is Policy.CANCEL and self.shield_depth == 0:
             self.release()
             self._cancel_requested = True
             self.task.cancel("aiodelay: the client left")
+            return
+        # The handler runs on for now: shielded, in a shield() section, or a WebSocket.
+        # Its timers and tasks go when it ends; at app cleanup it is cancelled.
+        self.owner.orphans.add(self)
 
     def cancelled_by_disconnect(self) -> bool:
         """Called with a CancelledError in hand: is it the disconnect's, and nothing else's?"""

@@ -144,7 +144,7 @@ class Middleware:
         else:
             self.orphans.discard(life)
             counters.disconnected += 1
-            if kind == "cancelled" or (kind == "ran_on" and life.policy is Policy.CANCEL):
+            if kind == "cancelled":
                 counters.cancelled += 1
             elif kind == "ran_on":
                 counters.shielded_ran_on += 1
@@ -211,7 +211,12 @@ def _log_interrupted(life: Lifetime, lost: ConnectionLost, kind: OutcomeKind) ->
         what = "cancelled"
     elif kind == "ran_on":
         total = life.task.get_loop().time() - life.started_at
-        how = "shielded" if life.policy is Policy.SHIELD else "it ignored the cancellation"
+        if life.websocket:
+            how = "WebSocket: aiohttp ended it"
+        elif life.policy is Policy.SHIELD:
+            how = "shielded"
+        else:
+            how = "it caught the cancellation"
         what = f"ran on ({how}), ended after {total:.3f}s"
     else:
         what = "stopped (server shutdown or an outer cancellation)"

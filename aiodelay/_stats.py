@@ -15,7 +15,8 @@ class Stats:
     ``completed``: requests that ended without their client leaving first.
     ``disconnected``: requests whose client left before their response was complete.
     ``cancelled``: of those, the ones whose handler was cancelled.
-    ``shielded_ran_on``: of those, the ones whose (shielded) handler ran to its end anyway.
+    ``shielded_ran_on``: of those, the ones whose handler ran to its end anyway: shielded, a
+    WebSocket (aiohttp ends its receive loop itself), or one that caught the cancellation.
     """
 
     in_flight: int

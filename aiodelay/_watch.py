@@ -101,6 +101,11 @@ class Watch(asyncio.Protocol):
             proto.connection_lost(exc)
         self.run_trailing()
 
+    def is_websocket(self) -> bool:
+        """True once a WebSocket handshake was accepted on this connection: aiohttp then tells
+        the handler itself that the peer left (its receive loop ends)."""
+        return self._proto._payload_parser is not None
+
     def _lose(self, lost: ConnectionLost) -> None:
         if self.lost is not None:
             return

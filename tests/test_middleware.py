@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import socket as socket_module
+import struct
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -561,3 +563,69 @@ async def test_contextvar_of_an_outer_middleware_reaches_a_handler_under_setup(
     client = await served.connect()
     await client.get("/")
     assert await client.read_response() == (200, b"inner-9")
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_a_websocket_handler_ends_as_without_aiodelay(serve: Serve, drop: Drop) -> None:
+    """aiohttp itself ends a WebSocket handler's receive loop when the client leaves;
+    aiodelay does not turn that into a cancellation."""
+    probe = Probe()
+    events: list[str] = []
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+
+        async def receive() -> None:
+            async for message in socket:
+                events.append(f"got {message.data}")
+            events.append("receive loop ended")
+
+        await probe.run(request, receive())
+        return socket
+
+    served = await serve(_app(web.get("/ws", ws)))
+    session = aiohttp.ClientSession()
+    connection = await session.ws_connect(f"http://127.0.0.1:{served.port}/ws")
+    await connection.send_str("hello")
+    await probe.wait_started()
+    transport = connection._response.connection.transport  # type: ignore[union-attr]
+    assert transport is not None
+    if drop == "RST":
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.close()
+    await probe.wait_ended()
+    await session.close()
+    assert probe.completed
+    assert events[-1] == "receive loop ended"
+    stats = aiodelay.stats(served.app)
+    assert (stats.cancelled, stats.shielded_ran_on) == (0, 1)
+
+
+async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_client() -> None:
+    """aiohttp stops tracking a connection's handler once the connection is gone; aiodelay's
+    cleanup cancels what still runs, so nothing is destroyed pending when the loop closes."""
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    @aiodelay.shielded
+    async def handler(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = _app(web.get("/", handler))
+    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    await probe.wait_started()
+    writer.close()
+    with pytest.raises(aiodelay.ConnectionLost):
+        await finish[0]  # the client is gone, the shielded handler runs on
+    await runner.cleanup()
+    assert probe.cancelled
+    assert aiodelay.stats(app).in_flight == 0
