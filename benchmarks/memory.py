@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--uvloop", action="store_true", help="serve with uvloop's event loop")
     parser.add_argument(
-        "--top", type=int, default=10, help="source lines to list by growth (default 10; 0: none)"
+        "--top", type=int, default=15, help="source lines to list by growth (default 15; 0: none)"
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds allowed per phase (default 60)"
