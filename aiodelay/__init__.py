@@ -5,9 +5,9 @@ detected.
 """
 
 from ._errors import ConnectionLost
-from ._lifetime import call_later, is_disconnected, notify_finish, spawn
 from ._middleware import middleware, setup, stats
 from ._policy import Policy, cancellable, shielded
+from ._request import call_later, is_disconnected, notify_finish, spawn
 from ._resource import NOT_DONE_YET, Resource
 from ._shield import shield
 from ._stats import Stats

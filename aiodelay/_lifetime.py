@@ -1,8 +1,10 @@
 """Per-request state: the completion future, the disconnect flag, request-scoped timers and tasks.
 
-A :class:`Lifetime` is created by the middleware for each request it handles and stored on the
-request; the public functions here find it there. It allocates nothing more until asked: no
-future until ``notify_finish`` is called, no set until a timer or task is started.
+Every request pays only for a few attribute stores on its connection's :class:`Connection`
+(one per connection, reused by keep-alive requests). A :class:`Lifetime` is created for a
+request only when something needs one: a call to ``notify_finish``, ``call_later``, ``spawn``,
+``is_disconnected`` or ``shield``, or the client leaving. It allocates nothing more until
+asked: no future until ``notify_finish`` is called, no list until a timer or task is started.
 """
 
 from __future__ import annotations
@@ -11,32 +13,23 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ._errors import ConnectionLost
-from ._policy import Policy
+from ._policy import Policy, policy_of
 from ._watch import Watch, response_completed
 
 if TYPE_CHECKING:
     from ._middleware import Middleware
 
-__all__ = (
-    "NOT_SET_UP",
-    "Lifetime",
-    "call_later",
-    "is_disconnected",
-    "lifetime_of",
-    "notify_finish",
-    "spawn",
-)
+__all__ = ("NOT_SET_UP", "Connection", "Lifetime", "fail", "lifetime_key", "running")
 
 logger = logging.getLogger("aiodelay")
 
-_T = TypeVar("_T")
 # aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey.
-_KEY: Any = (
+lifetime_key: Any = (
     web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay.lifetime"
 )
 NOT_SET_UP = (
@@ -45,8 +38,12 @@ NOT_SET_UP = (
 )
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
 
+#: The tasks aiodelay runs request code in: a handler's task maps to its connection, a task
+#: started by ``aiodelay.spawn()`` to None (what ``aiodelay.shield()`` needs to know).
+running: dict[asyncio.Task[Any], Connection | None] = {}
 
-def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+
+def fail(future: asyncio.Future[None], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
         # A client leaving is an expected outcome, not a bug: mark it retrieved so that an
@@ -54,43 +51,88 @@ def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
         future.exception()
 
 
+class Connection:
+    """aiodelay's side of one connection: the request in flight on it, if any.
+
+    The middleware fills ``request``, ``task``, ``owner`` and ``started_at`` when a request
+    starts and clears ``request`` and ``task`` when it ends; ``life`` is made on demand.
+    """
+
+    __slots__ = ("life", "owner", "request", "started_at", "task", "trailing", "watch")
+
+    def __init__(self, watch: Watch, owner: Middleware) -> None:
+        self.watch = watch
+        self.owner = owner
+        self.request: web.Request | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.started_at = 0.0
+        self.life: Lifetime | None = None
+        #: Called once, at the next request on this connection or when it closes: the
+        #: response of an ended request that aiohttp was still writing is then settled.
+        self.trailing: list[Callable[[], None]] | None = None
+
+    def busy(self) -> bool:
+        return self.request is not None
+
+    def make_life(self) -> Lifetime:
+        """The Lifetime of the request in flight, made now if it has none yet."""
+        life = self.life
+        if life is None:
+            request, task = self.request, self.task
+            assert request is not None and task is not None  # noqa: PT018 - only while busy
+            policy = policy_of(request.match_info.handler, self.owner.policy)
+            life = self.life = Lifetime(request, task, policy, self)
+        return life
+
+    def disconnected(self, lost: ConnectionLost) -> None:
+        if self.request is not None:
+            self.make_life().disconnected(lost)
+
+    def closed(self) -> None:
+        self.run_trailing()
+
+    def run_trailing(self) -> None:
+        trailing, self.trailing = self.trailing, None
+        for callback in trailing or ():
+            callback()
+
+
 class Lifetime:
-    """What aiodelay knows and owns for one request, from the handler's start to its end."""
+    """What aiodelay knows and owns for one request, from the handler's start to its end.
+
+    Stored on the request (so that calls after the end find the outcome); it lets go of the
+    request and its task when the request ends, so that no reference cycle outlives it.
+    """
 
     __slots__ = (
         "_cancel_requested",
         "_handles",
         "_tasks",
         "_waiters",
+        "conn",
         "ended",
         "error",
         "lost",
         "lost_at",
-        "owner",
+        "method",
+        "path",
         "policy",
         "request",
         "response",
         "shield_depth",
-        "started_at",
         "task",
-        "watch",
         "websocket",
     )
 
     def __init__(
-        self,
-        request: web.BaseRequest,
-        task: asyncio.Task[Any],
-        policy: Policy,
-        owner: Middleware,
-        watch: Watch | None,
+        self, request: web.BaseRequest, task: asyncio.Task[Any], policy: Policy, conn: Connection
     ) -> None:
-        self.request = request
-        self.task = task
+        self.request: web.BaseRequest | None = request
+        self.task: asyncio.Task[Any] | None = task
         self.policy = policy
-        self.owner = owner
-        self.watch = watch
-        self.started_at = task.get_loop().time()
+        self.conn = conn
+        self.method = request.method
+        self.path = request.path
         self.lost: ConnectionLost | None = None
         self.lost_at: float | None = None
         self.ended = False
@@ -105,9 +147,9 @@ class Lifetime:
         self._waiters: list[asyncio.Future[None]] | None = None
         self._handles: list[asyncio.TimerHandle] | None = None
         self._tasks: set[asyncio.Task[Any]] | None = None
-        request[_KEY] = self
+        request[lifetime_key] = self
 
-    # -- what the middleware calls ---------------------------------------------------------
+    # -- what the middleware and the Watch call ------------------------------------------
 
     def disconnected(self, lost: ConnectionLost) -> None:
         """The client left (called by the connection's Watch, or by the middleware).
@@ -116,45 +158,57 @@ class Lifetime:
         request-scoped timers and tasks are cancelled and the handler is cancelled at its
         current await (both deferred while an ``aiodelay.shield()`` section runs).
         """
-        if self.lost is not None or self.ended:
+        task = self.task
+        if self.lost is not None or task is None:
             return
         self.lost = lost
-        self.lost_at = self.task.get_loop().time()
+        self.lost_at = task.get_loop().time()
         self.fail_waiters(lost)
-        for observer in self.owner.observers:
-            observer.request_lost(self.request, lost)
-        if self.watch is not None and self.watch.is_websocket():
+        owner = self.conn.owner
+        if self.request is not None:
+            for observer in owner.observers:
+                observer.request_lost(self.request, lost)
+        if self.conn.watch.is_websocket():
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
             self.websocket = True
         elif self.policy is Policy.CANCEL and self.shield_depth == 0:
             self.release()
-            self._cancel_requested = True
-            self.task.cancel("aiodelay: the client left")
+            if task is not asyncio.current_task():  # the middleware handles its own task
+                self._cancel_requested = True
+                task.cancel("aiodelay: the client left")
             return
         # The handler runs on for now: shielded, in a shield() section, or a WebSocket.
         # Its timers and tasks go when it ends; at app cleanup it is cancelled.
-        self.owner.orphans.add(self)
+        owner.orphans.add(self)
 
     def cancelled_by_disconnect(self) -> bool:
         """Called with a CancelledError in hand: is it the disconnect's, and nothing else's?"""
+        task = self.task
+        assert task is not None  # the request is still running
         remaining = 0
         if self._cancel_requested:
             self._cancel_requested = False
             if _HAS_UNCANCEL:
-                remaining = self.task.uncancel()
+                remaining = task.uncancel()
         elif _HAS_UNCANCEL:
-            remaining = self.task.cancelling()
+            remaining = task.cancelling()
         # Python 3.10 cannot count cancel requests: a foreign cancellation that coincides
         # with a disconnect is taken for the disconnect's.
         return self.lost is not None and self.policy is Policy.CANCEL and remaining == 0
 
-    def forget_cancel(self) -> None:
-        """The handler swallowed (or never reached) our cancellation: take the request back."""
-        if self._cancel_requested:
-            self._cancel_requested = False
-            if _HAS_UNCANCEL:
-                self.task.uncancel()
+    def end(self, response: web.StreamResponse | None) -> None:
+        """The handler is done: take back an undelivered cancellation, cancel what the
+        request owns, and let go of the request and its task."""
+        if self._cancel_requested and _HAS_UNCANCEL and self.task is not None:
+            self.task.uncancel()  # the handler caught it, or never reached an await
+        self._cancel_requested = False
+        self.ended = True
+        self.release()
+        self.response = response
+        self.request = None
+        self.task = None
+        self.conn.owner.orphans.discard(self)
 
     def wants_completion(self) -> bool:
         return bool(self._waiters)
@@ -168,7 +222,7 @@ class Lifetime:
     def fail_waiters(self, exc: BaseException) -> None:
         waiters, self._waiters = self._waiters, None
         for future in waiters or ():
-            _fail(future, exc)
+            fail(future, exc)
 
     def cancel_waiters(self) -> None:
         waiters, self._waiters = self._waiters, None
@@ -187,28 +241,27 @@ class Lifetime:
     # -- what the public functions call ----------------------------------------------------
 
     def notify_finish(self) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = self.task.get_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self.ended:
             if self.lost is not None:
-                _fail(future, self.lost)
+                fail(future, self.lost)
             elif self._waiters is None:
                 self._waiters = [future]
             else:
                 self._waiters.append(future)
         elif self.lost is not None:
-            _fail(future, self.lost)
+            fail(future, self.lost)
         elif self.error is not None:
-            _fail(future, self.error)
+            fail(future, self.error)
         elif self.response is None or response_completed(self.response):
             future.set_result(None)
         else:
             # aiohttp is still writing the response: the next request on this connection, or
             # its close, says how that went.
-            watch = self.watch
-            assert watch is not None  # a response was returned, so a Watch was installed
-            if watch.trailing is None:
-                watch.trailing = []
-            watch.trailing.append(lambda: self._settle(future))
+            conn = self.conn
+            if conn.trailing is None:
+                conn.trailing = []
+            conn.trailing.append(lambda: self._settle(future))
         return future
 
     def _settle(self, future: asyncio.Future[None]) -> None:
@@ -217,13 +270,13 @@ class Lifetime:
         if self.response is not None and response_completed(self.response):
             future.set_result(None)
         else:
-            _fail(future, (self.watch and self.watch.lost) or ConnectionLost("closed"))
+            fail(future, self.conn.watch.lost or ConnectionLost("closed"))
 
     def call_later(
         self, delay: float, callback: Callable[..., object], args: tuple[Any, ...]
     ) -> asyncio.TimerHandle:
         self._check_open("call_later")
-        handle = self.task.get_loop().call_later(delay, self._fire, callback, args)
+        handle = asyncio.get_running_loop().call_later(delay, self._fire, callback, args)
         if self._handles is None:
             self._handles = [handle]
         else:
@@ -234,18 +287,14 @@ class Lifetime:
         try:
             callback(*args)
         except Exception:
-            logger.exception(
-                "timer callback %r of %s %s raised",
-                callback,
-                self.request.method,
-                self.request.path,
-            )
+            logger.exception("timer callback %r of %s %s raised", callback, self.method, self.path)
 
-    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         if self.ended:
             coro.close()
         self._check_open("spawn")
-        task = self.task.get_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro)
+        running[task] = None
         if self._tasks is None:
             self._tasks = {task}
         else:
@@ -254,6 +303,7 @@ class Lifetime:
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        running.pop(task, None)
         if self._tasks is not None:
             self._tasks.discard(task)
         if task.cancelled():
@@ -261,71 +311,9 @@ class Lifetime:
         exc = task.exception()
         if exc is not None:
             logger.error(
-                "task %r spawned by %s %s raised",
-                task,
-                self.request.method,
-                self.request.path,
-                exc_info=exc,
+                "task %r spawned by %s %s raised", task, self.method, self.path, exc_info=exc
             )
 
     def _check_open(self, what: str) -> None:
         if self.ended:
             raise RuntimeError(f"aiodelay.{what}(): the request has already ended")
-
-
-def lifetime_of(request: web.BaseRequest) -> Lifetime:
-    life: Lifetime | None = request.get(_KEY)
-    if life is None:
-        raise RuntimeError(NOT_SET_UP)
-    return life
-
-
-def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
-    """A new future that says how the request ended.
-
-    It resolves to ``None`` once the complete response has been handed to the transport
-    (``write_eof()`` finished), and fails with :class:`ConnectionLost` if the client left
-    before that, also in the middle of a streamed body, or with ``reason="shutdown"`` if the
-    server stopped the request. If the handler raised, it fails with that exception.
-    Each call returns a new future: cancelling one does not affect another.
-
-    Called after the request ended, it returns an already completed future with the outcome
-    (unlike Twisted's, which then never fires). One case resolves later: a response that
-    aiohttp was still writing when asked (e.g. from an ``on_response_prepare`` signal) is
-    settled when the next request on the connection starts, or the connection closes.
-    A failure is marked retrieved: nobody awaiting it logs nothing.
-    """
-    return lifetime_of(request).notify_finish()
-
-
-def is_disconnected(request: web.BaseRequest) -> bool:
-    """True once the request's client is known to have left before its response was complete.
-
-    After the request ended, it stays what it was then: a connection closed after a complete
-    response does not count. False does not promise the client is there: a peer that vanished
-    without FIN or RST, or whose FIN waits unread while aiohttp has paused reading, cannot be
-    seen.
-    """
-    return lifetime_of(request).lost is not None
-
-
-def call_later(
-    request: web.BaseRequest, delay: float, callback: Callable[..., object], *args: Any
-) -> asyncio.TimerHandle:
-    """``loop.call_later`` owned by the request: cancelled if still pending when the request
-    ends, whichever way (under the cancel policy, as soon as the client leaves; for a
-    shielded handler, when the handler ends). An exception in ``callback`` is logged with its
-    traceback on the ``aiodelay`` logger."""
-    return lifetime_of(request).call_later(delay, callback, args)
-
-
-def spawn(request: web.BaseRequest, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-    """A task owned by the request: cancelled if still running when the request ends
-    (see :func:`call_later` for when that is). An exception it raises is logged with its
-    traceback on the ``aiodelay`` logger; awaiting the task still gives it to you."""
-    try:
-        life = lifetime_of(request)
-    except RuntimeError:
-        coro.close()
-        raise
-    return life.spawn(coro)

@@ -12,16 +12,19 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ._errors import ConnectionLost
-from ._lifetime import Lifetime
+from ._lifetime import Connection, Lifetime, running
 from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, coerce_policy, policy_of
-from ._shield import enter, leave
 from ._stats import Counters, Stats
 from ._watch import closing_reason, watch
 
-__all__ = ("Middleware", "installed_on", "middleware", "setup", "stats")
+__all__ = ("Middleware", "app_key", "installed_on", "middleware", "setup", "stats")
 
 logger = logging.getLogger("aiodelay")
+
+#: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
+#: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
+_RESPONSE_CLASSES: set[type] = set()
 
 #: 499 is nginx's "client closed request": what the access log shows for a request whose
 #: client left and whose handler was cancelled. Nothing is sent: the connection is gone.
@@ -38,7 +41,7 @@ class Middleware:
         self.policy = coerce_policy(policy)
         self.counters = Counters()
         self.observers: list[RequestObserver] = []
-        #: Requests whose handler runs on after their client left (shielded).
+        #: Requests whose handler runs on after their client left (shielded, WebSockets).
         self.orphans: set[Lifetime] = set()
         self.shutting_down = False
 
@@ -46,80 +49,81 @@ class Middleware:
         return f"<aiodelay middleware policy={self.policy.value!r}>"
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        conn = watch(request)
-        if conn is not None and conn.listener is not None:
+        # The hot path: a few attribute stores on the connection's state; a Lifetime is
+        # made only if the request uses aiodelay's API or its client leaves.
+        w = watch(request)
+        if w is None:
+            return await self._closed_before_start(request, handler)
+        conn = w.listener
+        if conn is None:
+            conn = w.listener = Connection(w, self)
+        elif conn.request is not None:
             # aiodelay is installed on an app and on a sub-app: the outer one watches.
             return await handler(request)
+        elif conn.trailing:
+            conn.run_trailing()  # the previous response on this connection is complete
         task = asyncio.current_task()
         assert task is not None  # aiohttp runs each request in a task of its own
-        life = Lifetime(
-            request, task, policy_of(request.match_info.handler, self.policy), self, conn
-        )
+        conn.request = request
+        conn.task = task
+        conn.owner = self
+        conn.started_at = task.get_loop().time()
+        running[task] = conn
         self.counters.in_flight += 1
-        token = enter(life)
-        if conn is None:
-            life.disconnected(
-                ConnectionLost("closed", "the connection was closed before the handler started")
-            )
-        else:
-            conn.listener = life
-            if conn.trailing:
-                conn.run_trailing()  # the previous response on this connection is complete
-        for observer in self.observers:
-            observer.request_started(request)
-        kind: OutcomeKind = "failed"
+        if self.observers:
+            for observer in self.observers:
+                observer.request_started(request)
+        kind: OutcomeKind = "completed"
+        result: Any = None
         try:
-            if life.lost is not None and life.policy is Policy.CANCEL:
-                raise asyncio.CancelledError  # do not start work for a client that is gone
-            response = await self._respond(life, request, handler)
-            kind = "completed" if life.lost is None else "ran_on"
-        except asyncio.CancelledError:
-            if not life.cancelled_by_disconnect():
-                self._abandon(life)
+            try:
+                result = await handler(request)
+            except web.HTTPException as exc:
+                result = exc
+                if conn.life is not None and conn.life.wants_completion():
+                    await _complete(conn.life, request, exc)
                 raise
-            kind = "cancelled"
-            response = web.Response(status=_CLIENT_CLOSED_REQUEST)
-        except web.HTTPException as exc:
-            kind = "completed" if life.lost is None else "ran_on"
-            life.response = exc
-            raise
-        except ConnectionError as exc:
-            lost = life.lost or closing_reason(request)
-            if lost is None:
-                # Not our client: an error of the handler's own (an upstream refused, ...).
-                life.error = exc
-                life.fail_waiters(exc)
-                raise
-            # Our client left and the handler tripped over it (a write or a body read
-            # failed) before or instead of being cancelled. As quiet as a cancellation.
-            life.disconnected(lost)
-            kind = "cancelled" if life.policy is Policy.CANCEL else "ran_on"
-            response = web.Response(status=_CLIENT_CLOSED_REQUEST)
+            if result.__class__ not in _RESPONSE_CLASSES:
+                result = await _not_done_yet(request, result)
+            if conn.life is not None and conn.life.wants_completion():
+                await _complete(conn.life, request, result)
         except BaseException as exc:
+            kind, result = self._after(conn, request, exc)
+            if result is None:
+                raise
+        finally:
+            del running[task]
+            self._end(conn, request, result, kind)
+        return result  # type: ignore[no-any-return]
+
+    def _after(
+        self, conn: Connection, request: web.Request, exc: BaseException
+    ) -> tuple[OutcomeKind, web.StreamResponse | None]:
+        """What an exception from the handler means: a response to return instead, or None
+        to let it propagate unchanged."""
+        life = conn.life
+        if isinstance(exc, asyncio.CancelledError):
+            if life is not None and life.cancelled_by_disconnect():
+                return "cancelled", web.Response(status=_CLIENT_CLOSED_REQUEST)
+            if life is not None:
+                self._abandon(life)
+            return "failed", None
+        if isinstance(exc, web.HTTPException):
+            return "completed", None  # aiohttp sends it, exactly as without aiodelay
+        if isinstance(exc, ConnectionError):
+            lost = (life.lost if life is not None else None) or closing_reason(request)
+            if lost is not None:
+                # Our client left and the handler tripped over it (a write or a body read
+                # failed) before or instead of being cancelled. As quiet as a cancellation.
+                life = conn.make_life()
+                life.disconnected(lost)
+                kind: OutcomeKind = "cancelled" if life.policy is Policy.CANCEL else "ran_on"
+                return kind, web.Response(status=_CLIENT_CLOSED_REQUEST)
+        # Not about our client: the handler's own error (an upstream refused, a bug).
+        if life is not None:
             life.error = exc
             life.fail_waiters(exc)
-            raise
-        finally:
-            leave(token)
-            self._end(life, conn, kind)
-        life.response = response
-        return response
-
-    async def _respond(
-        self, life: Lifetime, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        try:
-            result: Any = await handler(request)
-        except web.HTTPException as exc:
-            if life.wants_completion():
-                await _complete(life, request, exc)
-            raise
-        if not isinstance(result, web.StreamResponse):
-            result = await _not_done_yet(request, result)
-        response: web.StreamResponse = result
-        if life.wants_completion():
-            await _complete(life, request, response)
-        return response
+        return "failed", None
 
     def _abandon(self, life: Lifetime) -> None:
         """A cancellation that is not the disconnect's (shutdown, outer timeout) ends it."""
@@ -130,30 +134,71 @@ class Middleware:
             life.error = asyncio.CancelledError()
             life.cancel_waiters()
 
-    def _end(self, life: Lifetime, conn: Any, kind: OutcomeKind) -> None:
-        life.ended = True
-        if conn is not None and conn.listener is life:
-            conn.listener = None
-        life.forget_cancel()
-        life.release()
+    def _end(
+        self,
+        conn: Connection,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        kind: OutcomeKind,
+    ) -> None:
+        conn.request = None
+        conn.task = None
         counters = self.counters
         counters.in_flight -= 1
-        lost = life.lost
-        if lost is None:
+        life = conn.life
+        lost = lost_at = None
+        if life is None:
             counters.completed += 1
         else:
-            self.orphans.discard(life)
-            counters.disconnected += 1
-            if kind == "cancelled":
-                counters.cancelled += 1
-            elif kind == "ran_on":
-                counters.shielded_ran_on += 1
-            _log_interrupted(life, lost, kind)
+            conn.life = None
+            lost, lost_at = life.lost, life.lost_at
+            life.end(response)
+            if lost is None:
+                counters.completed += 1
+            else:
+                if kind == "completed":
+                    kind = "ran_on"
+                counters.disconnected += 1
+                if kind == "cancelled":
+                    counters.cancelled += 1
+                elif kind == "ran_on":
+                    counters.shielded_ran_on += 1
+                _log_interrupted(request, life, lost, kind, conn.started_at)
         if self.observers:
-            now = life.task.get_loop().time()
-            outcome = Outcome(kind, lost, life.started_at, life.lost_at, now)
+            now = asyncio.get_running_loop().time()
+            outcome = Outcome(kind, lost, conn.started_at, lost_at, now)
             for observer in self.observers:
-                observer.request_ended(life.request, outcome)
+                observer.request_ended(request, outcome)
+
+    async def _closed_before_start(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """The connection was closed (or closing) before aiodelay saw the request: do not
+        start work for a client that is gone, unless the handler is shielded."""
+        policy = policy_of(request.match_info.handler, self.policy)
+        lost = ConnectionLost("closed", "the connection was closed before the handler started")
+        now = asyncio.get_running_loop().time()
+        for observer in self.observers:
+            observer.request_started(request)
+        counters = self.counters
+        counters.disconnected += 1
+        kind: OutcomeKind = "cancelled"
+        try:
+            if policy is Policy.CANCEL:
+                counters.cancelled += 1
+                return web.Response(status=_CLIENT_CLOSED_REQUEST)
+            kind = "ran_on"
+            counters.in_flight += 1
+            try:
+                return await handler(request)
+            finally:
+                counters.in_flight -= 1
+                counters.shielded_ran_on += 1
+        finally:
+            _log(request, lost, 0.0, "cancelled" if kind == "cancelled" else "ran on (shielded)")
+            ended = asyncio.get_running_loop().time()
+            for observer in self.observers:
+                observer.request_ended(request, Outcome(kind, lost, now, now, ended))
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
@@ -163,7 +208,8 @@ class Middleware:
         yield
         # aiohttp's graceful shutdown waited for these; what still runs now would be
         # destroyed pending when the loop closes. Cancel it and let its finally blocks run.
-        tasks = [life.task for life in self.orphans if not life.task.done()]
+        tasks = [life.task for life in self.orphans if life.task is not None]
+        tasks = [task for task in tasks if not task.done()]
         for task in tasks:
             task.cancel("aiodelay: the server is shutting down")
         if tasks:
@@ -184,7 +230,12 @@ async def _complete(life: Lifetime, request: web.Request, response: web.StreamRe
 
 
 async def _not_done_yet(request: web.Request, result: object) -> web.StreamResponse:
-    """Await a handler's "not done yet" result (a Future, Task or coroutine) to its response."""
+    """Await a handler's "not done yet" result (a Future, Task or coroutine) to its response.
+
+    Also where a response of a class not seen before is checked once."""
+    if isinstance(result, web.StreamResponse):
+        _RESPONSE_CLASSES.add(result.__class__)
+        return result
     if inspect.isawaitable(result):
         later = await result
         if isinstance(later, web.StreamResponse):
@@ -204,13 +255,14 @@ async def _not_done_yet(request: web.Request, result: object) -> web.StreamRespo
     return web.Response(status=500, text="500: Internal Server Error")
 
 
-def _log_interrupted(life: Lifetime, lost: ConnectionLost, kind: OutcomeKind) -> None:
-    request = life.request
-    spent = (life.lost_at or life.started_at) - life.started_at
+def _log_interrupted(
+    request: web.Request, life: Lifetime, lost: ConnectionLost, kind: OutcomeKind, started: float
+) -> None:
+    spent = (life.lost_at or started) - started
     if kind == "cancelled":
         what = "cancelled"
     elif kind == "ran_on":
-        total = life.task.get_loop().time() - life.started_at
+        total = asyncio.get_running_loop().time() - started
         if life.websocket:
             how = "WebSocket: aiohttp ended it"
         elif life.policy is Policy.SHIELD:
@@ -220,6 +272,10 @@ def _log_interrupted(life: Lifetime, lost: ConnectionLost, kind: OutcomeKind) ->
         what = f"ran on ({how}), ended after {total:.3f}s"
     else:
         what = "stopped (server shutdown or an outer cancellation)"
+    _log(request, lost, spent, what)
+
+
+def _log(request: web.Request, lost: ConnectionLost, spent: float, what: str) -> None:
     logger.info(
         "%s %s from %s interrupted by %s after %.3fs: %s",
         request.method,
@@ -231,7 +287,7 @@ def _log_interrupted(life: Lifetime, lost: ConnectionLost, kind: OutcomeKind) ->
     )
 
 
-_APP_KEY = web.AppKey("aiodelay", Middleware)
+app_key = web.AppKey("aiodelay", Middleware)
 
 
 def middleware(*, policy: Policy | str = Policy.CANCEL) -> Middleware:
@@ -256,11 +312,11 @@ def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
     mw = Middleware(policy=policy)
-    if _APP_KEY in app or any(isinstance(m, Middleware) for m in app.middlewares):
+    if app_key in app or any(isinstance(m, Middleware) for m in app.middlewares):
         raise RuntimeError("aiodelay is already installed on this app")
     if app.frozen:
         raise RuntimeError("aiodelay.setup() must be called before the app starts")
-    app[_APP_KEY] = mw
+    app[app_key] = mw
     app.middlewares.insert(0, mw)
     app.on_shutdown.append(mw._on_shutdown)
     app.cleanup_ctx.append(mw._lifecycle)
@@ -268,7 +324,7 @@ def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None
 
 def installed_on(app: web.Application) -> Middleware:
     """The aiodelay middleware of ``app``; RuntimeError if there is none."""
-    mw = app.get(_APP_KEY)
+    mw = app.get(app_key)
     if mw is None:
         for candidate in app.middlewares:
             if isinstance(candidate, Middleware):

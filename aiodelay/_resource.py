@@ -34,7 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ._errors import ConnectionLost
-from ._lifetime import call_later, is_disconnected, notify_finish
+from ._request import call_later, is_disconnected, notify_finish
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from ._lifetime import NOT_SET_UP, Lifetime
+from ._lifetime import NOT_SET_UP, running
 from ._policy import Policy
 
-__all__ = ("enter", "leave", "shield")
+__all__ = ("shield",)
 
 _T = TypeVar("_T")
-
-#: The lifetime of the request whose handler runs in this context.
-_current: contextvars.ContextVar[Lifetime] = contextvars.ContextVar("aiodelay_lifetime")
-
-
-def enter(life: Lifetime) -> contextvars.Token[Lifetime]:
-    return _current.set(life)
-
-
-def leave(token: contextvars.Token[Lifetime]) -> None:
-    _current.reset(token)
 
 
 async def shield(aw: Awaitable[_T]) -> _T:
@@ -33,16 +21,19 @@ async def shield(aw: Awaitable[_T]) -> _T:
     Inside a cancellable handler, a disconnect during the section is held back; when the
     section ends, the handler is cancelled (``CancelledError`` is raised here, after ``aw``
     finished). Only the disconnect is held back: a server shutdown or an outer timeout
-    cancels ``aw`` as usual. Protects the handler's own task; in another task this is a plain
-    ``await``.
+    cancels ``aw`` as usual. Protects the handler's own task; in another task (one started
+    by ``aiodelay.spawn``, say) this is a plain ``await``, and outside a request handled by
+    aiodelay it raises ``RuntimeError``.
     """
-    life = _current.get(None)
-    if life is None:
+    task = asyncio.current_task()
+    if task not in running:
         if inspect.iscoroutine(aw):
             aw.close()  # never started: do not warn "never awaited" on top of the error
         raise RuntimeError(NOT_SET_UP)
-    if asyncio.current_task() is not life.task:
+    conn = running[task]
+    if conn is None:  # a task that aiodelay.spawn() started: nothing to hold back
         return await aw
+    life = conn.make_life()
     life.shield_depth += 1
     try:
         result = await aw

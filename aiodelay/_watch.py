@@ -19,7 +19,7 @@ kernel holds the FIN or RST unread, so it is seen only when reading resumes or a
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -28,47 +28,42 @@ from ._errors import ConnectionLost
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
-__all__ = ("Listener", "Watch", "closing_reason", "response_completed", "watch")
+    from ._lifetime import Connection  # what the Watch reports to (typing only)
 
-
-class Listener(Protocol):
-    """What a :class:`Watch` tells about the request in flight on its connection."""
-
-    def disconnected(self, lost: ConnectionLost) -> None: ...
+__all__ = (
+    "Watch",
+    "closing_reason",
+    "installed_watch",
+    "response_completed",
+    "watch",
+)
 
 
 class Watch(asyncio.Protocol):
     """A transparent protocol between a transport and aiohttp's ``RequestHandler``.
 
-    ``data_received`` and the flow-control calls are the handler's own bound methods, stored
-    on the instance, so the transport calls them with no extra frame in between.
+    ``data_received`` is the handler's own bound method, stored on the instance, so the
+    transport calls it with no extra frame in between.
     """
 
-    __slots__ = (
-        "_proto",
-        "data_received",
-        "listener",
-        "lost",
-        "pause_writing",
-        "resume_writing",
-        "trailing",
-    )
+    __slots__ = ("_proto", "data_received", "listener", "lost")
 
     def __init__(self, proto: RequestHandler) -> None:
         self._proto = proto
         self.data_received = proto.data_received  # type: ignore[method-assign]
-        self.pause_writing = proto.pause_writing  # type: ignore[method-assign]
-        self.resume_writing = proto.resume_writing  # type: ignore[method-assign]
-        #: The request in flight on this connection, if aiodelay is watching one.
-        self.listener: Listener | None = None
+        #: Told about the peer leaving; set by the middleware right after installing.
+        self.listener: Connection | None = None
         #: Set once the peer is known to be gone.
         self.lost: ConnectionLost | None = None
-        #: Called once, at the next request on this connection or when it closes (see
-        #: ``_lifetime``: completion of a response that aiohttp was still writing).
-        self.trailing: list[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._proto.connection_made(transport)  # pragma: no cover - installed after this
+
+    def pause_writing(self) -> None:
+        self._proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._proto.resume_writing()
 
     def eof_received(self) -> bool | None:
         keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
@@ -89,7 +84,8 @@ class Watch(asyncio.Protocol):
             lost.__cause__ = exc
             self._lose(lost)
         manager = proto._manager
-        if self.listener is not None and manager is not None and manager.handler_cancellation:
+        listener = self.listener
+        if listener is not None and listener.busy() and manager and manager.handler_cancellation:
             # aiodelay decides what a disconnect does to the request it watches; without
             # this, aiohttp (handler_cancellation=True) would cancel a shielded handler too.
             manager.handler_cancellation = False
@@ -99,7 +95,8 @@ class Watch(asyncio.Protocol):
                 manager.handler_cancellation = True
         else:
             proto.connection_lost(exc)
-        self.run_trailing()
+        if listener is not None:
+            listener.closed()
 
     def is_websocket(self) -> bool:
         """True once a WebSocket handshake was accepted on this connection: aiohttp then tells
@@ -110,18 +107,13 @@ class Watch(asyncio.Protocol):
         if self.lost is not None:
             return
         self.lost = lost
-        listener = self.listener
-        if listener is not None:
-            listener.disconnected(lost)
-
-    def run_trailing(self) -> None:
-        trailing, self.trailing = self.trailing, None
-        for callback in trailing or ():
-            callback()
+        if self.listener is not None:
+            self.listener.disconnected(lost)
 
 
 def watch(request: web.BaseRequest) -> Watch | None:
-    """The :class:`Watch` of the request's connection, installing it if needed.
+    """The :class:`Watch` of the request's connection, installing it if needed (its
+    ``listener`` is then None).
 
     ``None`` if the connection is already closed or closing: the peer is gone (or the server is
     closing the connection) before aiodelay saw the request.
@@ -135,6 +127,15 @@ def watch(request: web.BaseRequest) -> Watch | None:
     installed = Watch(request.protocol)
     transport.set_protocol(installed)
     return installed
+
+
+def installed_watch(request: web.BaseRequest) -> Watch | None:
+    """The request's connection's :class:`Watch`, if it has one and is still open."""
+    transport = request.transport
+    if transport is None:
+        return None
+    current = transport.get_protocol()
+    return current if type(current) is Watch else None
 
 
 def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:

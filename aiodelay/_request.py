@@ -1,0 +1,110 @@
+"""The public functions that take a request: notify_finish, is_disconnected, call_later, spawn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from ._lifetime import NOT_SET_UP, Lifetime, lifetime_key
+from ._watch import installed_watch
+
+__all__ = ("call_later", "is_disconnected", "lifetime_of", "notify_finish", "spawn")
+
+_T = TypeVar("_T")
+
+
+def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | None:
+    """The request's Lifetime (made now if the request is in flight and ``create``), or None
+    for a request that ended, or is in flight, without one. RuntimeError if aiodelay does
+    not handle the request."""
+    try:
+        life: Lifetime = request[lifetime_key]
+    except KeyError:
+        pass
+    else:
+        return life
+    watch = installed_watch(request)
+    conn = watch.listener if watch is not None else None
+    if conn is not None and conn.request is request:
+        return conn.make_life() if create else None
+    if not _installed(request):
+        raise RuntimeError(NOT_SET_UP)
+    return None
+
+
+def _installed(request: web.BaseRequest) -> bool:
+    from ._middleware import Middleware, app_key
+
+    apps = request.match_info.apps if isinstance(request, web.Request) else ()
+    return any(
+        app_key in app or any(isinstance(m, Middleware) for m in app.middlewares) for app in apps
+    )
+
+
+def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
+    """A new future that says how the request ended.
+
+    It resolves to ``None`` once the complete response has been handed to the transport
+    (``write_eof()`` finished), and fails with :class:`ConnectionLost` if the client left
+    before that, also in the middle of a streamed body, or with ``reason="shutdown"`` if the
+    server stopped the request. If the handler raised, it fails with that exception.
+    Each call returns a new future: cancelling one does not affect another.
+
+    Called after the request ended, it returns an already completed future with the outcome
+    (unlike Twisted's, which then never fires). For a request that nothing asked aiodelay
+    about while it ran, ``None`` there means that the handler finished without its client
+    leaving first. A response that aiohttp was still writing when asked (e.g. from an
+    ``on_response_prepare`` signal) of a request that did ask is settled when the next
+    request on the connection starts, or the connection closes.
+    A failure is marked retrieved: nobody awaiting it logs nothing.
+    """
+    life = lifetime_of(request)
+    if life is not None:
+        return life.notify_finish()
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
+def is_disconnected(request: web.BaseRequest) -> bool:
+    """True once the request's client is known to have left before its response was complete.
+
+    After the request ended, it stays what it was then: a connection closed after a complete
+    response does not count. False does not promise the client is there: a peer that vanished
+    without FIN or RST, or whose FIN waits unread while aiohttp has paused reading, cannot be
+    seen.
+    """
+    life = lifetime_of(request, create=False)
+    return life is not None and life.lost is not None
+
+
+def call_later(
+    request: web.BaseRequest, delay: float, callback: Callable[..., object], *args: Any
+) -> asyncio.TimerHandle:
+    """``loop.call_later`` owned by the request: cancelled if still pending when the request
+    ends, whichever way (under the cancel policy, as soon as the client leaves; for a
+    shielded handler, when the handler ends). An exception in ``callback`` is logged with its
+    traceback on the ``aiodelay`` logger."""
+    return _open(request, "call_later").call_later(delay, callback, args)
+
+
+def spawn(request: web.BaseRequest, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    """A task owned by the request: cancelled if still running when the request ends
+    (see :func:`call_later` for when that is). An exception it raises is logged with its
+    traceback on the ``aiodelay`` logger; awaiting the task still gives it to you."""
+    try:
+        life = _open(request, "spawn")
+    except RuntimeError:
+        coro.close()  # never started: do not warn "never awaited" on top of the error
+        raise
+    return life.spawn(coro)
+
+
+def _open(request: web.BaseRequest, what: str) -> Lifetime:
+    life = lifetime_of(request)
+    if life is None:
+        raise RuntimeError(f"aiodelay.{what}(): the request has already ended")
+    return life
