@@ -13,6 +13,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -162,7 +163,7 @@ class Lifetime:
         if self.lost is not None or task is None:
             return
         self.lost = lost
-        self.lost_at = task.get_loop().time()
+        self.lost_at = monotonic()
         self.fail_waiters(lost)
         owner = self.conn.owner
         if self.request is not None:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from time import monotonic
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from ._lifetime import Connection, Lifetime, running
 from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, coerce_policy, policy_of
 from ._stats import Counters, Stats
-from ._watch import closing_reason, watch
+from ._watch import Watch, closing_reason, install_watch
 
 __all__ = ("Middleware", "app_key", "installed_on", "middleware", "setup", "stats")
 
@@ -51,8 +52,17 @@ class Middleware:
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # The hot path: a few attribute stores on the connection's state; a Lifetime is
         # made only if the request uses aiodelay's API or its client leaves.
-        w = watch(request)
-        if w is None:
+        transport = request.transport
+        if transport is None:
+            return await self._closed_before_start(request, handler)
+        w = transport.get_protocol()
+        if type(w) is not Watch:
+            # The first request on this connection. (On the next ones the Watch itself
+            # knows whether the peer left.)
+            if transport.is_closing():
+                return await self._closed_before_start(request, handler)
+            w = install_watch(request, transport)
+        elif w.lost is not None:
             return await self._closed_before_start(request, handler)
         conn = w.listener
         if conn is None:
@@ -67,9 +77,10 @@ class Middleware:
         conn.request = request
         conn.task = task
         conn.owner = self
-        conn.started_at = task.get_loop().time()
+        conn.started_at = monotonic()
         running[task] = conn
-        self.counters.in_flight += 1
+        counters = self.counters
+        counters.started += 1
         if self.observers:
             for observer in self.observers:
                 observer.request_started(request)
@@ -93,7 +104,12 @@ class Middleware:
                 raise
         finally:
             del running[task]
-            self._end(conn, request, result, kind)
+            conn.request = None
+            conn.task = None
+            if conn.life is None and not self.observers:
+                counters.completed += 1
+            else:
+                self._end(conn, request, result, kind)
         return result  # type: ignore[no-any-return]
 
     def _after(
@@ -141,10 +157,8 @@ class Middleware:
         response: web.StreamResponse | None,
         kind: OutcomeKind,
     ) -> None:
-        conn.request = None
-        conn.task = None
+        """The end of a request that made a Lifetime, or that observers watch."""
         counters = self.counters
-        counters.in_flight -= 1
         life = conn.life
         lost = lost_at = None
         if life is None:
@@ -165,8 +179,7 @@ class Middleware:
                     counters.shielded_ran_on += 1
                 _log_interrupted(request, life, lost, kind, conn.started_at)
         if self.observers:
-            now = asyncio.get_running_loop().time()
-            outcome = Outcome(kind, lost, conn.started_at, lost_at, now)
+            outcome = Outcome(kind, lost, conn.started_at, lost_at, monotonic())
             for observer in self.observers:
                 observer.request_ended(request, outcome)
 
@@ -177,10 +190,11 @@ class Middleware:
         start work for a client that is gone, unless the handler is shielded."""
         policy = policy_of(request.match_info.handler, self.policy)
         lost = ConnectionLost("closed", "the connection was closed before the handler started")
-        now = asyncio.get_running_loop().time()
+        now = monotonic()
         for observer in self.observers:
             observer.request_started(request)
         counters = self.counters
+        counters.started += 1
         counters.disconnected += 1
         kind: OutcomeKind = "cancelled"
         try:
@@ -188,15 +202,13 @@ class Middleware:
                 counters.cancelled += 1
                 return web.Response(status=_CLIENT_CLOSED_REQUEST)
             kind = "ran_on"
-            counters.in_flight += 1
             try:
                 return await handler(request)
             finally:
-                counters.in_flight -= 1
                 counters.shielded_ran_on += 1
         finally:
             _log(request, lost, 0.0, "cancelled" if kind == "cancelled" else "ran on (shielded)")
-            ended = asyncio.get_running_loop().time()
+            ended = monotonic()
             for observer in self.observers:
                 observer.request_ended(request, Outcome(kind, lost, now, now, ended))
 
@@ -262,7 +274,7 @@ def _log_interrupted(
     if kind == "cancelled":
         what = "cancelled"
     elif kind == "ran_on":
-        total = asyncio.get_running_loop().time() - started
+        total = monotonic() - started
         if life.websocket:
             how = "WebSocket: aiohttp ended it"
         elif life.policy is Policy.SHIELD:

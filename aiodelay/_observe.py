@@ -25,6 +25,8 @@ OutcomeKind = Literal["completed", "cancelled", "ran_on", "failed"]
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a request ended; the times are ``time.monotonic()`` values."""
+
     kind: OutcomeKind
     lost: ConnectionLost | None
     started_at: float

@@ -29,10 +29,10 @@ class Stats:
 class Counters:
     """The mutable counters behind :class:`Stats`; one per installed middleware."""
 
-    __slots__ = ("cancelled", "completed", "disconnected", "in_flight", "shielded_ran_on")
+    __slots__ = ("cancelled", "completed", "disconnected", "shielded_ran_on", "started")
 
     def __init__(self) -> None:
-        self.in_flight = 0
+        self.started = 0
         self.completed = 0
         self.disconnected = 0
         self.cancelled = 0
@@ -40,7 +40,7 @@ class Counters:
 
     def snapshot(self) -> Stats:
         return Stats(
-            in_flight=self.in_flight,
+            in_flight=self.started - self.completed - self.disconnected,
             completed=self.completed,
             disconnected=self.disconnected,
             cancelled=self.cancelled,

@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 __all__ = (
     "Watch",
     "closing_reason",
+    "install_watch",
     "installed_watch",
     "response_completed",
-    "watch",
 )
 
 
@@ -111,19 +111,8 @@ class Watch(asyncio.Protocol):
             self.listener.disconnected(lost)
 
 
-def watch(request: web.BaseRequest) -> Watch | None:
-    """The :class:`Watch` of the request's connection, installing it if needed (its
-    ``listener`` is then None).
-
-    ``None`` if the connection is already closed or closing: the peer is gone (or the server is
-    closing the connection) before aiodelay saw the request.
-    """
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return None
-    current = transport.get_protocol()
-    if type(current) is Watch:
-        return current
+def install_watch(request: web.BaseRequest, transport: asyncio.BaseTransport) -> Watch:
+    """Put a :class:`Watch` (with no ``listener`` yet) between ``transport`` and aiohttp."""
     installed = Watch(request.protocol)
     transport.set_protocol(installed)
     return installed

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, Protocol
@@ -82,8 +83,7 @@ class DropOutcome:
     ``None`` if it is still running or ended before the drop; for a cancelled handler that is
     the time from the drop to the cancellation (also as ``cancelled_after``).
     ``record`` is the core's raw record (``None`` while running): its times are
-    ``loop.time()`` values, comparable with ``dropped_at`` (with the loop's resolution:
-    uvloop's clock ticks in milliseconds).
+    ``time.monotonic()`` values, like ``dropped_at``.
     """
 
     method: str
@@ -411,7 +411,7 @@ class _Probe:
             if self.how == "RST":
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await self.aclose()
-        self.dropped_at = self.loop.time()
+        self.dropped_at = time.monotonic()
 
     def _drain(self) -> None:
         # Read what already arrived: it was received before the drop, and a socket closed

@@ -153,7 +153,7 @@ async def test_drop_after_seconds_counts_from_the_handler_start(
     server = await aiodelay_server(create_app())
     outcome = await server.drop("GET", "/report", after_seconds=0.05)
     assert outcome.record is not None
-    # loop.time(): uvloop's clock ticks in milliseconds (libuv's uv_now).
+    # The wait is timed by the loop, whose clock ticks in milliseconds on uvloop (uv_now).
     assert outcome.dropped_at - outcome.record.started_at >= 0.05 - 0.001
     assert outcome.cancelled
 
