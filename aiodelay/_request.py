@@ -36,12 +36,10 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
 
 
 def _installed(request: web.BaseRequest) -> bool:
-    from ._middleware import Middleware, app_key
+    from ._middleware import app_key, owner_of
 
     apps = request.match_info.apps if isinstance(request, web.Request) else ()
-    return any(
-        app_key in app or any(isinstance(m, Middleware) for m in app.middlewares) for app in apps
-    )
+    return any(app_key in app or any(owner_of(m) for m in app.middlewares) for app in apps)
 
 
 def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
