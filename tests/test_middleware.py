@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 import aiodelay
 from aiodelay._middleware import Middleware, owner_of
+from aiodelay.pytest_plugin import AiodelayServer
 from tests.conftest import Drop, Probe, Serve
 
 
@@ -180,21 +181,15 @@ async def test_shielded_handler_runs_to_completion(
     assert (stats.shielded_ran_on, stats.cancelled, stats.disconnected) == (1, 0, 1)
 
 
-async def test_cancellable_overrides_an_app_wide_shield(serve: Serve) -> None:
-    probe = Probe()
-
+async def test_cancellable_overrides_an_app_wide_shield(aiodelay_server: AiodelayServer) -> None:
     @aiodelay.cancellable
     async def report(request: web.Request) -> web.Response:
-        await probe.run(request, probe.gate)
+        await asyncio.get_running_loop().create_future()
         return web.Response()
 
-    served = await serve(_app(web.get("/", report), policy="shield"))
-    client = await served.connect()
-    await client.get("/")
-    await probe.wait_started()
-    client.drop("FIN")
-    await probe.wait_ended()
-    assert probe.cancelled
+    server = await aiodelay_server(_app(web.get("/report", report), policy="shield"))
+    outcome = await server.drop("GET", "/report")
+    assert outcome.cancelled
 
 
 # -- cancellations that are not the disconnect's ------------------------------------------
@@ -276,29 +271,23 @@ async def test_server_shutdown_fails_notify_finish_with_shutdown_reason(serve: S
 
 
 async def test_one_info_line_per_interrupted_request(
-    serve: Serve, caplog: pytest.LogCaptureFixture
+    aiodelay_server: AiodelayServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    probe = Probe()
 
     async def handler(request: web.Request) -> web.Response:
-        await probe.run(request, probe.gate)
+        await asyncio.get_running_loop().create_future()
         return web.Response()
 
-    served = await serve(_app(web.get("/slow/thing", handler)))
-    client = await served.connect()
-    await client.get("/slow/thing")
-    await probe.wait_started()
-    client.drop("RST")
-    await probe.wait_ended()
-    await client.aclose()
+    server = await aiodelay_server(_app(web.get("/slow/thing", handler)))
+    outcome = await server.drop("GET", "/slow/thing", how="RST")
+    assert outcome.cancelled
     ours = [r for r in caplog.records if r.name == "aiodelay"]
     assert len(ours) == 1
     assert ours[0].levelno == logging.INFO
-    assert (
-        ours[0].getMessage().startswith("GET /slow/thing from 127.0.0.1 interrupted by RST after ")
-    )
-    assert ours[0].getMessage().endswith("s: cancelled")
+    message = ours[0].getMessage()
+    assert message.startswith("GET /slow/thing from 127.0.0.1 interrupted by RST after ")
+    assert message.endswith("s: cancelled")
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert problems == []  # nothing in aiohttp's error log, nothing from asyncio
 
