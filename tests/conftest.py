@@ -57,6 +57,7 @@ class Serve(Protocol):
         handler_cancellation: bool = False,
         tls: bool = False,
         access_log: Any = None,
+        shutdown_timeout: float = 2,
     ) -> Served: ...
 
 
@@ -88,12 +89,13 @@ async def serve(certs: Certs) -> AsyncIterator[Serve]:
         handler_cancellation: bool = False,
         tls: bool = False,
         access_log: Any = None,
+        shutdown_timeout: float = 2,  # a test that leaves a handler running fails, not hangs
     ) -> Served:
         runner = web.AppRunner(
             app,
             handler_cancellation=handler_cancellation,
             access_log=access_log,
-            shutdown_timeout=2,  # a test that leaves a handler running fails, not hangs
+            shutdown_timeout=shutdown_timeout,
         )
         await runner.setup()
         runners.append(runner)
@@ -108,7 +110,8 @@ async def serve(certs: Certs) -> AsyncIterator[Serve]:
         for client in each.clients:
             client.writer.transport.abort()
     for runner in reversed(runners):
-        await runner.cleanup()
+        if runner.server is not None:  # not stopped by the test itself
+            await runner.cleanup()
 
 
 @dataclass

@@ -251,16 +251,11 @@ async def test_server_shutdown_fails_notify_finish_with_shutdown_reason(serve: S
         await probe.run(request, probe.gate)
         return web.Response()
 
-    app = _app(web.get("/", handler))
-    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
+    client = await served.connect()
+    await client.get("/")
     await probe.wait_started()
-    await runner.cleanup()  # aiohttp cancels the handler after its shutdown timeout
-    writer.close()
+    await served.runner.cleanup()  # aiohttp cancels the handler after its shutdown timeout
     assert probe.cancelled
     with pytest.raises(aiodelay.ConnectionLost) as caught:
         await finish[0]
@@ -592,7 +587,9 @@ async def test_a_websocket_handler_ends_as_without_aiodelay(serve: Serve, drop: 
     assert (stats.cancelled, stats.shielded_ran_on) == (0, 1)
 
 
-async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_client() -> None:
+async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_client(
+    serve: Serve,
+) -> None:
     """aiohttp stops tracking a connection's handler once the connection is gone; aiodelay's
     cleanup cancels what still runs, so nothing is destroyed pending when the loop closes."""
     probe = Probe()
@@ -604,17 +601,13 @@ async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_clien
         await probe.run(request, probe.gate)
         return web.Response()
 
-    app = _app(web.get("/", handler))
-    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
+    client = await served.connect()
+    await client.get("/")
     await probe.wait_started()
-    writer.close()
+    client.drop("FIN")
     with pytest.raises(aiodelay.ConnectionLost):
         await finish[0]  # the client is gone, the shielded handler runs on
-    await runner.cleanup()
+    await served.runner.cleanup()
     assert probe.cancelled
-    assert aiodelay.stats(app).in_flight == 0
+    assert aiodelay.stats(served.app).in_flight == 0
