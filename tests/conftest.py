@@ -48,6 +48,12 @@ class Served:
         self.clients.append(client)
         return client
 
+    async def get(self, path: str = "/") -> RawClient:
+        """A new connection with ``GET path`` sent on it."""
+        client = await self.connect()
+        await client.get(path)
+        return client
+
 
 class Serve(Protocol):
     async def __call__(

@@ -71,8 +71,7 @@ async def test_notify_finish_fails_when_client_leaves_mid_body(
         return web.Response(body=b"x" * 20_000_000)
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await client.read_until(b"xxxx")
     client.drop(drop)
     with pytest.raises(aiodelay.ConnectionLost) as caught:
@@ -95,8 +94,7 @@ async def test_notify_finish_fails_when_shielded_stream_loses_client(serve: Serv
         return response
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await client.read_until(b"first line\n")
     client.drop("RST")
     with pytest.raises(aiodelay.ConnectionLost):
@@ -131,8 +129,7 @@ async def test_notify_finish_after_the_end_reports_the_outcome(serve: Serve) -> 
     assert completed.result() is None
     assert not aiodelay.is_disconnected(requests[0])
 
-    client = await served.connect()
-    await client.get("/slow")
+    client = await served.get("/slow")
     await probe.wait_started()
     client.drop("FIN")
     await probe.wait_ended()
@@ -155,8 +152,7 @@ async def test_notify_finish_resolves_after_a_raised_http_exception_is_written(
         raise web.HTTPNotFound(text="no such thing")
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (404, b"no such thing")
     await asyncio.wait_for(futures[0], 5)
     assert futures[0].result() is None
@@ -170,8 +166,7 @@ async def test_notify_finish_fails_with_the_handlers_exception(serve: Serve) -> 
         raise LookupError("a bug")
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     status, _ = await client.read_response()
     assert status == 500
     with pytest.raises(LookupError):
@@ -198,8 +193,7 @@ async def test_functions_need_setup(serve: Serve, call: Any, args: tuple[Any, ..
     app = web.Application()
     app.router.add_get("/", handler)
     served = await serve(app)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert (await client.read_response())[0] == 200
     assert len(errors) == 1
 
@@ -216,8 +210,7 @@ async def test_spawn_and_shield_need_setup(serve: Serve) -> None:
     app = web.Application()
     app.router.add_get("/", handler)
     served = await serve(app)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (200, b"checked")
 
 
@@ -254,8 +247,7 @@ async def test_disconnect_fails_futures_then_cancels_timers_and_tasks_then_the_h
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop("RST")
     await probe.wait_ended()
@@ -282,8 +274,7 @@ async def test_timers_and_tasks_are_cancelled_when_the_request_ends(serve: Serve
         return web.Response(text="ok")
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (200, b"ok")
     _, pending_timer, task = owned
     assert pending_timer.cancelled()
@@ -303,8 +294,7 @@ async def test_shielded_handler_keeps_its_timers_until_it_ends(serve: Serve) -> 
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop("FIN")
     finish, timer = owned
@@ -340,8 +330,7 @@ async def test_errors_in_timers_and_tasks_are_logged_never_lost(
         return web.Response(text="still fine")
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (200, b"still fine")
     messages = [r for r in caplog.records if r.name == "aiodelay"]
     assert len(messages) == 2
@@ -357,8 +346,7 @@ async def test_spawn_after_the_end_raises(serve: Serve) -> None:
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await client.read_response()
     with pytest.raises(RuntimeError, match="already ended"):
         aiodelay.spawn(requests[0], asyncio.sleep(0))
@@ -390,8 +378,7 @@ async def test_shield_finishes_the_critical_section_then_cancels(serve: Serve) -
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop("RST")
     with pytest.raises(aiodelay.ConnectionLost):
@@ -431,8 +418,7 @@ async def test_no_tasks_or_timers_left_after_1000_disconnects(serve: Serve) -> N
     for i in range(1000):
         started.clear()
         ended.clear()
-        client = await served.connect()
-        await client.get("/")
+        client = await served.get("/")
         await asyncio.wait_for(started.wait(), 5)
         client.drop("RST" if i % 2 else "FIN")
         await asyncio.wait_for(ended.wait(), 5)

@@ -44,8 +44,7 @@ async def test_twisted_example_delivers_after_the_delay(serve: Serve) -> None:
         return fut
 
     served = await serve(_app(web.get("/", delayed)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (200, b"Sorry to keep you waiting.")
 
 
@@ -68,8 +67,7 @@ async def test_twisted_example_dropped_never_renders(serve: Serve, drop: Drop) -
         return fut
 
     served = await serve(_app(web.get("/", delayed)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await asyncio.wait_for(started.wait(), 5)
     client.drop(drop)
     with pytest.raises(asyncio.CancelledError):
@@ -100,8 +98,7 @@ async def test_pending_awaitables_of_every_kind_are_awaited(serve: Serve, form: 
 
     route = sync_handler if form == "sync-function" else handler
     served = await serve(_app(web.get("/", route)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (
         200,
         b"sync-function" if route is sync_handler else form.encode(),
@@ -128,8 +125,7 @@ async def test_a_result_that_is_no_response_gives_500_and_a_log_line(
         return answer() if returned == "awaitable-of-int" else returned
 
     served = await serve(_app(web.get("/thing", confused)))
-    client = await served.connect()
-    await client.get("/thing")
+    client = await served.get("/thing")
     status, _ = await client.read_response()
     assert status == 500
     [record] = [r for r in caplog.records if r.name == "aiodelay"]
@@ -208,8 +204,7 @@ async def test_cancelling_the_request_task_propagates(serve: Serve) -> None:
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    await served.get("/")
     await probe.wait_started()
     tasks[0].cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -234,8 +229,7 @@ async def test_a_foreign_cancel_during_a_disconnect_still_propagates(serve: Serv
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop("RST")
     with pytest.raises(asyncio.CancelledError):
@@ -252,8 +246,7 @@ async def test_server_shutdown_fails_notify_finish_with_shutdown_reason(serve: S
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
-    client = await served.connect()
-    await client.get("/")
+    await served.get("/")
     await probe.wait_started()
     await served.runner.cleanup()  # aiohttp cancels the handler after its shutdown timeout
     assert probe.cancelled
@@ -544,8 +537,7 @@ async def test_contextvar_of_an_outer_middleware_reaches_a_handler_under_setup(
     aiodelay.setup(app)
     app.router.add_get("/", ctx)
     served = await serve(app)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.read_response() == (200, b"inner-9")
 
 
@@ -602,8 +594,7 @@ async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_clien
         return web.Response()
 
     served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop("FIN")
     with pytest.raises(aiodelay.ConnectionLost):

@@ -154,8 +154,7 @@ async def test_control_without_aiodelay_handler_runs_on(serve: Serve, drop: Drop
     app.router.add_get("/", handler)
     app.router.add_get("/fast", fast)
     served = await serve(app)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     await probe.wait_started()
     client.drop(drop)
     await _ping(served)
@@ -184,8 +183,7 @@ async def test_handler_not_started_when_connection_already_closed(serve: Serve) 
     app = web.Application(middlewares=[close_first, aiodelay.middleware()])
     app.router.add_get("/", handler)
     served = await serve(app)
-    client = await served.connect()
-    await client.get("/")
+    client = await served.get("/")
     assert await client.reader.read() == b""  # closed without a response
 
     assert called == []
