@@ -25,7 +25,15 @@ from ._watch import Watch, response_completed
 if TYPE_CHECKING:
     from ._middleware import Middleware
 
-__all__ = ("NOT_SET_UP", "Connection", "Lifetime", "fail", "lifetime_key", "running")
+__all__ = (
+    "CANCEL_MESSAGE",
+    "NOT_SET_UP",
+    "Connection",
+    "Lifetime",
+    "fail",
+    "lifetime_key",
+    "running",
+)
 
 logger = logging.getLogger("aiodelay")
 
@@ -38,6 +46,8 @@ NOT_SET_UP = (
     "(or add aiodelay.middleware() to its middlewares)"
 )
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
+#: The message of the CancelledError that a disconnect raises in a handler.
+CANCEL_MESSAGE = "aiodelay: the client left"
 
 #: The tasks aiodelay runs request code in: a handler's task maps to its connection, a task
 #: started by ``aiodelay.spawn()`` to None (what ``aiodelay.shield()`` needs to know).
@@ -61,7 +71,7 @@ class Connection:
 
     __slots__ = ("life", "owner", "request", "started_at", "task", "trailing", "watch")
 
-    def __init__(self, watch: Watch, owner: Middleware) -> None:
+    def __init__(self, watch: Watch | None, owner: Middleware) -> None:
         self.watch = watch
         self.owner = owner
         self.request: web.Request | None = None
@@ -168,8 +178,11 @@ class Lifetime:
         owner = self.conn.owner
         if self.request is not None:
             for observer in owner.observers:
-                observer.request_lost(self.request, lost)
-        if self.conn.watch.is_websocket():
+                try:
+                    observer.request_lost(self.request, lost)
+                except Exception:  # called from the transport: must not break its close
+                    logger.exception("observer %r failed", observer)
+        if self.conn.watch is not None and self.conn.watch.is_websocket():
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
             self.websocket = True
@@ -177,7 +190,7 @@ class Lifetime:
             self.release()
             if task is not asyncio.current_task():  # the middleware handles its own task
                 self._cancel_requested = True
-                task.cancel("aiodelay: the client left")
+                task.cancel(CANCEL_MESSAGE)
             return
         # The handler runs on for now: shielded, in a shield() section, or a WebSocket.
         # Its timers and tasks go when it ends; at app cleanup it is cancelled.
@@ -271,7 +284,8 @@ class Lifetime:
         if self.response is not None and response_completed(self.response):
             future.set_result(None)
         else:
-            fail(future, self.conn.watch.lost or ConnectionLost("closed"))
+            watch = self.conn.watch
+            fail(future, (watch.lost if watch is not None else None) or ConnectionLost("closed"))
 
     def call_later(
         self, delay: float, callback: Callable[..., object], args: tuple[Any, ...]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import sys
@@ -14,9 +15,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ._errors import ConnectionLost
-from ._lifetime import Connection, Lifetime, running
+from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, running
 from ._observe import Outcome, OutcomeKind, RequestObserver
-from ._policy import Policy, coerce_policy, policy_of
+from ._policy import Policy, coerce_policy
 from ._stats import Counters, Stats
 from ._watch import Watch, closing_reason, install_watch
 
@@ -70,25 +71,33 @@ class Middleware:
         # The hot path: a few attribute stores on the connection's state; a Lifetime is
         # made only if the request uses aiodelay's API or its client leaves.
         transport = request.transport
-        if transport is None:
-            return await self._closed_before_start(request, handler)
-        w = transport.get_protocol()
+        w = None if transport is None else transport.get_protocol()
         if type(w) is not Watch:
-            # The first request on this connection. (On the next ones the Watch itself
-            # knows whether the peer left.)
-            if transport.is_closing():
-                return await self._closed_before_start(request, handler)
-            w = install_watch(request, transport)
-        elif w.lost is not None:
-            return await self._closed_before_start(request, handler)
-        conn = w.listener
-        if conn is None:
-            conn = w.listener = Connection(w, self)
-        elif conn.request is not None:
-            # aiodelay is installed on an app and on a sub-app: the outer one watches.
-            return await handler(request)
-        elif conn.trailing:
-            conn.run_trailing()  # the previous response on this connection is complete
+            # The first request on this connection (on the next ones the Watch knows
+            # whether the peer left), or its transport is already gone.
+            if transport is not None and not transport.is_closing():
+                w = install_watch(request, transport)
+            else:
+                w = None
+        if w is None:
+            conn = Connection(None, self)
+            gone: ConnectionLost | None = ConnectionLost(
+                "closed", "the connection was closed before the handler started"
+            )
+        else:
+            listener = w.listener
+            if listener is None:
+                conn = w.listener = Connection(w, self)
+            else:
+                conn = listener
+            if conn.request is not None:
+                # aiodelay is installed on an app and on a sub-app: the outer one watches
+                # and counts; the sub-app's policy applies to the sub-app's routes.
+                conn.owner = self
+                return await handler(request)
+            elif conn.trailing:
+                conn.run_trailing()  # the previous response on this connection is complete
+            gone = w.lost  # a pipelined request read before the peer left
         if _current_tasks is None:
             task = _current_task()
         else:
@@ -101,12 +110,17 @@ class Middleware:
         running[task] = conn
         counters = self.counters
         counters.started += 1
-        if self.observers:
-            for observer in self.observers:
-                observer.request_started(request)
         kind: OutcomeKind = "completed"
         result: Any = None
         try:
+            if self.observers:
+                for observer in self.observers:
+                    observer.request_started(request)
+            if gone is not None:
+                conn.make_life().disconnected(gone)
+                if conn.make_life().policy is Policy.CANCEL:
+                    # Do not start work for a client that is gone.
+                    raise asyncio.CancelledError(CANCEL_MESSAGE)
             try:
                 result = await handler(request)
             except web.HTTPException as exc:
@@ -157,8 +171,8 @@ class Middleware:
                 return kind, web.Response(status=_CLIENT_CLOSED_REQUEST)
         # Not about our client: the handler's own error (an upstream refused, a bug).
         if life is not None:
-            life.error = exc
             life.fail_waiters(exc)
+            life.error = _without_traceback(exc)
         return "failed", None
 
     def _abandon(self, life: Lifetime) -> None:
@@ -202,35 +216,6 @@ class Middleware:
             outcome = Outcome(kind, lost, conn.started_at, lost_at, monotonic())
             for observer in self.observers:
                 observer.request_ended(request, outcome)
-
-    async def _closed_before_start(
-        self, request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
-        """The connection was closed (or closing) before aiodelay saw the request: do not
-        start work for a client that is gone, unless the handler is shielded."""
-        policy = policy_of(request.match_info.handler, self.policy)
-        lost = ConnectionLost("closed", "the connection was closed before the handler started")
-        now = monotonic()
-        for observer in self.observers:
-            observer.request_started(request)
-        counters = self.counters
-        counters.started += 1
-        counters.disconnected += 1
-        kind: OutcomeKind = "cancelled"
-        try:
-            if policy is Policy.CANCEL:
-                counters.cancelled += 1
-                return web.Response(status=_CLIENT_CLOSED_REQUEST)
-            kind = "ran_on"
-            try:
-                return await handler(request)
-            finally:
-                counters.shielded_ran_on += 1
-        finally:
-            _log(request, lost, 0.0, "cancelled" if kind == "cancelled" else "ran on (shielded)")
-            ended = monotonic()
-            for observer in self.observers:
-                observer.request_ended(request, Outcome(kind, lost, now, now, ended))
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
@@ -287,6 +272,18 @@ async def _not_done_yet(request: web.Request, result: object) -> web.StreamRespo
     return web.Response(status=500, text="500: Internal Server Error")
 
 
+def _without_traceback(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to keep on the request for later ``notify_finish`` calls: the
+    original's traceback holds the frames that hold the request (a reference cycle)."""
+    try:
+        kept = copy.copy(exc)
+    except Exception:  # an exception class that cannot be copied: keep the original
+        return exc
+    kept.__traceback__ = None
+    kept.__context__ = kept.__cause__ = None
+    return kept
+
+
 def _log_interrupted(
     request: web.Request, life: Lifetime, lost: ConnectionLost, kind: OutcomeKind, started: float
 ) -> None:
@@ -300,10 +297,12 @@ def _log_interrupted(
         elif life.policy is Policy.SHIELD:
             how = "shielded"
         else:
-            how = "it caught the cancellation"
+            how = "it ended before the cancellation took effect"
         what = f"ran on ({how}), ended after {total:.3f}s"
-    else:
+    elif isinstance(life.error, (asyncio.CancelledError, ConnectionLost)):
         what = "stopped (server shutdown or an outer cancellation)"
+    else:
+        what = f"the handler raised {type(life.error).__name__}"
     _log(request, lost, spent, what)
 
 

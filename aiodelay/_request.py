@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ._lifetime import NOT_SET_UP, Lifetime, lifetime_key
-from ._watch import installed_watch
+from ._watch import installed_watch, same_message
 
 __all__ = ("call_later", "is_disconnected", "lifetime_of", "notify_finish", "spawn")
 
@@ -28,8 +28,13 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
         return life
     watch = installed_watch(request)
     conn = watch.listener if watch is not None else None
-    if conn is not None and conn.request is request:
-        return conn.make_life() if create else None
+    if conn is not None and conn.request is not None and same_message(conn.request, request):
+        if not create:
+            return None
+        life = conn.make_life()
+        if life.request is not request:
+            request[lifetime_key] = life  # a clone: let it find the Lifetime after the end
+        return life
     if not _installed(request):
         raise RuntimeError(NOT_SET_UP)
     return None

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from ._lifetime import NOT_SET_UP, running
+from ._lifetime import CANCEL_MESSAGE, NOT_SET_UP, Lifetime, logger, running
 from ._policy import Policy
 
 __all__ = ("shield",)
@@ -20,10 +20,13 @@ async def shield(aw: Awaitable[_T]) -> _T:
 
     Inside a cancellable handler, a disconnect during the section is held back; when the
     section ends, the handler is cancelled (``CancelledError`` is raised here, after ``aw``
-    finished). Only the disconnect is held back: a server shutdown or an outer timeout
-    cancels ``aw`` as usual. Protects the handler's own task; in another task (one started
-    by ``aiodelay.spawn``, say) this is a plain ``await``, and outside a request handled by
-    aiodelay it raises ``RuntimeError``.
+    finished; if ``aw`` raised, the handler is cancelled all the same and what ``aw`` raised
+    is logged and is the ``CancelledError``'s ``__cause__``). Only the disconnect is
+    held back: a server shutdown or an outer timeout cancels ``aw`` as usual.
+
+    Protects the handler's own task; in another task (one started by ``aiodelay.spawn``,
+    say) this is a plain ``await``, and outside a request handled by aiodelay it raises
+    ``RuntimeError``.
     """
     task = asyncio.current_task()
     if task not in running:
@@ -37,9 +40,30 @@ async def shield(aw: Awaitable[_T]) -> _T:
     life.shield_depth += 1
     try:
         result = await aw
-    finally:
+    except Exception as exc:
         life.shield_depth -= 1
-    if life.shield_depth == 0 and life.lost is not None and life.policy is Policy.CANCEL:
+        if _held_back(life):
+            # The section is over; the handler is cancelled now. What it raised is not
+            # lost: it is logged, and it is the CancelledError's __cause__.
+            logger.error(
+                "aiodelay.shield(): the section raised after the client of %s %s left",
+                life.method,
+                life.path,
+                exc_info=exc,
+            )
+            life.release()
+            raise asyncio.CancelledError(CANCEL_MESSAGE) from exc
+        raise
+    except BaseException:
+        life.shield_depth -= 1  # a cancellation (not the disconnect's) goes through as it is
+        raise
+    life.shield_depth -= 1
+    if _held_back(life):
         life.release()
-        raise asyncio.CancelledError("aiodelay: the client left during a shielded section")
+        raise asyncio.CancelledError(CANCEL_MESSAGE)
     return result
+
+
+def _held_back(life: Lifetime) -> bool:
+    """A disconnect is waiting for the outermost shield() section to end."""
+    return life.shield_depth == 0 and life.lost is not None and life.policy is Policy.CANCEL

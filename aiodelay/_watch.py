@@ -36,6 +36,7 @@ __all__ = (
     "install_watch",
     "installed_watch",
     "response_completed",
+    "same_message",
 )
 
 
@@ -85,7 +86,13 @@ class Watch(asyncio.Protocol):
             self._lose(lost)
         manager = proto._manager
         listener = self.listener
-        if listener is not None and listener.busy() and manager and manager.handler_cancellation:
+        if (
+            listener is not None
+            and listener.busy()
+            and manager
+            and manager.handler_cancellation
+            and not self.is_websocket()  # there aiodelay leaves the ending to aiohttp
+        ):
             # aiodelay decides what a disconnect does to the request it watches; without
             # this, aiohttp (handler_cancellation=True) would cancel a shielded handler too.
             manager.handler_cancellation = False
@@ -96,6 +103,7 @@ class Watch(asyncio.Protocol):
         else:
             proto.connection_lost(exc)
         if listener is not None:
+            self.listener = None  # the Connection refers to this Watch: no cycle left behind
             listener.closed()
 
     def is_websocket(self) -> bool:
@@ -125,6 +133,12 @@ def installed_watch(request: web.BaseRequest) -> Watch | None:
         return None
     current = transport.get_protocol()
     return current if type(current) is Watch else None
+
+
+def same_message(a: web.BaseRequest, b: web.BaseRequest) -> bool:
+    """Whether two request objects are the same HTTP request (``request.clone()`` makes a
+    new object; aiohttp gives each message its own writer, which a clone shares)."""
+    return a is b or a._payload_writer is b._payload_writer
 
 
 def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:

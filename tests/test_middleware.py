@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import socket as socket_module
 import struct
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -602,3 +604,184 @@ async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_clien
     await served.runner.cleanup()
     assert probe.cancelled
     assert aiodelay.stats(served.app).in_flight == 0
+
+
+# -- regressions found in review --------------------------------------------------------------
+
+
+async def test_shielded_handler_on_an_already_closed_connection_has_the_whole_api(
+    serve: Serve,
+) -> None:
+    """The connection closed before aiodelay saw the request; the shielded handler still
+    runs, and aiodelay's functions tell it the truth."""
+    seen: dict[str, Any] = {}
+
+    @web.middleware
+    async def close_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return await handler(request)
+
+    ended = asyncio.Event()
+
+    @aiodelay.shielded
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            seen["is_disconnected"] = aiodelay.is_disconnected(request)
+            seen["notify_finish"] = repr(aiodelay.notify_finish(request).exception())
+            seen["spawned"] = await aiodelay.spawn(request, asyncio.sleep(0, result="ran"))
+            seen["shielded"] = await aiodelay.shield(asyncio.sleep(0, result="kept"))
+        finally:
+            ended.set()
+        return web.Response()
+
+    app = web.Application(middlewares=[close_first, aiodelay.middleware()])
+    app.router.add_get("/", handler)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.reader.read() == b""
+    await asyncio.wait_for(ended.wait(), 5)
+    assert seen == {
+        "is_disconnected": True,
+        "notify_finish": "ConnectionLost('closed')",
+        "spawned": "ran",
+        "shielded": "kept",
+    }
+    stats = aiodelay.stats(app)
+    assert (stats.in_flight, stats.disconnected, stats.shielded_ran_on) == (0, 1, 1)
+
+
+async def test_a_shielded_section_that_raises_still_ends_in_the_cancellation(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="aiodelay")
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+    events: list[str] = []
+
+    async def critical() -> None:
+        await probe.gate
+        raise ValueError("the charge failed")
+
+    async def handler(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        try:
+            await probe.run(request, aiodelay.shield(critical()))
+        except ValueError:
+            events.append("caught the error, carried on")
+        except asyncio.CancelledError as exc:
+            events.append(f"cancelled, cause {exc.__cause__!r}")
+            raise
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await probe.wait_started()
+    client.drop("RST")
+    with pytest.raises(aiodelay.ConnectionLost):
+        await finish[0]
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert events == ["cancelled, cause ValueError('the charge failed')"]
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ValueError)
+
+
+async def test_a_sub_apps_own_policy_applies_to_its_routes(serve: Serve) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    async def work(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_get("/work", work)
+    app = web.Application()
+    aiodelay.setup(app, policy="cancel")
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.get("/sub/work")
+    await probe.wait_started()
+    client.drop("FIN")
+    with pytest.raises(aiodelay.ConnectionLost):
+        await finish[0]
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert probe.completed  # shielded by the sub-app's policy, not cancelled by the app's
+
+
+async def test_a_request_cloned_by_a_middleware_is_the_same_request(serve: Serve) -> None:
+    probe = Probe()
+    seen: list[Any] = []
+
+    @web.middleware
+    async def rewrite(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request.clone(rel_url="/inner"))
+
+    async def handler(request: web.Request) -> web.Response:
+        finish = aiodelay.notify_finish(request)
+        seen.append(finish)
+        aiodelay.spawn(request, asyncio.sleep(3600))
+        try:
+            await probe.run(request, probe.gate)
+        finally:
+            seen.append(aiodelay.is_disconnected(request))
+        return web.Response()
+
+    app = web.Application(middlewares=[rewrite])
+    aiodelay.setup(app)
+    app.router.add_get("/{tail:.*}", handler)
+    served = await serve(app)
+    client = await served.get("/outer")
+    await probe.wait_started()
+    assert not seen[0].done()  # pending: the clone is the request in flight
+    client.drop("RST")
+    await probe.wait_ended()
+    assert probe.cancelled
+    assert isinstance(seen[0].exception(), aiodelay.ConnectionLost)
+    assert seen[1] is True
+
+
+async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Serve) -> None:
+    """What aiodelay keeps for a connection and a request is freed by reference counting,
+    not left for the cyclic garbage collector."""
+
+    async def ok(request: web.Request) -> web.Response:
+        aiodelay.notify_finish(request)  # makes a Lifetime
+        return web.Response(text="ok")
+
+    async def fails(request: web.Request) -> web.Response:
+        aiodelay.notify_finish(request)
+        raise RuntimeError("a bug")
+
+    served = await serve(_app(web.get("/ok", ok), web.get("/fails", fails)))
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for path in ["/ok", "/fails"] * 10:
+            client = await served.connect()
+            await client.get(path, close=True)
+            await client.read_response()
+            assert await client.reader.read() == b""
+        await _ping_until_idle(served)
+        gc.collect()
+        kinds = Counter(type(obj).__name__ for obj in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    ours = {name: kinds[name] for name in ("Watch", "Connection", "Lifetime", "Request")}
+    assert ours == {"Watch": 0, "Connection": 0, "Lifetime": 0, "Request": 0}
+
+
+async def _ping_until_idle(served: Any) -> None:
+    """One more full request on a new connection: the earlier ones have been wound up."""
+    client = await served.connect()
+    await client.get("/ok", close=True)
+    assert (await client.read_response())[0] == 200
+    assert await client.reader.read() == b""
