@@ -32,7 +32,8 @@ __all__ = (
     "Lifetime",
     "fail",
     "lifetime_key",
-    "running",
+    "live",
+    "spawned",
 )
 
 logger = logging.getLogger("aiodelay")
@@ -49,9 +50,11 @@ _HAS_UNCANCEL = sys.version_info >= (3, 11)
 #: The message of the CancelledError that a disconnect raises in a handler.
 CANCEL_MESSAGE = "aiodelay: the client left"
 
-#: The tasks aiodelay runs request code in: a handler's task maps to its connection, a task
-#: started by ``aiodelay.spawn()`` to None (what ``aiodelay.shield()`` needs to know).
-running: dict[asyncio.Task[Any], Connection | None] = {}
+#: What ``aiodelay.shield()`` looks through to learn which request the task it runs in
+#: serves (nothing per request: a connection is added once, when aiodelay first sees it):
+#: the connections aiodelay watches, and the tasks ``aiodelay.spawn()`` started.
+live: set[Connection] = set()
+spawned: set[asyncio.Task[Any]] = set()
 
 
 def fail(future: asyncio.Future[None], exc: BaseException) -> None:
@@ -81,6 +84,7 @@ class Connection:
         #: Called once, at the next request on this connection or when it closes: the
         #: response of an ended request that aiohttp was still writing is then settled.
         self.trailing: list[Callable[[], None]] | None = None
+        live.add(self)
 
     def busy(self) -> bool:
         return self.request is not None
@@ -100,6 +104,7 @@ class Connection:
             self.make_life().disconnected(lost)
 
     def closed(self) -> None:
+        live.discard(self)
         self.run_trailing()
 
     def run_trailing(self) -> None:
@@ -309,7 +314,7 @@ class Lifetime:
             coro.close()
         self._check_open("spawn")
         task = asyncio.get_running_loop().create_task(coro)
-        running[task] = None
+        spawned.add(task)
         if self._tasks is None:
             self._tasks = {task}
         else:
@@ -318,7 +323,7 @@ class Lifetime:
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        running.pop(task, None)
+        spawned.discard(task)
         if self._tasks is not None:
             self._tasks.discard(task)
         if task.cancelled():

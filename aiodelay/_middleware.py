@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ._errors import ConnectionLost
-from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, running
+from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, coerce_policy
 from ._stats import Counters, Stats
@@ -107,7 +107,6 @@ class Middleware:
         conn.task = task
         conn.owner = self
         conn.started_at = monotonic()
-        running[task] = conn
         counters = self.counters
         counters.started += 1
         kind: OutcomeKind = "completed"
@@ -137,7 +136,8 @@ class Middleware:
             if result is None:
                 raise
         finally:
-            del running[task]
+            if w is None:
+                live.discard(conn)  # made for this request only
             conn.request = None
             conn.task = None
             if conn.life is None and not self.observers:

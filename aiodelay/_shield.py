@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from ._lifetime import CANCEL_MESSAGE, NOT_SET_UP, Lifetime, logger, running
+from ._lifetime import CANCEL_MESSAGE, NOT_SET_UP, Lifetime, live, logger, spawned
 from ._policy import Policy
 
 __all__ = ("shield",)
@@ -24,18 +24,19 @@ async def shield(aw: Awaitable[_T]) -> _T:
     is logged and is the ``CancelledError``'s ``__cause__``). Only the disconnect is
     held back: a server shutdown or an outer timeout cancels ``aw`` as usual.
 
-    Protects the handler's own task; in another task (one started by ``aiodelay.spawn``,
-    say) this is a plain ``await``, and outside a request handled by aiodelay it raises
-    ``RuntimeError``.
+    It finds its request by looking through the connections aiodelay watches (a cost that
+    grows with their number, paid only here). Protects the handler's own task; in another
+    task (one started by ``aiodelay.spawn``, say) this is a plain ``await``, and outside a
+    request handled by aiodelay it raises ``RuntimeError``.
     """
     task = asyncio.current_task()
-    if task not in running:
+    conn = next((conn for conn in live if conn.task is task), None)
+    if conn is None:
+        if task in spawned:  # a task that aiodelay.spawn() started: nothing to hold back
+            return await aw
         if inspect.iscoroutine(aw):
             aw.close()  # never started: do not warn "never awaited" on top of the error
         raise RuntimeError(NOT_SET_UP)
-    conn = running[task]
-    if conn is None:  # a task that aiodelay.spawn() started: nothing to hold back
-        return await aw
     life = conn.make_life()
     life.shield_depth += 1
     try:
