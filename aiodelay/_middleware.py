@@ -116,8 +116,9 @@ class Middleware:
                 for observer in self.observers:
                     observer.request_started(request)
             if gone is not None:
-                conn.make_life().disconnected(gone)
-                if conn.make_life().policy is Policy.CANCEL:
+                gone_life = conn.make_life()
+                gone_life.disconnected(gone)
+                if gone_life.policy is Policy.CANCEL:
                     # Do not start work for a client that is gone.
                     raise asyncio.CancelledError(CANCEL_MESSAGE)
             try:
