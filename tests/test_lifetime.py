@@ -324,9 +324,10 @@ async def test_errors_in_timers_and_tasks_are_logged_never_lost(
 
     async def handler(request: web.Request) -> web.Response:
         aiodelay.call_later(request, 0, broken_timer)
-        aiodelay.spawn(request, broken_task())
+        task = aiodelay.spawn(request, broken_task())
         await both.wait()
-        await asyncio.sleep(0)  # let the task's done-callback run (it is scheduled, not a wait)
+        # asyncio.wait() returns after the task's earlier done-callbacks, aiodelay's among them.
+        await asyncio.wait({task})
         return web.Response(text="still fine")
 
     served = await serve(_app(web.get("/", handler)))
