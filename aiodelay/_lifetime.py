@@ -10,20 +10,24 @@ asked: no future until ``notify_finish`` is called, no list until a timer or tas
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from ._account import NOT_SET_UP, Book, books_of, logger, record
 from ._errors import ConnectionLost
+from ._observe import Outcome, OutcomeKind
 from ._policy import Policy, policy_of
-from ._watch import Watch, response_completed
-
-if TYPE_CHECKING:
-    from ._middleware import Middleware
+from ._watch import (
+    Watch,
+    bytes_written,
+    log_length,
+    response_completed,
+    response_written,
+)
 
 __all__ = (
     "CANCEL_MESSAGE",
@@ -36,15 +40,9 @@ __all__ = (
     "spawned",
 )
 
-logger = logging.getLogger("aiodelay")
-
 # aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey.
 lifetime_key: Any = (
     web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay.lifetime"
-)
-NOT_SET_UP = (
-    "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
-    "(or add aiodelay.middleware() to its middlewares)"
 )
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
 #: The message of the CancelledError that a disconnect raises in a handler.
@@ -66,17 +64,21 @@ def fail(future: asyncio.Future[None], exc: BaseException) -> None:
 
 
 class Connection:
-    """aiodelay's side of one connection: the request in flight on it, if any.
+    """aiodelay's side of one connection: the request on it, if any.
 
-    The middleware fills ``request``, ``task``, ``owner`` and ``started_at`` when a request
-    starts and clears ``request`` and ``task`` when it ends; ``life`` is made on demand.
+    The middleware fills ``request``, ``task``, ``book`` and ``started_at`` when a request
+    starts, and clears ``task`` when its handler ends. ``request`` stays until aiohttp is
+    known to have written its response (or the client is known to have left during that):
+    a request counted ``completed`` whose client leaves before then is recorded again, as
+    ``truncated``. ``life`` is made on demand.
     """
 
-    __slots__ = ("life", "owner", "request", "started_at", "task", "trailing", "watch")
+    __slots__ = ("book", "life", "request", "started_at", "task", "trailing", "watch")
 
-    def __init__(self, watch: Watch | None, owner: Middleware) -> None:
+    def __init__(self, watch: Watch | None, book: Book) -> None:
         self.watch = watch
-        self.owner = owner
+        #: The installation whose middleware watches this connection (the outermost).
+        self.book = book
         self.request: web.Request | None = None
         self.task: asyncio.Task[Any] | None = None
         self.started_at = 0.0
@@ -87,25 +89,70 @@ class Connection:
         live.add(self)
 
     def busy(self) -> bool:
-        return self.request is not None
+        return self.task is not None
 
     def make_life(self) -> Lifetime:
         """The Lifetime of the request in flight, made now if it has none yet."""
         life = self.life
         if life is None:
             request, task = self.request, self.task
-            assert request is not None and task is not None  # noqa: PT018 - only while busy
-            policy = policy_of(request.match_info.handler, self.owner.policy)
-            life = self.life = Lifetime(request, task, policy, self)
+            if request is None or task is None:
+                raise RuntimeError("aiodelay: no request in flight on this connection")
+            life = self.life = Lifetime(request, task, books_of(request, self.book), self)
         return life
 
     def disconnected(self, lost: ConnectionLost) -> None:
-        if self.request is not None:
+        if self.task is not None:
             self.make_life().disconnected(lost)
+            return
+        request, self.request = self.request, None
+        if request is None or response_written(request):
+            return
+        if self.watch is not None and self.watch.is_websocket():
+            return  # its handler's end was recorded; the handshake response was complete
+        # The handler returned its response and was counted completed; aiohttp was still
+        # writing that response when the client left.
+        log_length(request)
+        now = monotonic()
+        record(
+            books_of(request, self.book),
+            request,
+            Outcome("truncated", lost, self.started_at, now, now),
+            note=f"{bytes_written(request)} bytes written",
+            recount=True,
+        )
+
+    def end(
+        self, request: web.Request, response: web.StreamResponse | None, kind: OutcomeKind
+    ) -> None:
+        """The handler of a request that made a Lifetime, or that observers watch, ended as
+        ``kind``: record it."""
+        life = self.life
+        self.life = None
+        if life is None:
+            books: tuple[Book, ...] = (self.book,)
+            lost = lost_at = None
+            note = ""
+        else:
+            books = life.books
+            lost, lost_at = life.lost, life.lost_at
+            life.end(response)
+            if lost is not None and kind == "completed":
+                kind = "ran_on"
+            note = life.note(kind)
+        if kind != "completed" or lost is not None or response_written(request):
+            self.request = None  # nothing is left to settle for it
+        record(
+            books, request, Outcome(kind, lost, self.started_at, lost_at, monotonic()), note=note
+        )
 
     def closed(self) -> None:
-        live.discard(self)
+        """The connection is closed; a handler may still run on it (shielded)."""
         self.run_trailing()
+        self.watch = None
+        if self.task is None:
+            live.discard(self)
+            self.request = None
 
     def run_trailing(self) -> None:
         trailing, self.trailing = self.trailing, None
@@ -125,6 +172,7 @@ class Lifetime:
         "_handles",
         "_tasks",
         "_waiters",
+        "books",
         "conn",
         "ended",
         "error",
@@ -141,11 +189,17 @@ class Lifetime:
     )
 
     def __init__(
-        self, request: web.BaseRequest, task: asyncio.Task[Any], policy: Policy, conn: Connection
+        self,
+        request: web.Request,
+        task: asyncio.Task[Any],
+        books: tuple[Book, ...],
+        conn: Connection,
     ) -> None:
         self.request: web.BaseRequest | None = request
         self.task: asyncio.Task[Any] | None = task
-        self.policy = policy
+        #: Where the request is recorded; the last one's policy is its default.
+        self.books = books
+        self.policy = policy_of(request.match_info.handler, books[-1].policy)
         self.conn = conn
         self.method = request.method
         self.path = request.path
@@ -180,13 +234,13 @@ class Lifetime:
         self.lost = lost
         self.lost_at = monotonic()
         self.fail_waiters(lost)
-        owner = self.conn.owner
         if self.request is not None:
-            for observer in owner.observers:
-                try:
-                    observer.request_lost(self.request, lost)
-                except Exception:  # called from the transport: must not break its close
-                    logger.exception("observer %r failed", observer)
+            for book in self.books:
+                for observer in book.observers:
+                    try:
+                        observer.request_lost(self.request, lost)
+                    except Exception:  # called from the transport: must not break its close
+                        logger.exception("observer %r failed", observer)
         if self.conn.watch is not None and self.conn.watch.is_websocket():
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
@@ -199,7 +253,7 @@ class Lifetime:
             return
         # The handler runs on for now: shielded, in a shield() section, or a WebSocket.
         # Its timers and tasks go when it ends; at app cleanup it is cancelled.
-        owner.orphans.add(self)
+        self.books[0].orphans.add(self)
 
     def cancelled_by_disconnect(self) -> bool:
         """Called with a CancelledError in hand: is it the disconnect's, and nothing else's?"""
@@ -227,7 +281,26 @@ class Lifetime:
         self.response = response
         self.request = None
         self.task = None
-        self.conn.owner.orphans.discard(self)
+        self.books[0].orphans.discard(self)
+
+    def note(self, kind: OutcomeKind) -> str:
+        """What the INFO line says about how the handler ended, beyond ``kind``."""
+        if kind == "cancelled":
+            return "a WebSocket, by aiohttp's handler_cancellation" if self.websocket else ""
+        if kind == "ran_on":
+            if self.websocket:
+                return "WebSocket: aiohttp ended it"
+            if self.policy is Policy.SHIELD:
+                return "shielded"
+            return "it ended before the cancellation took effect"
+        error = self.error
+        if isinstance(error, ConnectionLost) and error.reason == "shutdown":
+            return "stopped by the server's shutdown"
+        if isinstance(error, asyncio.CancelledError):
+            return "stopped by a cancellation that was not aiodelay's (an outer timeout?)"
+        if error is not None:
+            return f"the handler raised {type(error).__name__}"
+        return ""
 
     def wants_completion(self) -> bool:
         return bool(self._waiters)

@@ -14,19 +14,18 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ._account import Book, book_key, installed_on
 from ._errors import ConnectionLost
 from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
-from ._observe import Outcome, OutcomeKind, RequestObserver
-from ._policy import Policy, coerce_policy
-from ._stats import Counters, Stats
-from ._watch import Watch, closing_reason, install_watch
+from ._observe import OutcomeKind
+from ._policy import Policy
+from ._stats import Stats
+from ._watch import Watch, closing_reason, install_watch, sent_as
 
 __all__ = (
     "Middleware",
     "app_key",
-    "installed_on",
     "middleware",
-    "owner_of",
     "setup",
     "stats",
 )
@@ -45,24 +44,12 @@ _get_running_loop = asyncio.get_running_loop
 #: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
 _RESPONSE_CLASSES: set[type] = set()
 
-#: 499 is nginx's "client closed request": what the access log shows for a request whose
-#: client left and whose handler was cancelled. Nothing is sent: the connection is gone.
-_CLIENT_CLOSED_REQUEST = 499
 
-
-class Middleware:
+class Middleware(Book):
     """The aiodelay middleware; one instance per :func:`setup` or :func:`middleware` call."""
 
     __middleware_version__ = 1  # aiohttp's marker of a new-style middleware
-    __slots__ = ("counters", "observers", "orphans", "policy", "shutting_down")
-
-    def __init__(self, *, policy: Policy | str = Policy.CANCEL) -> None:
-        self.policy = coerce_policy(policy)
-        self.counters = Counters()
-        self.observers: list[RequestObserver] = []
-        #: Requests whose handler runs on after their client left (shielded, WebSockets).
-        self.orphans: set[Lifetime] = set()
-        self.shutting_down = False
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<aiodelay middleware policy={self.policy.value!r}>"
@@ -74,11 +61,9 @@ class Middleware:
         w = None if transport is None else transport.get_protocol()
         if type(w) is not Watch:
             # The first request on this connection (on the next ones the Watch knows
-            # whether the peer left), or its transport is already gone.
-            if transport is not None and not transport.is_closing():
-                w = install_watch(request, transport)
-            else:
-                w = None
+            # whether the peer left); also when the transport is already closing, so that
+            # aiohttp's connection_lost still goes through the Watch. None once it is gone.
+            w = None if transport is None else install_watch(request, transport)
         if w is None:
             conn = Connection(None, self)
             gone: ConnectionLost | None = ConnectionLost(
@@ -89,13 +74,15 @@ class Middleware:
             if listener is None:
                 conn = w.listener = Connection(w, self)
             else:
-                conn = listener
-            if conn.request is not None:
-                # aiodelay is installed on an app and on a sub-app: the outer one watches
-                # and counts; the sub-app's policy applies to the sub-app's routes.
-                conn.owner = self
+                conn = listener  # type: ignore[assignment]
+            if conn.task is not None:
+                # aiodelay is installed on an app and on a sub-app: the outer one watches;
+                # the request is recorded in both, under the sub-app's policy.
+                conn.make_life()
+                for observer in self.observers:
+                    observer.request_started(request)
                 return await handler(request)
-            elif conn.trailing:
+            if conn.trailing:
                 conn.run_trailing()  # the previous response on this connection is complete
             gone = w.lost  # a pipelined request read before the peer left
         if _current_tasks is None:
@@ -105,10 +92,9 @@ class Middleware:
         assert task is not None  # aiohttp runs each request in a task of its own
         conn.request = request
         conn.task = task
-        conn.owner = self
+        conn.book = self
         conn.started_at = monotonic()
-        counters = self.counters
-        counters.started += 1
+        self.counters.started += 1
         kind: OutcomeKind = "completed"
         result: Any = None
         try:
@@ -130,32 +116,41 @@ class Middleware:
                 raise
             if result.__class__ not in _RESPONSE_CLASSES:
                 result = await _not_done_yet(request, result)
-            if conn.life is not None and conn.life.wants_completion():
-                await _complete(conn.life, request, result)
+            if conn.life is not None or self.observers:
+                kind, result = await _deliver(conn, request, result, bool(self.observers))
         except BaseException as exc:
             kind, result = self._after(conn, request, exc)
             if result is None:
                 raise
         finally:
-            if w is None:
-                live.discard(conn)  # made for this request only
-            conn.request = None
             conn.task = None
+            if conn.watch is None:  # the connection is closed: nothing more comes on it
+                live.discard(conn)
+                conn.request = None
             if conn.life is None and not self.observers:
-                counters.completed += 1
+                self.counters.completed += 1
             else:
-                self._end(conn, request, result, kind)
+                conn.end(request, result, kind)
         return result  # type: ignore[no-any-return]
 
     def _after(
         self, conn: Connection, request: web.Request, exc: BaseException
     ) -> tuple[OutcomeKind, web.StreamResponse | None]:
-        """What an exception from the handler means: a response to return instead, or None
-        to let it propagate unchanged."""
+        """What an exception from the handler means: a response for aiohttp to log instead,
+        or None to let it propagate unchanged."""
         life = conn.life
         if isinstance(exc, asyncio.CancelledError):
             if life is not None and life.cancelled_by_disconnect():
-                return "cancelled", web.Response(status=_CLIENT_CLOSED_REQUEST)
+                return "cancelled", sent_as(request, exc=exc)
+            if (
+                life is not None
+                and life.websocket
+                and life.lost is not None
+                and not self.shutting_down
+            ):
+                # aiohttp's handler_cancellation=True cancels a WebSocket handler whose
+                # client left: it goes on to aiohttp, as without aiodelay.
+                return "cancelled", None
             if life is not None:
                 self._abandon(life)
             return "failed", None
@@ -169,7 +164,7 @@ class Middleware:
                 life = conn.make_life()
                 life.disconnected(lost)
                 kind: OutcomeKind = "cancelled" if life.policy is Policy.CANCEL else "ran_on"
-                return kind, web.Response(status=_CLIENT_CLOSED_REQUEST)
+                return kind, sent_as(request, exc=exc)
         # Not about our client: the handler's own error (an upstream refused, a bug).
         if life is not None:
             life.fail_waiters(exc)
@@ -185,39 +180,6 @@ class Middleware:
             life.error = asyncio.CancelledError()
             life.cancel_waiters()
 
-    def _end(
-        self,
-        conn: Connection,
-        request: web.Request,
-        response: web.StreamResponse | None,
-        kind: OutcomeKind,
-    ) -> None:
-        """The end of a request that made a Lifetime, or that observers watch."""
-        counters = self.counters
-        life = conn.life
-        lost = lost_at = None
-        if life is None:
-            counters.completed += 1
-        else:
-            conn.life = None
-            lost, lost_at = life.lost, life.lost_at
-            life.end(response)
-            if lost is None:
-                counters.completed += 1
-            else:
-                if kind == "completed":
-                    kind = "ran_on"
-                counters.disconnected += 1
-                if kind == "cancelled":
-                    counters.cancelled += 1
-                elif kind == "ran_on":
-                    counters.shielded_ran_on += 1
-                _log_interrupted(request, life, lost, kind, conn.started_at)
-        if self.observers:
-            outcome = Outcome(kind, lost, conn.started_at, lost_at, monotonic())
-            for observer in self.observers:
-                observer.request_ended(request, outcome)
-
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
 
@@ -232,6 +194,33 @@ class Middleware:
             task.cancel("aiodelay: the server is shutting down")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _deliver(
+    conn: Connection, request: web.Request, response: web.StreamResponse, observed: bool
+) -> tuple[OutcomeKind, web.StreamResponse]:
+    """The handler of a request that aiodelay keeps track of returned ``response``.
+
+    If its client already left, aiohttp is to log, not send, it (``ran_on``). If somebody
+    waits for the response's end (a ``notify_finish`` future, an observer), it is written to
+    its end here, so that they learn whether it got there (``truncated`` if not).
+    """
+    life = conn.life
+    if life is not None and life.lost is not None:
+        return "ran_on", sent_as(request, response)
+    if not (observed or (life is not None and life.wants_completion())):
+        return "completed", response
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        lost = closing_reason(request) or ConnectionLost("closed")
+        life = conn.make_life()
+        life.disconnected((conn.watch.lost if conn.watch is not None else None) or lost)
+        return "truncated", sent_as(request, response)
+    if life is not None:
+        life.complete()
+    return "completed", response
 
 
 async def _complete(life: Lifetime, request: web.Request, response: web.StreamResponse) -> None:
@@ -285,46 +274,8 @@ def _without_traceback(exc: BaseException) -> BaseException:
     return kept
 
 
-def _log_interrupted(
-    request: web.Request, life: Lifetime, lost: ConnectionLost, kind: OutcomeKind, started: float
-) -> None:
-    spent = (life.lost_at or started) - started
-    if kind == "cancelled":
-        what = "cancelled"
-    elif kind == "ran_on":
-        total = monotonic() - started
-        if life.websocket:
-            how = "WebSocket: aiohttp ended it"
-        elif life.policy is Policy.SHIELD:
-            how = "shielded"
-        else:
-            how = "it ended before the cancellation took effect"
-        what = f"ran on ({how}), ended after {total:.3f}s"
-    elif isinstance(life.error, (asyncio.CancelledError, ConnectionLost)):
-        what = "stopped (server shutdown or an outer cancellation)"
-    else:
-        what = f"the handler raised {type(life.error).__name__}"
-    _log(request, lost, spent, what)
-
-
-def _log(request: web.Request, lost: ConnectionLost, spent: float, what: str) -> None:
-    logger.info(
-        "%s %s from %s interrupted by %s after %.3fs: %s",
-        request.method,
-        request.path,
-        request.remote,
-        lost.reason,
-        spent,
-        what,
-    )
-
-
-app_key = web.AppKey("aiodelay", Middleware)
-
-
-def owner_of(middleware: object) -> Middleware | None:
-    """The aiodelay Middleware behind an entry of ``app.middlewares``, if it is one."""
-    return middleware if isinstance(middleware, Middleware) else None
+#: Where setup() keeps the app's installation (typed as the Book every layer below knows).
+app_key = book_key
 
 
 def middleware(*, policy: Policy | str = Policy.CANCEL) -> Middleware:
@@ -349,7 +300,7 @@ def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
     mw = Middleware(policy=policy)
-    if app_key in app or any(owner_of(m) for m in app.middlewares):
+    if app_key in app or any(isinstance(m, Book) for m in app.middlewares):
         raise RuntimeError("aiodelay is already installed on this app")
     if app.frozen:
         raise RuntimeError("aiodelay.setup() must be called before the app starts")
@@ -359,21 +310,10 @@ def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None
     app.cleanup_ctx.append(mw._lifecycle)
 
 
-def installed_on(app: web.Application) -> Middleware:
-    """The aiodelay middleware of ``app``; RuntimeError if there is none."""
-    mw = app.get(app_key)
-    if mw is None:
-        for candidate in app.middlewares:
-            owner = owner_of(candidate)
-            if owner is not None:
-                return owner
-        raise RuntimeError(
-            "aiodelay is not installed on this app: call aiodelay.setup(app) "
-            "(or add aiodelay.middleware() to its middlewares)"
-        )
-    return mw
-
-
 def stats(app: web.Application) -> Stats:
-    """A snapshot of what aiodelay counted on ``app`` since it was set up."""
+    """A snapshot of what aiodelay counted on ``app`` since it was set up.
+
+    For a sub-app with aiodelay of its own, that is the requests routed into it; for the main
+    app, all of its requests, the sub-app's included. See :class:`aiodelay.Stats`.
+    """
     return installed_on(app).counters.snapshot()

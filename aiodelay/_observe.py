@@ -1,11 +1,11 @@
-"""An internal hook on each request's start and end (used by aiodelay's pytest plugin).
+"""How a request ended (:class:`Outcome`) and the hook that is told (:class:`RequestObserver`).
 
-Not part of the public API: it may change with any release.
+Not part of the public API: it may change with any release. ``add_observer`` is in
+``_account``, which owns the observers of each installation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -13,14 +13,16 @@ from aiohttp import web
 
 from ._errors import ConnectionLost
 
-__all__ = ("Outcome", "OutcomeKind", "RequestObserver", "add_observer")
+__all__ = ("Outcome", "OutcomeKind", "RequestObserver")
 
 #: ``completed``: the handler finished and the client did not leave while aiodelay watched.
 #: ``cancelled``: the client left and the handler was cancelled.
 #: ``ran_on``: the client left and the (shielded) handler ran to its end anyway.
+#: ``truncated``: the handler had returned its response, and the client left while it was
+#: being written.
 #: ``failed``: the handler raised (not because of a disconnect), or was cancelled by something
 #: other than a disconnect (server shutdown, an outer timeout).
-OutcomeKind = Literal["completed", "cancelled", "ran_on", "failed"]
+OutcomeKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,3 @@ class RequestObserver(Protocol):
         """The client left while the handler runs (before it is cancelled, if it will be)."""
 
     def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None: ...
-
-
-def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[], None]:
-    """Observe the requests of ``app`` (which has aiodelay installed); returns the remover."""
-    from ._middleware import installed_on
-
-    observers = installed_on(app).observers
-    observers.append(observer)
-    return lambda: observers.remove(observer)

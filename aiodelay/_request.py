@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ._lifetime import NOT_SET_UP, Lifetime, lifetime_key
+from ._account import NOT_SET_UP, installed_on
+from ._lifetime import Connection, Lifetime, lifetime_key
 from ._watch import installed_watch, same_message
 
 __all__ = ("call_later", "is_disconnected", "lifetime_of", "notify_finish", "spawn")
@@ -28,7 +29,12 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
         return life
     watch = installed_watch(request)
     conn = watch.listener if watch is not None else None
-    if conn is not None and conn.request is not None and same_message(conn.request, request):
+    if (
+        isinstance(conn, Connection)
+        and conn.task is not None
+        and conn.request is not None
+        and same_message(conn.request, request)
+    ):
         if not create:
             return None
         life = conn.make_life()
@@ -41,10 +47,14 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
 
 
 def _installed(request: web.BaseRequest) -> bool:
-    from ._middleware import app_key, owner_of
-
     apps = request.match_info.apps if isinstance(request, web.Request) else ()
-    return any(app_key in app or any(owner_of(m) for m in app.middlewares) for app in apps)
+    for app in apps:
+        try:
+            installed_on(app)
+        except RuntimeError:
+            continue
+        return True
+    return False
 
 
 def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:

@@ -7,7 +7,8 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from ._lifetime import CANCEL_MESSAGE, NOT_SET_UP, Lifetime, live, logger, spawned
+from ._account import NOT_SET_UP, logger
+from ._lifetime import CANCEL_MESSAGE, Lifetime, live, spawned
 from ._policy import Policy
 
 __all__ = ("shield",)

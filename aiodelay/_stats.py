@@ -12,11 +12,23 @@ class Stats:
     """A snapshot of one app's counters (see :func:`aiodelay.stats`).
 
     ``in_flight``: requests whose handler (or shielded remainder) is running now.
-    ``completed``: requests that ended without their client leaving first.
-    ``disconnected``: requests whose client left before their response was complete.
-    ``cancelled``: of those, the ones whose handler was cancelled.
-    ``shielded_ran_on``: of those, the ones whose handler ran to its end anyway: shielded, a
-    WebSocket (aiohttp ends its receive loop itself), or one that caught the cancellation.
+    ``completed``: requests that ended without their client leaving first (a handler that
+    raised counts here too: its client did not leave).
+    ``disconnected``: requests whose client left before their response was complete; each of
+    them is counted once more, in exactly one of the four fields that follow, so that
+    ``disconnected == cancelled + shielded_ran_on + truncated + failed`` once they ended:
+    ``cancelled``: the handler was cancelled (by aiodelay, or by aiohttp's own
+    ``handler_cancellation`` for a WebSocket).
+    ``shielded_ran_on``: the handler ran to its end anyway: shielded, a WebSocket whose receive
+    loop aiohttp ended, or one that caught the cancellation.
+    ``truncated``: the handler had returned its response, and the client left while aiohttp
+    was still writing it (a large body, a file download).
+    ``failed``: the handler raised an error of its own after its client left, or was stopped
+    by something else (server shutdown, an outer timeout).
+
+    A request counts as ``completed`` when its handler returns; if its client then leaves
+    before aiohttp has written the whole response, it moves from ``completed`` to
+    ``disconnected`` and ``truncated``.
     """
 
     in_flight: int
@@ -24,12 +36,22 @@ class Stats:
     disconnected: int
     cancelled: int
     shielded_ran_on: int
+    truncated: int = 0
+    failed: int = 0
 
 
 class Counters:
     """The mutable counters behind :class:`Stats`; one per installed middleware."""
 
-    __slots__ = ("cancelled", "completed", "disconnected", "shielded_ran_on", "started")
+    __slots__ = (
+        "cancelled",
+        "completed",
+        "disconnected",
+        "failed",
+        "shielded_ran_on",
+        "started",
+        "truncated",
+    )
 
     def __init__(self) -> None:
         self.started = 0
@@ -37,6 +59,23 @@ class Counters:
         self.disconnected = 0
         self.cancelled = 0
         self.shielded_ran_on = 0
+        self.truncated = 0
+        self.failed = 0
+
+    def count(self, kind: str, disconnected: bool) -> None:
+        """One request ended as ``kind`` (an ``Outcome`` kind)."""
+        if not disconnected:
+            self.completed += 1
+            return
+        self.disconnected += 1
+        if kind == "cancelled":
+            self.cancelled += 1
+        elif kind == "ran_on":
+            self.shielded_ran_on += 1
+        elif kind == "truncated":
+            self.truncated += 1
+        else:
+            self.failed += 1
 
     def snapshot(self) -> Stats:
         return Stats(
@@ -45,4 +84,6 @@ class Counters:
             disconnected=self.disconnected,
             cancelled=self.cancelled,
             shielded_ran_on=self.shielded_ran_on,
+            truncated=self.truncated,
+            failed=self.failed,
         )

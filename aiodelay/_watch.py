@@ -19,7 +19,9 @@ kernel holds the FIN or RST unread, so it is seen only when reading resumes or a
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import gc
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -28,16 +30,32 @@ from ._errors import ConnectionLost
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
-    from ._lifetime import Connection  # what the Watch reports to (typing only)
-
 __all__ = (
+    "Listener",
     "Watch",
+    "bytes_written",
     "closing_reason",
     "install_watch",
     "installed_watch",
+    "log_length",
     "response_completed",
+    "response_written",
     "same_message",
+    "sent_as",
 )
+
+
+class Listener(Protocol):
+    """What a :class:`Watch` reports to (aiodelay's per-connection state)."""
+
+    def busy(self) -> bool:
+        """A request's handler is running on the connection now."""
+
+    def disconnected(self, lost: ConnectionLost) -> None:
+        """The peer left (called once per connection)."""
+
+    def closed(self) -> None:
+        """The connection is closed (called once, last)."""
 
 
 class Watch(asyncio.Protocol):
@@ -53,7 +71,7 @@ class Watch(asyncio.Protocol):
         self._proto = proto
         self.data_received = proto.data_received  # type: ignore[method-assign]
         #: Told about the peer leaving; set by the middleware right after installing.
-        self.listener: Connection | None = None
+        self.listener: Listener | None = None
         #: Set once the peer is known to be gone.
         self.lost: ConnectionLost | None = None
 
@@ -120,8 +138,18 @@ class Watch(asyncio.Protocol):
 
 
 def install_watch(request: web.BaseRequest, transport: asyncio.BaseTransport) -> Watch:
-    """Put a :class:`Watch` (with no ``listener`` yet) between ``transport`` and aiohttp."""
+    """Put a :class:`Watch` (with no ``listener`` yet) between ``transport`` and aiohttp.
+
+    Also on a transport that is already closing (its peer left before the request reached
+    aiodelay): asyncio calls ``connection_lost`` on the protocol current at that time, so the
+    Watch still stands between it and aiohttp, and a shielded handler is not cancelled by
+    aiohttp's ``handler_cancellation``. Its ``lost`` is then already set.
+    """
     installed = Watch(request.protocol)
+    if transport.is_closing():
+        installed.lost = ConnectionLost(
+            "closed", "the connection was closed before the handler started"
+        )
     transport.set_protocol(installed)
     return installed
 
@@ -156,3 +184,82 @@ def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:
 def response_completed(response: web.StreamResponse) -> bool:
     """True once ``write_eof()`` has finished for the response (aiohttp has no public flag)."""
     return bool(response._eof_sent)
+
+
+def response_written(request: web.BaseRequest) -> bool:
+    """True once aiohttp has handed the whole response of ``request`` to the transport."""
+    return bool(request._payload_writer._eof)  # type: ignore[attr-defined]
+
+
+def bytes_written(request: web.BaseRequest) -> int:
+    """The bytes of ``request``'s response handed to the transport so far, status line and
+    headers included (what aiohttp's access log counts). A file that aiohttp sends with
+    ``sendfile()`` is not counted: the kernel sends it, and aiohttp does not add it up."""
+    return int(request._payload_writer.output_size)
+
+
+def _status_line_sent(request: web.BaseRequest) -> bool:
+    writer = request._payload_writer
+    sent: bool | None = getattr(writer, "_headers_written", None)
+    if sent is None:  # aiohttp < 3.11 writes the status line and headers at prepare()
+        return bool(writer.output_size)
+    return sent
+
+
+def _prepared(
+    request: web.BaseRequest, candidates: tuple[object, ...], tb: TracebackType | None
+) -> web.StreamResponse | None:
+    """The response that ``request``'s handler prepared: among ``candidates``, else among the
+    local variables of the frames an exception went through (where a handler cancelled in
+    the middle of a stream held it), else among the writer's referrers (slow, rare)."""
+    writer = request._payload_writer
+
+    def mine(value: object) -> bool:
+        return isinstance(value, web.StreamResponse) and value._payload_writer is writer
+
+    for value in candidates:
+        if mine(value):
+            return value  # type: ignore[return-value]
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if mine(value):
+                return value  # type: ignore[no-any-return]
+        tb = tb.tb_next
+    for value in gc.get_referrers(writer):
+        if mine(value):
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def sent_as(
+    request: web.BaseRequest,
+    *candidates: object,
+    exc: BaseException | None = None,
+) -> web.StreamResponse:
+    """A response for aiohttp to log, not to send, for a request whose client left: the status
+    line that went on the wire and the bytes handed to the transport, or 499 (nginx's "client
+    closed request") with 0 bytes if no status line went out.
+
+    ``candidates`` and ``exc``'s traceback are where the response the handler prepared may be
+    found (see :func:`_prepared`).
+    """
+    status, reason, sent = 499, "Client Closed Request", 0
+    if _status_line_sent(request):
+        prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
+        if prepared is not None:
+            status, reason, sent = prepared.status, prepared.reason, bytes_written(request)
+    logged = web.StreamResponse(status=status, reason=reason)
+    logged.force_close()
+    # aiohttp's finish_response() calls prepare() and write_eof(), which do nothing once
+    # _eof_sent is set, then logs status and body_length.
+    logged._eof_sent = True
+    logged._body_length = sent
+    return logged
+
+
+def log_length(request: web.BaseRequest) -> None:
+    """Make aiohttp's access log show what was written of the response it is writing now
+    for ``request`` (it logs 0 for a response whose write failed)."""
+    prepared = _prepared(request, (), None)
+    if prepared is not None:
+        prepared._body_length = bytes_written(request)

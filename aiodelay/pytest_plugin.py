@@ -39,7 +39,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 import aiodelay
-from aiodelay._observe import Outcome, add_observer
+from aiodelay._account import add_observer
+from aiodelay._observe import Outcome
 
 # The fixture itself is not exported: importing it into a conftest would register it twice.
 __all__ = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
@@ -53,7 +54,7 @@ DropHow = Literal["FIN", "RST", "half-close"]
 
 #: What became of the handler: aiodelay's own verdict (``completed``, ``cancelled``,
 #: ``ran_on``, ``failed``, see ``DropOutcome``), or ``running`` if it had not ended yet.
-DropKind = Literal["completed", "cancelled", "ran_on", "failed", "running"]
+DropKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed", "running"]
 
 _HOWS = ("FIN", "RST", "half-close")
 _WAITS = ("ended", "seen")

@@ -24,8 +24,9 @@ import pytest
 from aiohttp import web
 
 import aiodelay
+from aiodelay._account import add_observer
 from aiodelay._cli import DEMO_DIR
-from aiodelay._observe import Outcome, add_observer
+from aiodelay._observe import Outcome
 from aiodelay._site import create_app
 from aiodelay.pytest_plugin import AiodelayServer
 from tests.test_examples import TimerSpy

@@ -116,6 +116,8 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
         "disconnected": 1,
         "cancelled": 1,
         "shielded_ran_on": 0,
+        "truncated": 0,
+        "failed": 0,
     }
 
 

@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from aiodelay._middleware import Middleware, owner_of
+from aiodelay._middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
 from tests.conftest import Drop, Probe, Serve
 
@@ -359,7 +359,7 @@ def test_setup_puts_the_middleware_outermost() -> None:
 
     app = web.Application(middlewares=[other])
     aiodelay.setup(app)
-    assert isinstance(owner_of(app.middlewares[0]), Middleware)
+    assert isinstance(app.middlewares[0], Middleware)
     assert app.middlewares[1] is other
 
 

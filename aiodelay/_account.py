@@ -1,0 +1,162 @@
+"""Where a request's end is recorded: one :class:`Book` per installation, and :func:`record`.
+
+A :class:`Book` is what one ``aiodelay.setup()`` (or ``aiodelay.middleware()``) keeps: the
+default policy, the counters behind ``aiodelay.stats()``, the observers, and the handlers that
+run on after their client left. :func:`record` is the one place that says how a request ended:
+every path (a handler that completed, was cancelled, ran on, failed, or whose response was cut
+short after it returned) goes through it, so the counters, the INFO line and the observers
+cannot disagree.
+
+A request routed into a sub-app is recorded in the books of every app on its way that has
+aiodelay installed (``aiodelay.stats(sub)`` counts the sub-app's requests, and
+``aiodelay.stats(app)`` counts them too); the innermost one's policy applies to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from ._observe import Outcome, RequestObserver
+from ._policy import Policy, coerce_policy
+from ._stats import Counters
+
+__all__ = (
+    "NOT_SET_UP",
+    "Book",
+    "add_observer",
+    "book_key",
+    "books_of",
+    "installed_on",
+    "logger",
+    "record",
+)
+
+logger = logging.getLogger("aiodelay")
+
+NOT_SET_UP = (
+    "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
+    "(or add aiodelay.middleware() to its middlewares)"
+)
+
+
+class Running(Protocol):
+    """A request whose handler runs on after its client left (a ``Lifetime``)."""
+
+    task: asyncio.Task[Any] | None
+
+
+class Book:
+    """What one aiodelay installation keeps; the middleware is one (it subclasses this)."""
+
+    __slots__ = ("counters", "observers", "orphans", "policy", "shutting_down")
+
+    def __init__(self, *, policy: Policy | str = Policy.CANCEL) -> None:
+        self.policy = coerce_policy(policy)
+        self.counters = Counters()
+        self.observers: list[RequestObserver] = []
+        #: Requests whose handler runs on after their client left (shielded, WebSockets).
+        self.orphans: set[Running] = set()
+        self.shutting_down = False
+
+
+book_key = web.AppKey("aiodelay", Book)
+
+
+def _book_of(app: web.Application) -> Book | None:
+    book = app.get(book_key)
+    if book is None:
+        for candidate in app.middlewares:
+            if isinstance(candidate, Book):
+                return candidate
+    return book
+
+
+def installed_on(app: web.Application) -> Book:
+    """The aiodelay installation of ``app``; RuntimeError if there is none."""
+    book = _book_of(app)
+    if book is None:
+        raise RuntimeError(
+            "aiodelay is not installed on this app: call aiodelay.setup(app) "
+            "(or add aiodelay.middleware() to its middlewares)"
+        )
+    return book
+
+
+def books_of(request: web.BaseRequest, watching: Book) -> tuple[Book, ...]:
+    """The installations a request is recorded in: ``watching`` (the outermost, whose
+    middleware watches the connection) and those of the apps it was routed through, outermost
+    first. The last one's policy is the request's default."""
+    books = [watching]
+    apps = request.match_info.apps if isinstance(request, web.Request) else ()
+    for app in apps:
+        book = _book_of(app)
+        if book is not None and book not in books:
+            books.append(book)
+    return tuple(books)
+
+
+def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[], None]:
+    """Observe the requests of ``app`` (which has aiodelay installed); returns the remover."""
+    observers = installed_on(app).observers
+    observers.append(observer)
+    return lambda: observers.remove(observer)
+
+
+def record(
+    books: tuple[Book, ...],
+    request: web.BaseRequest,
+    outcome: Outcome,
+    *,
+    note: str = "",
+    recount: bool = False,
+) -> None:
+    """The end of one request: its counters in every book, its INFO line if its client left,
+    and the observers.
+
+    ``note`` completes the INFO line (what ran on, what was sent). ``recount``: the request
+    was counted ``completed`` when its handler returned, and is now known to have lost its
+    client while its response was written.
+    """
+    disconnected = outcome.lost is not None
+    for book in books:
+        counters = book.counters
+        if recount:
+            counters.completed -= 1
+        counters.count(outcome.kind, disconnected)
+    if disconnected:
+        _log(request, outcome, note)
+    for book in books:
+        for observer in book.observers:
+            try:
+                observer.request_ended(request, outcome)
+            except Exception:  # one broken observer must not take the others' record
+                logger.exception("observer %r failed", observer)
+
+
+def _log(request: web.BaseRequest, outcome: Outcome, note: str) -> None:
+    lost = outcome.lost
+    if lost is None:  # only called for requests whose client left
+        return
+    kind = outcome.kind
+    if kind == "cancelled":
+        what = f"cancelled ({note})" if note else "cancelled"
+    elif kind == "ran_on":
+        what = f"ran on ({note}), ended after {outcome.ended_at - outcome.started_at:.3f}s"
+    elif kind == "truncated":
+        what = f"the handler had returned; its response was cut short ({note})"
+    else:
+        what = note or "failed"
+    logger.info(
+        "%s %s from %s interrupted by %s after %.3fs: %s",
+        request.method,
+        request.path,
+        request.remote,
+        lost.reason,
+        (outcome.lost_at or outcome.started_at) - outcome.started_at,
+        what,
+    )
