@@ -22,7 +22,8 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from aiodelay.pytest_plugin import AiodelayServer, DropOutcome, _Response
+from aiodelay.pytest_plugin import AiodelayServer, DropOutcome
+from aiodelay.testing._response import ResponseReader
 
 pytest_plugins = ("pytester",)
 
@@ -479,7 +480,7 @@ RESPONSES = [
 def test_response_reader_counts_body_bytes_as_they_arrive(
     method: str, reads: list[bytes], status: int, body: bytes, complete: bool
 ) -> None:
-    response = _Response(method)
+    response = ResponseReader(method)
     for data in reads:
         response.feed(data)
     assert (response.status, bytes(response.body), response.done) == (status, body, complete)
@@ -487,7 +488,7 @@ def test_response_reader_counts_body_bytes_as_they_arrive(
 
 
 def test_response_reader_stops_at_a_malformed_response() -> None:
-    response = _Response("GET")
+    response = ResponseReader("GET")
     response.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     assert response.eof
     assert response.error == "malformed response: invalid literal for int() with base 16: b'zz'"
