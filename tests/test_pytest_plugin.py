@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import site
 import subprocess
 import sys
 import textwrap
@@ -443,6 +444,138 @@ def test_plugin_loads_by_itself_in_a_fresh_project(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+# -- loading where pytest-asyncio is not installed ----------------------------------------
+# aiodelay is a runtime dependency of applications: its entry point loads in the pytest runs
+# of projects that test with plain pytest, anyio or trio. Those runs must not notice it.
+
+# The distributions an environment without pytest-asyncio would not have: pytest-asyncio and
+# pytest-aiohttp, which is built on it.
+ASYNCIO_PLUGINS = re.compile(r"^(pytest[_-]asyncio|pytest[_-]aiohttp)\b", re.IGNORECASE)
+
+# Run pytest on the site directories in $TEST_SITE only (python -S: no site-packages of its own).
+RUN_PYTEST = (
+    "import os, site, sys; "
+    "[site.addsitedir(d) for d in os.environ['TEST_SITE'].split(os.pathsep)]; "
+    "import pytest; "
+    "sys.exit(pytest.main(sys.argv[1:]))"
+)
+
+SYNC_TESTS = """
+    import importlib.util
+
+
+    def test_ok():
+        assert 1
+
+
+    def test_pytest_asyncio_is_absent():
+        assert importlib.util.find_spec("pytest_asyncio") is None
+"""
+
+FIXTURE_TEST = """
+    async def test_uses_the_fixture(aiodelay_server):
+        await aiodelay_server(None)
+"""
+
+NOT_INSTALLED = (
+    "aiodelay_server needs pytest-asyncio, which is not installed: pip install 'aiodelay[pytest]'"
+)
+
+
+@pytest.fixture(scope="module")
+def site_without_pytest_asyncio(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This environment's site directories, rebuilt from symlinks minus pytest-asyncio and
+    pytest-aiohttp: aiodelay and its metadata (so its pytest11 entry point) are installed,
+    pytest-asyncio is not, as in a project that tests with something else."""
+    sites = []
+    for each in site.getsitepackages():
+        source = Path(each)
+        if not source.is_dir():
+            continue
+        copy = tmp_path_factory.mktemp("site")
+        for entry in source.iterdir():
+            if not ASYNCIO_PLUGINS.match(entry.name):
+                (copy / entry.name).symlink_to(entry)
+        sites.append(str(copy))
+    return os.pathsep.join(sites)
+
+
+def run_without_pytest_asyncio(
+    site_dirs: str, project: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
+    env["TEST_SITE"] = site_dirs
+    return subprocess.run(
+        [sys.executable, "-S", "-c", RUN_PYTEST, "-p", "no:cacheprovider", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+@pytest.fixture
+def plain_project(tmp_path: Path) -> Path:
+    """A project that does not use pytest-asyncio, strict about warnings."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    (tmp_path / "test_sync.py").write_text(textwrap.dedent(SYNC_TESTS))
+    return tmp_path
+
+
+def test_sync_tests_pass_without_pytest_asyncio(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    result = run_without_pytest_asyncio(site_without_pytest_asyncio, plain_project, "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert result.stderr == ""
+
+
+def test_fixtures_listing_works_without_pytest_asyncio(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    result = run_without_pytest_asyncio(site_without_pytest_asyncio, plain_project, "--fixtures")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # aiodelay's entry point was loaded from its installed metadata, and says what it needs:
+    assert "fixtures defined from aiodelay.pytest_plugin" in result.stdout
+    assert "aiodelay_server -- " in result.stdout
+    assert "Unavailable: needs pytest-asyncio (pip install 'aiodelay[pytest]')." in result.stdout
+
+
+def test_the_fixture_without_pytest_asyncio_fails_with_one_line(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    (plain_project / "test_fixture.py").write_text(textwrap.dedent(FIXTURE_TEST))
+    result = run_without_pytest_asyncio(
+        site_without_pytest_asyncio, plain_project, "-q", "test_fixture.py"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    heading = next(i for i, line in enumerate(lines) if "ERROR at setup of test_uses" in line)
+    # The whole report of the error: one line, then pytest's summary.
+    assert lines[heading + 1] == NOT_INSTALLED
+    assert "short test summary info" in lines[heading + 2]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "pytest_plugin.py" not in result.stdout + result.stderr
+
+
+def test_the_fixture_says_so_when_pytest_asyncio_is_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makepyfile(textwrap.dedent(FIXTURE_TEST))
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:aiohttp")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_uses_the_fixture*",
+            "aiodelay_server needs pytest-asyncio's plugin, which is installed but not loaded "
+            "(disabled with -p no:asyncio?)",
+            "*short test summary info*",
+        ]
+    )
 
 
 # -- the response reader ------------------------------------------------------------------

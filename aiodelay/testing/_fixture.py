@@ -1,4 +1,9 @@
-"""The ``aiodelay_server`` fixture, on pytest-asyncio's event loop."""
+"""The ``aiodelay_server`` fixture on pytest-asyncio's event loop.
+
+Imported only by :func:`aiodelay.pytest_plugin.pytest_configure`, once it has seen that
+pytest-asyncio's plugin is active: importing pytest-asyncio from a plugin that every pytest
+run loads would break the runs of projects that do not use it.
+"""
 
 from __future__ import annotations
 
