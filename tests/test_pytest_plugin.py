@@ -192,6 +192,19 @@ async def test_wait_seen_reports_a_shielded_handler_still_running(
     assert (await outcome.wait_ended()).ran_on
 
 
+async def test_wait_ended_returns_a_new_outcome_and_leaves_the_old_one_as_it_was(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/held", wait="seen")
+    app[FOREVER].set()
+    ended = await outcome.wait_ended()
+    assert (ended.kind, ended.reason, ended.record is not None) == ("ran_on", "FIN", True)
+    assert (outcome.kind, outcome.reason, outcome.record) == ("running", "FIN", None)
+    assert await ended.wait_ended() == ended  # already ended: an equal copy, at once
+
+
 async def test_a_second_drop_on_the_same_server_is_matched_to_its_own_request(
     aiodelay_server: AiodelayServer,
 ) -> None:

@@ -40,7 +40,9 @@ class DropOutcome:
       faster than the drop, or the drop could not be seen);
     - ``"failed"``: the handler raised, or was cancelled by something else than the drop;
     - ``"running"``: the handler had not ended when ``drop()`` returned (only with
-      ``wait="seen"``); :meth:`wait_ended` waits for the rest.
+      ``wait="seen"``); :meth:`wait_ended` returns a new outcome once it has ended.
+
+    An outcome is a snapshot, frozen when it was made: it never changes afterwards.
 
     ``lost`` is aiodelay's :class:`~aiodelay.ConnectionLost` (``reason`` ``"FIN"``, ``"RST"``,
     ...) once it saw the client leave, else ``None``. ``status`` and ``received`` are the
@@ -96,7 +98,12 @@ class DropOutcome:
         return self.ended_after if self.cancelled else None
 
     async def wait_ended(self, *, timeout: float = 5.0) -> DropOutcome:
-        """Wait for the handler to end; a new outcome. Fails the test after ``timeout``."""
+        """Wait for the handler to end and return a NEW outcome that says how it ended.
+
+        This outcome is not updated: it stays ``"running"``, so keep the returned one
+        (``outcome = await outcome.wait_ended()``). On an outcome whose handler had already
+        ended, returns an equal copy at once. Fails the test after ``timeout`` seconds.
+        """
         __tracebackhide__ = True
         return await self._probe.wait_ended(timeout)
 
