@@ -3,7 +3,8 @@
 The first part uses the fixture directly (the plugin is loaded through its entry point, as
 for any user); the second runs generated test files with ``pytester``, and one in a fresh
 project in a subprocess, to show what a user sees: passing tests, readable failures, and the
-plugin loading by itself.
+plugin loading by itself; the third runs pytest where pytest-asyncio is not installed, to
+show that the plugin then stays out of the way.
 """
 
 from __future__ import annotations
@@ -328,6 +329,17 @@ def test_outcome_repr_says_what_happened() -> None:
         "<DropOutcome GET /report dropped by RST when the handler started: ran_on, "
         "aiodelay saw RST, no response head, 0 body bytes received>"
     )
+
+
+def test_plugin_re_exports_the_types_of_aiodelay_testing() -> None:
+    # The README's import path (aiodelay.pytest_plugin) and the home of the types agree.
+    import aiodelay.pytest_plugin
+    import aiodelay.testing
+
+    names = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
+    assert aiodelay.testing.__all__ == aiodelay.pytest_plugin.__all__ == names
+    for name in names:
+        assert getattr(aiodelay.pytest_plugin, name) is getattr(aiodelay.testing, name)
 
 
 # -- what a user sees: generated projects -------------------------------------------------
