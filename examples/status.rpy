@@ -24,8 +24,8 @@ td { padding: .2em 1em; } td.n { text-align: right; font: bold 1.4em monospace; 
 <tr><td class="n" id="disconnected">-</td><td>disconnected: the client left first</td></tr>
 <tr><td class="n" id="cancelled">-</td><td>cancelled: of those, work stopped</td></tr>
 <tr><td class="n" id="shielded_ran_on">-</td><td>shielded, ran on: of those, work finished</td></tr>
-<tr><td class="n" id="truncated">-</td><td>truncated: of those, left while the response was sent</td></tr>
-<tr><td class="n" id="failed">-</td><td>failed: of those, stopped otherwise (error, shutdown)</td></tr>
+<tr><td class="n" id="truncated">-</td><td>truncated: of those, left mid-response</td></tr>
+<tr><td class="n" id="failed">-</td><td>failed: of those, error or shutdown</td></tr>
 </table>
 <p id="state">connecting...</p>
 <p>This page asks the server once a second; each of its requests counts as completed.

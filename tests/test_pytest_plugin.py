@@ -3,7 +3,8 @@
 The first part uses the fixture directly (the plugin is loaded through its entry point, as
 for any user); the second runs generated test files with ``pytester``, and one in a fresh
 project in a subprocess, to show what a user sees: passing tests, readable failures, and the
-plugin loading by itself.
+plugin loading by itself; the third runs pytest where pytest-asyncio is not installed, to
+show that the plugin then stays out of the way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import site
 import subprocess
 import sys
 import textwrap
@@ -22,7 +24,8 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from aiodelay.pytest_plugin import AiodelayServer, DropOutcome, _Response
+from aiodelay.pytest_plugin import AiodelayServer, DropOutcome
+from aiodelay.testing._response import ResponseReader
 
 pytest_plugins = ("pytester",)
 
@@ -190,6 +193,19 @@ async def test_wait_seen_reports_a_shielded_handler_still_running(
     assert (await outcome.wait_ended()).ran_on
 
 
+async def test_wait_ended_returns_a_new_outcome_and_leaves_the_old_one_as_it_was(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/held", wait="seen")
+    app[FOREVER].set()
+    ended = await outcome.wait_ended()
+    assert (ended.kind, ended.reason, ended.record is not None) == ("ran_on", "FIN", True)
+    assert (outcome.kind, outcome.reason, outcome.record) == ("running", "FIN", None)
+    assert await ended.wait_ended() == ended  # already ended: an equal copy, at once
+
+
 async def test_a_second_drop_on_the_same_server_is_matched_to_its_own_request(
     aiodelay_server: AiodelayServer,
 ) -> None:
@@ -313,6 +329,17 @@ def test_outcome_repr_says_what_happened() -> None:
         "<DropOutcome GET /report dropped by RST when the handler started: ran_on, "
         "aiodelay saw RST, no response head, 0 body bytes received>"
     )
+
+
+def test_plugin_re_exports_the_types_of_aiodelay_testing() -> None:
+    # The README's import path (aiodelay.pytest_plugin) and the home of the types agree.
+    import aiodelay.pytest_plugin
+    import aiodelay.testing
+
+    names = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
+    assert aiodelay.testing.__all__ == aiodelay.pytest_plugin.__all__ == names
+    for name in names:
+        assert getattr(aiodelay.pytest_plugin, name) is getattr(aiodelay.testing, name)
 
 
 # -- what a user sees: generated projects -------------------------------------------------
@@ -444,6 +471,138 @@ def test_plugin_loads_by_itself_in_a_fresh_project(tmp_path: Path) -> None:
     assert "2 passed" in result.stdout
 
 
+# -- loading where pytest-asyncio is not installed ----------------------------------------
+# aiodelay is a runtime dependency of applications: its entry point loads in the pytest runs
+# of projects that test with plain pytest, anyio or trio. Those runs must not notice it.
+
+# The distributions an environment without pytest-asyncio would not have: pytest-asyncio and
+# pytest-aiohttp, which is built on it.
+ASYNCIO_PLUGINS = re.compile(r"^(pytest[_-]asyncio|pytest[_-]aiohttp)\b", re.IGNORECASE)
+
+# Run pytest on the site directories in $TEST_SITE only (python -S: no site-packages of its own).
+RUN_PYTEST = (
+    "import os, site, sys; "
+    "[site.addsitedir(d) for d in os.environ['TEST_SITE'].split(os.pathsep)]; "
+    "import pytest; "
+    "sys.exit(pytest.main(sys.argv[1:]))"
+)
+
+SYNC_TESTS = """
+    import importlib.util
+
+
+    def test_ok():
+        assert 1
+
+
+    def test_pytest_asyncio_is_absent():
+        assert importlib.util.find_spec("pytest_asyncio") is None
+"""
+
+FIXTURE_TEST = """
+    async def test_uses_the_fixture(aiodelay_server):
+        await aiodelay_server(None)
+"""
+
+NOT_INSTALLED = (
+    "aiodelay_server needs pytest-asyncio, which is not installed: pip install 'aiodelay[pytest]'"
+)
+
+
+@pytest.fixture(scope="module")
+def site_without_pytest_asyncio(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This environment's site directories, rebuilt from symlinks minus pytest-asyncio and
+    pytest-aiohttp: aiodelay and its metadata (so its pytest11 entry point) are installed,
+    pytest-asyncio is not, as in a project that tests with something else."""
+    sites = []
+    for each in site.getsitepackages():
+        source = Path(each)
+        if not source.is_dir():
+            continue
+        copy = tmp_path_factory.mktemp("site")
+        for entry in source.iterdir():
+            if not ASYNCIO_PLUGINS.match(entry.name):
+                (copy / entry.name).symlink_to(entry)
+        sites.append(str(copy))
+    return os.pathsep.join(sites)
+
+
+def run_without_pytest_asyncio(
+    site_dirs: str, project: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
+    env["TEST_SITE"] = site_dirs
+    return subprocess.run(
+        [sys.executable, "-S", "-c", RUN_PYTEST, "-p", "no:cacheprovider", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+@pytest.fixture
+def plain_project(tmp_path: Path) -> Path:
+    """A project that does not use pytest-asyncio, strict about warnings."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    (tmp_path / "test_sync.py").write_text(textwrap.dedent(SYNC_TESTS))
+    return tmp_path
+
+
+def test_sync_tests_pass_without_pytest_asyncio(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    result = run_without_pytest_asyncio(site_without_pytest_asyncio, plain_project, "-q")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert result.stderr == ""
+
+
+def test_fixtures_listing_works_without_pytest_asyncio(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    result = run_without_pytest_asyncio(site_without_pytest_asyncio, plain_project, "--fixtures")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # aiodelay's entry point was loaded from its installed metadata, and says what it needs:
+    assert "fixtures defined from aiodelay.pytest_plugin" in result.stdout
+    assert "aiodelay_server -- " in result.stdout
+    assert "Unavailable: needs pytest-asyncio (pip install 'aiodelay[pytest]')." in result.stdout
+
+
+def test_the_fixture_without_pytest_asyncio_fails_with_one_line(
+    site_without_pytest_asyncio: str, plain_project: Path
+) -> None:
+    (plain_project / "test_fixture.py").write_text(textwrap.dedent(FIXTURE_TEST))
+    result = run_without_pytest_asyncio(
+        site_without_pytest_asyncio, plain_project, "-q", "test_fixture.py"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    heading = next(i for i, line in enumerate(lines) if "ERROR at setup of test_uses" in line)
+    # The whole report of the error: one line, then pytest's summary.
+    assert lines[heading + 1] == NOT_INSTALLED
+    assert "short test summary info" in lines[heading + 2]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "pytest_plugin.py" not in result.stdout + result.stderr
+
+
+def test_the_fixture_says_so_when_pytest_asyncio_is_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makepyfile(textwrap.dedent(FIXTURE_TEST))
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:aiohttp")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_uses_the_fixture*",
+            "aiodelay_server needs pytest-asyncio's plugin, which is installed but not loaded "
+            "(disabled with -p no:asyncio?)",
+            "*short test summary info*",
+        ]
+    )
+
+
 # -- the response reader ------------------------------------------------------------------
 
 RESPONSES = [
@@ -479,7 +638,7 @@ RESPONSES = [
 def test_response_reader_counts_body_bytes_as_they_arrive(
     method: str, reads: list[bytes], status: int, body: bytes, complete: bool
 ) -> None:
-    response = _Response(method)
+    response = ResponseReader(method)
     for data in reads:
         response.feed(data)
     assert (response.status, bytes(response.body), response.done) == (status, body, complete)
@@ -487,7 +646,7 @@ def test_response_reader_counts_body_bytes_as_they_arrive(
 
 
 def test_response_reader_stops_at_a_malformed_response() -> None:
-    response = _Response("GET")
+    response = ResponseReader("GET")
     response.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     assert response.eof
     assert response.error == "malformed response: invalid literal for int() with base 16: b'zz'"

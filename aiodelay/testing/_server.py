@@ -1,0 +1,167 @@
+"""A live server for tests: an app served like production on ``127.0.0.1``, observed by
+aiodelay, with :meth:`LiveServer.drop` as the client that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+from yarl import URL
+
+import aiodelay
+from aiodelay._account import add_observer
+
+from ._outcome import DropHow, DropOutcome
+from ._probe import HOST, Observer, Probe, describe_moment, request_head
+
+_HOWS = ("FIN", "RST", "half-close")
+_WAITS = ("ended", "seen")
+
+
+class LiveServer:
+    """An app served on ``127.0.0.1`` by a real ``web.AppRunner``, observed by aiodelay.
+
+    Made by the :func:`aiodelay_server` fixture; closed when the test ends. Any HTTP client
+    can talk to :attr:`url`; :meth:`drop` is the client that leaves.
+    """
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, port: int) -> None:
+        self.app = app
+        self.runner = runner
+        self.host = HOST
+        self.port = port
+        self.url = URL.build(scheme="http", host=HOST, port=port)
+        self._observer = Observer()
+        self._remove_observer = add_observer(app, self._observer)
+        self._probes: list[Probe] = []
+
+    def make_url(self, path: str) -> URL:
+        return self.url.join(URL(path))
+
+    async def drop(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        how: DropHow = "FIN",
+        after_request_bytes: int | None = None,
+        after_response_bytes: int | None = None,
+        after_seconds: float | None = None,
+        wait: Literal["ended", "seen"] = "ended",
+        timeout: float = 5.0,
+    ) -> DropOutcome:
+        """Send ``method path`` (with body ``data``) on a new connection and drop it.
+
+        When: by default as soon as the handler has started (aiodelay's middleware saw the
+        request). At most one of ``after_request_bytes=N`` (only the first N bytes of ``data``
+        are sent: the drop happens mid-upload, once the handler started),
+        ``after_response_bytes=N`` (once N response body bytes arrived, or the response
+        ended), ``after_seconds=S`` (S seconds after the handler started, or when it ended
+        if sooner). How: ``how`` (see :data:`DropHow`).
+
+        Then, with ``wait="ended"``, it returns once the handler has ended; with
+        ``wait="seen"``, as soon as aiodelay has seen the client leave (or the handler
+        ended), so a handler that runs on is reported ``"running"``. A cancellable handler
+        is usually still ``"running"`` at that instant too: its cancellation is delivered
+        at its next step.
+
+        Each wait is bounded by ``timeout`` seconds and fails the test when it runs out: the
+        handler did not start, the response bytes did not come, the handler did not end, or
+        aiodelay did not see the drop. Not promised: what the handler did with a request body
+        it had not read yet, and which bytes of a response the server wrote after the drop.
+        """
+        __tracebackhide__ = True  # a failed wait points at the test's line, not at ours
+        moment = describe_moment(data, after_request_bytes, after_response_bytes, after_seconds)
+        if how not in _HOWS:
+            raise ValueError(f"how must be one of {', '.join(map(repr, _HOWS))}, got {how!r}")
+        if wait not in _WAITS:
+            raise ValueError(f"wait must be one of {', '.join(map(repr, _WAITS))}, got {wait!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+
+        probe = Probe(method, path, how, moment)
+        self._probes.append(probe)
+        sent = data if after_request_bytes is None else data[:after_request_bytes]
+        head = request_head(method, path, self.port, data, headers)
+        await probe.open(self.port, self._observer, head)
+        await probe.send(sent)
+        await probe.wait_started(timeout)
+        if after_response_bytes is not None:
+            await probe.wait_body(after_response_bytes, timeout)
+        elif after_seconds is not None:
+            await asyncio.wait({probe.ended}, timeout=after_seconds)
+        await probe.drop()
+        if wait == "ended":
+            return await probe.wait_ended(timeout)
+        return await probe.wait_seen(timeout)
+
+    async def close(self) -> None:
+        """Close the connections :meth:`drop` left open, then stop the server."""
+        while self._probes:
+            await self._probes.pop().aclose()
+        self._remove_observer()
+        await self.runner.cleanup()
+
+
+class AiodelayServer(Protocol):
+    """The type of the :func:`aiodelay_server` fixture, for annotating tests."""
+
+    def __call__(
+        self,
+        app: web.Application,
+        *,
+        handler_cancellation: bool = False,
+        shutdown_timeout: float = 1.0,
+        **runner_kwargs: Any,
+    ) -> Awaitable[LiveServer]: ...
+
+
+@contextlib.asynccontextmanager
+async def live_servers() -> AsyncIterator[AiodelayServer]:
+    """The body of the ``aiodelay_server`` fixture: yields the factory, and on exit closes
+    the servers it started, in reverse order."""
+    servers: list[LiveServer] = []
+
+    async def start(
+        app: web.Application,
+        *,
+        handler_cancellation: bool = False,
+        shutdown_timeout: float = 1.0,
+        **runner_kwargs: Any,
+    ) -> LiveServer:
+        try:
+            aiodelay.stats(app)
+        except RuntimeError:  # aiodelay is not installed on app
+            aiodelay.setup(app)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=handler_cancellation,
+            shutdown_timeout=shutdown_timeout,
+            **runner_kwargs,
+        )
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((HOST, 0))  # our own socket: the port is known without a race
+            await web.SockSite(runner, sock).start()
+            server = LiveServer(app, runner, sock.getsockname()[1])
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        while servers:
+            await servers.pop().close()
