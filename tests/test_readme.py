@@ -61,6 +61,12 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert len(runs) == 1, f".ci/run should run {test!r} once, as a line of its own"
 
 
+def test_readme_links_only_to_files_that_exist() -> None:
+    links = re.findall(r"\]\(([^)#:]+)\)", README)  # relative links; not URLs, not anchors
+    assert {"CHANGELOG.md", "LICENSE", "aiodelay/demo/interrupted.rpy"} <= set(links)
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
 # Runs the README's example text unchanged, with two hooks that only the test adds:
 # web.run_app() listens on 127.0.0.1 and a free port instead of the example's default
 # (0.0.0.0:8080), and an aiodelay observer prints "started <path>" when a handler starts, so
