@@ -29,7 +29,7 @@ from aiodelay._cli import DEMO_DIR
 from aiodelay._observe import Outcome
 from aiodelay._site import create_app
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.test_examples import TimerSpy
+from tests.test_demo import TimerSpy
 
 CHROMIUM = Path(os.environ.get("AIODELAY_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = [

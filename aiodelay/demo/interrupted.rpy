@@ -3,7 +3,7 @@
 The page takes five seconds. Leave before that (press Esc) and the delayed render is
 cancelled: no page content, and one line in the server log.
 
-    python -m aiodelay --path examples
+    python -m aiodelay
     open http://127.0.0.1:8080/interrupted.rpy
 """
 
