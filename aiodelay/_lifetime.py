@@ -21,13 +21,7 @@ from ._account import NOT_SET_UP, Book, books_of, logger, record
 from ._errors import ConnectionLost
 from ._observe import Outcome, OutcomeKind
 from ._policy import Policy, policy_of
-from ._watch import (
-    Watch,
-    bytes_written,
-    log_length,
-    response_completed,
-    response_written,
-)
+from ._watch import Watch, bytes_written, log_length, response_completed
 
 __all__ = (
     "CANCEL_MESSAGE",
@@ -73,16 +67,31 @@ class Connection:
     ``truncated``. ``life`` is made on demand.
     """
 
-    __slots__ = ("book", "life", "request", "started_at", "task", "trailing", "watch")
+    __slots__ = (
+        "book",
+        "delivering",
+        "life",
+        "request",
+        "response",
+        "started_at",
+        "task",
+        "trailing",
+        "watch",
+    )
 
     def __init__(self, watch: Watch | None, book: Book) -> None:
         self.watch = watch
         #: The installation whose middleware watches this connection (the outermost).
         self.book = book
         self.request: web.Request | None = None
+        #: The response the last handler returned, until it is known to be complete.
+        self.response: web.StreamResponse | None = None
         self.task: asyncio.Task[Any] | None = None
         self.started_at = 0.0
         self.life: Lifetime | None = None
+        #: The handler has returned and aiodelay writes its response: a disconnect now cuts
+        #: the response short, there is no handler left to cancel.
+        self.delivering = False
         #: Called once, at the next request on this connection or when it closes: the
         #: response of an ended request that aiohttp was still writing is then settled.
         self.trailing: list[Callable[[], None]] | None = None
@@ -98,27 +107,31 @@ class Connection:
             request, task = self.request, self.task
             if request is None or task is None:
                 raise RuntimeError("aiodelay: no request in flight on this connection")
-            life = self.life = Lifetime(request, task, books_of(request, self.book), self)
+            books = books_of(request, self.book)
+            for inner in books[1:]:  # the watching book counted the start already
+                inner.counters.started += 1
+            life = self.life = Lifetime(request, task, books, self)
         return life
 
     def disconnected(self, lost: ConnectionLost) -> None:
         if self.task is not None:
             self.make_life().disconnected(lost)
             return
-        request, self.request = self.request, None
-        if request is None or response_written(request):
+        request, response = self.request, self.response
+        self.request = self.response = None
+        if request is None or response is None or response_completed(response):
             return
         if self.watch is not None and self.watch.is_websocket():
             return  # its handler's end was recorded; the handshake response was complete
         # The handler returned its response and was counted completed; aiohttp was still
         # writing that response when the client left.
-        log_length(request)
+        log_length(request, response)
         now = monotonic()
         record(
             books_of(request, self.book),
             request,
             Outcome("truncated", lost, self.started_at, now, now),
-            note=f"{bytes_written(request)} bytes written",
+            note=f"{bytes_written(request)} bytes handed to the transport",
             recount=True,
         )
 
@@ -140,8 +153,8 @@ class Connection:
             if lost is not None and kind == "completed":
                 kind = "ran_on"
             note = life.note(kind)
-        if kind != "completed" or lost is not None or response_written(request):
-            self.request = None  # nothing is left to settle for it
+        if kind == "completed" and lost is None:
+            self.response = response  # settled when it is complete, or its client leaves
         record(
             books, request, Outcome(kind, lost, self.started_at, lost_at, monotonic()), note=note
         )
@@ -152,7 +165,7 @@ class Connection:
         self.watch = None
         if self.task is None:
             live.discard(self)
-            self.request = None
+            self.request = self.response = None
 
     def run_trailing(self) -> None:
         trailing, self.trailing = self.trailing, None
@@ -245,7 +258,7 @@ class Lifetime:
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
             self.websocket = True
-        elif self.policy is Policy.CANCEL and self.shield_depth == 0:
+        elif self.policy is Policy.CANCEL and self.shield_depth == 0 and not self.conn.delivering:
             self.release()
             if task is not asyncio.current_task():  # the middleware handles its own task
                 self._cancel_requested = True

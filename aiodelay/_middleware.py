@@ -124,13 +124,14 @@ class Middleware(Book):
                 raise
         finally:
             conn.task = None
-            if conn.watch is None:  # the connection is closed: nothing more comes on it
-                live.discard(conn)
-                conn.request = None
             if conn.life is None and not self.observers:
+                conn.response = result  # settled if its client leaves before it is written
                 self.counters.completed += 1
             else:
                 conn.end(request, result, kind)
+            if conn.watch is None:  # the connection is closed: nothing more comes on it
+                live.discard(conn)
+                conn.request = conn.response = None
         return result  # type: ignore[no-any-return]
 
     def _after(
@@ -210,6 +211,7 @@ async def _deliver(
         return "ran_on", sent_as(request, response)
     if not (observed or (life is not None and life.wants_completion())):
         return "completed", response
+    conn.delivering = True
     try:
         await response.prepare(request)
         await response.write_eof()
@@ -218,7 +220,12 @@ async def _deliver(
         life = conn.make_life()
         life.disconnected((conn.watch.lost if conn.watch is not None else None) or lost)
         return "truncated", sent_as(request, response)
+    finally:
+        conn.delivering = False
+    life = conn.life
     if life is not None:
+        if life.lost is not None:  # the client left while the response was written
+            return "truncated", response
         life.complete()
     return "completed", response
 

@@ -39,7 +39,6 @@ __all__ = (
     "installed_watch",
     "log_length",
     "response_completed",
-    "response_written",
     "same_message",
     "sent_as",
 )
@@ -186,11 +185,6 @@ def response_completed(response: web.StreamResponse) -> bool:
     return bool(response._eof_sent)
 
 
-def response_written(request: web.BaseRequest) -> bool:
-    """True once aiohttp has handed the whole response of ``request`` to the transport."""
-    return bool(request._payload_writer._eof)  # type: ignore[attr-defined]
-
-
 def bytes_written(request: web.BaseRequest) -> int:
     """The bytes of ``request``'s response handed to the transport so far, status line and
     headers included (what aiohttp's access log counts). A file that aiohttp sends with
@@ -228,6 +222,10 @@ def _prepared(
     for value in gc.get_referrers(writer):
         if mine(value):
             return value  # type: ignore[no-any-return]
+        if isinstance(value, dict):  # an instance's __dict__ that holds the writer
+            for owner in gc.get_referrers(value):
+                if mine(owner):
+                    return owner  # type: ignore[no-any-return]
     return None
 
 
@@ -257,9 +255,7 @@ def sent_as(
     return logged
 
 
-def log_length(request: web.BaseRequest) -> None:
-    """Make aiohttp's access log show what was written of the response it is writing now
-    for ``request`` (it logs 0 for a response whose write failed)."""
-    prepared = _prepared(request, (), None)
-    if prepared is not None:
-        prepared._body_length = bytes_written(request)
+def log_length(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Make aiohttp's access log show what was written of ``response``, which it is writing
+    now for ``request`` (it logs 0 for a response whose write failed)."""
+    response._body_length = bytes_written(request)

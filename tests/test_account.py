@@ -1,0 +1,514 @@
+"""What aiodelay records about a request (counters, the INFO line, the access log) matches what
+happened on the wire: regressions of issue 7, item 3, each with real sockets on 127.0.0.1.
+
+After every request has ended, ``disconnected == cancelled + shielded_ran_on + truncated +
+failed``: each test checks that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+import aiodelay
+from tests.conftest import Probe, RawClient, Serve
+
+
+def _adds_up(stats: aiodelay.Stats) -> bool:
+    ended = stats.cancelled + stats.shielded_ran_on + stats.truncated + stats.failed
+    return stats.disconnected == ended
+
+
+class _Lines(logging.Handler):
+    """The aiodelay logger's lines, and an event per line that matches a pattern."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.changed.set()
+
+    async def wait_for(self, pattern: str, count: int = 1) -> list[str]:
+        async def matched() -> list[str]:
+            while True:
+                found = [line for line in self.lines if re.search(pattern, line)]
+                if len(found) >= count:
+                    return found
+                self.changed.clear()
+                await self.changed.wait()
+
+        try:
+            return await asyncio.wait_for(matched(), 5)
+        except TimeoutError:
+            raise AssertionError(f"no {count} lines matching {pattern!r} in {self.lines}") from None
+
+
+@pytest.fixture
+def lines() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("aiodelay")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class _Access(AbstractAccessLogger):
+    """aiohttp's access log, as "METHOD path status bytes" lines."""
+
+    entries: ClassVar[list[str]] = []
+    logged: ClassVar[asyncio.Event | None] = None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.entries.append(
+            f"{request.method} {request.path} {response.status} {response.body_length}"
+        )
+        if self.logged is not None:
+            self.logged.set()
+
+
+@dataclass
+class Logged:
+    port: int
+    entries: list[str] = field(default_factory=list)
+
+    async def wait_for(self, count: int = 1) -> list[str]:
+        event = _Access.logged
+        assert event is not None
+        async with asyncio.timeout(5):
+            while len(self.entries) < count:
+                event.clear()
+                await event.wait()
+        return self.entries
+
+
+@pytest.fixture
+async def serve_logged() -> AsyncIterator[Callable[..., Awaitable[Logged]]]:
+    """Like ``serve``, with aiohttp's access log recorded."""
+    runners: list[web.AppRunner] = []
+    _Access.entries = []
+    _Access.logged = asyncio.Event()
+
+    async def go(app: web.Application, *, handler_cancellation: bool = False) -> Logged:
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=handler_cancellation,
+            access_log_class=_Access,
+            access_log=logging.getLogger("tests.access"),
+            shutdown_timeout=1,
+        )
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return Logged(runner.addresses[0][1], _Access.entries)
+
+    yield go
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+async def _fire_and_close(port: int, path: str, times: int) -> None:
+    """POSTs with an empty body, each on its own connection closed right after sending."""
+    for _ in range(times):
+        client = await RawClient.connect(port)
+        await client.send(
+            b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % path.encode()
+        )
+        client.drop("FIN")
+
+
+class _Ran:
+    """Counts handlers that ran to their end; ``wait(n)`` waits for the n-th."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended = 0
+        self.changed = asyncio.Event()
+
+    async def work(self) -> web.Response:
+        self.started += 1
+        await asyncio.sleep(0.02)  # the charge's own work: a point a cancellation could hit
+        self.ended += 1
+        self.changed.set()
+        return web.Response(text="charged")
+
+    async def wait(self, count: int) -> None:
+        async def reached() -> None:
+            while self.ended < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        try:
+            await asyncio.wait_for(reached(), 5)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.ended} of {count} handlers ran to their end ({self.started} started)"
+            ) from None
+
+
+class _Ended:
+    """An observer: an event per ended request."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.changed = asyncio.Event()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        pass
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        pass
+
+    def request_ended(self, request: web.BaseRequest, outcome: Any) -> None:
+        self.kinds.append(outcome.kind)
+        self.changed.set()
+
+    async def wait(self, count: int) -> list[str]:
+        async with asyncio.timeout(5):
+            while len(self.kinds) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.kinds
+
+
+# -- the sub-app's policy and stats ---------------------------------------------------------
+
+
+def _main_and_sub(ran: _Ran) -> tuple[web.Application, web.Application]:
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application()
+    aiodelay.setup(app)  # cancel
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/sub", sub)
+    return app, sub
+
+
+async def test_sub_app_policy_applies_to_a_client_that_left_before_the_handler(
+    serve: Serve,
+) -> None:
+    """Fire-and-close POSTs into a shielded sub-app: every handler runs to its end, whether
+    aiodelay saw the client leave before the handler started or while it ran."""
+    from aiodelay._account import add_observer
+
+    ran = _Ran()
+    app, sub = _main_and_sub(ran)
+    ended = _Ended()
+    add_observer(app, ended)
+    served = await serve(app)
+    await _fire_and_close(served.port, "/sub/charge", 20)
+    await ran.wait(20)
+    kinds = await ended.wait(20)
+    assert set(kinds) <= {"ran_on", "completed"}
+    for each in (app, sub):
+        stats = aiodelay.stats(each)
+        assert stats.in_flight == 0
+        assert stats.completed + stats.disconnected == 20
+        assert stats.cancelled == 0
+        assert _adds_up(stats)
+
+
+async def test_sub_app_policy_applies_when_the_connection_closed_before_aiodelay(
+    serve: Serve,
+) -> None:
+    """The same, made certain: a middleware in front of aiodelay closes the connection."""
+    ran = _Ran()
+
+    @web.middleware
+    async def close_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return await handler(request)
+
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application(middlewares=[close_first, aiodelay.middleware()])
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.connect()
+    await client.send(b"POST /sub/charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await ran.wait(1)
+    for each in (app, sub):
+        stats = aiodelay.stats(each)
+        assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+
+
+async def test_stats_of_a_sub_app_count_its_requests_and_the_main_app_counts_all(
+    serve: Serve,
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    sub = web.Application()
+    aiodelay.setup(sub)
+    sub.router.add_get("/", hello)
+    app.add_subapp("/sub/", sub)
+    served = await serve(app)
+    client = await served.connect()
+    for path in ("/", "/sub/", "/sub/", "/"):
+        await client.get(path)
+        assert await client.read_response() == (200, b"hi")
+    assert aiodelay.stats(sub).completed == 2
+    assert aiodelay.stats(app).completed == 4
+
+
+# -- handler_cancellation=True ----------------------------------------------------------------
+
+
+async def test_shielded_handler_runs_on_under_handler_cancellation_when_client_left_first(
+    serve: Serve, lines: _Lines
+) -> None:
+    ran = _Ran()
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_post("/charge", charge)
+    served = await serve(app, handler_cancellation=True)
+    await _fire_and_close(served.port, "/charge", 20)
+    await ran.wait(20)
+    assert ran.started == 20
+    await lines.wait_for("interrupted", count=aiodelay.stats(app).disconnected)
+    stats = aiodelay.stats(app)
+    assert stats.cancelled == 0
+    assert stats.failed == 0
+    assert _adds_up(stats)
+    assert not [line for line in lines.lines if "stopped" in line]
+
+
+@pytest.mark.parametrize(
+    ("handler_cancellation", "kind", "said"),
+    [
+        (False, "ran_on", r"ran on \(WebSocket: aiohttp ended it\)"),
+        (True, "cancelled", r"cancelled \(a WebSocket, by aiohttp's handler_cancellation\)"),
+    ],
+)
+async def test_a_websocket_whose_client_left_is_counted_and_logged_by_what_happened(
+    serve: Serve, lines: _Lines, handler_cancellation: bool, kind: str, said: str
+) -> None:
+    probe = Probe()
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse()
+        await socket_.prepare(request)
+
+        async def receive() -> None:
+            async for _ in socket_:
+                pass
+
+        await probe.run(request, receive())
+        return socket_
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/ws", ws)
+    served = await serve(app, handler_cancellation=handler_cancellation)
+    async with aiohttp.ClientSession() as session:
+        connection = await session.ws_connect(f"http://127.0.0.1:{served.port}/ws")
+        await probe.wait_started()
+        transport = connection._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.close()
+        await probe.wait_ended()
+        [line] = await lines.wait_for("interrupted")
+    assert re.search(said, line), line
+    stats = aiodelay.stats(app)
+    assert stats.disconnected == 1
+    assert (stats.cancelled, stats.shielded_ran_on) == ((1, 0) if kind == "cancelled" else (0, 1))
+    assert _adds_up(stats)
+
+
+# -- a client that leaves while aiohttp writes the response ---------------------------------
+
+_BIG = 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("body", ["bytes", "file"])
+async def test_a_client_that_leaves_during_the_response_body_is_truncated_not_completed(
+    serve_logged: Callable[..., Awaitable[Logged]],
+    lines: _Lines,
+    tmp_path: Path,
+    body: str,
+) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * _BIG)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        if body == "file":
+            return web.FileResponse(big)
+        return web.Response(body=b"x" * _BIG)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/big", download)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await client.get("/big")
+    await client.read_until(b"x" * 1024)
+    # Closing with unread response bytes sends an RST (TCP's rule), as a browser or curl
+    # stopping a download does.
+    client.drop("RST")
+    [line] = await lines.wait_for("cut short")
+    assert line.startswith("GET /big from 127.0.0.1 interrupted by ")
+    [entry] = await logged.wait_for()
+    status, sent = entry.split()[2:]
+    assert status == "200"
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (0, 1, 1)
+    assert _adds_up(stats)
+    if body == "bytes":  # a file goes out with sendfile(), which aiohttp does not count
+        # What aiohttp handed to the transport: here the whole body at once.
+        assert 1024 < int(sent) <= _BIG + 200
+        assert re.search(r"\(\d+ bytes handed to the transport\)", line)
+
+
+async def test_a_complete_response_followed_by_a_close_is_completed(
+    serve: Serve, lines: _Lines
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+    client.drop("RST")
+    # The next request on another connection is the event that the first one was settled by.
+    other = await served.get("/")
+    assert await other.read_response() == (200, b"hi")
+    assert aiodelay.stats(app).completed == 2
+    assert aiodelay.stats(app).disconnected == 0
+    assert lines.lines == []
+
+
+async def test_an_observed_request_whose_client_leaves_during_the_body_ends_truncated(
+    aiodelay_server: Any,
+) -> None:
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * _BIG)
+
+    app = web.Application()
+    app.router.add_get("/big", download)
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/big", after_response_bytes=65536, how="RST")
+    assert outcome.truncated, outcome
+    assert aiodelay.stats(app).truncated == 1
+
+
+# -- the access log shows what went on the wire ----------------------------------------------
+
+
+async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_bytes(
+    serve_logged: Callable[..., Awaitable[Logged]],
+) -> None:
+    probe = Probe()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"y" * 6144)
+
+        async def hold() -> None:
+            await asyncio.Future()
+
+        await probe.run(request, hold())
+        return response
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/stream", stream)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.get("/stream")
+    await client.read_until(b"y" * 6144)
+    await probe.wait_started()
+    client.drop("RST")
+    await probe.wait_ended()
+    [entry] = await logged.wait_for()
+    _, _, status, sent = entry.split()
+    assert status == "200"
+    assert int(sent) > 6144  # the body, and the status line and headers before it
+    assert probe.cancelled
+
+
+async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
+    serve_logged: Callable[..., Awaitable[Logged]],
+) -> None:
+    probe = Probe()
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response(text="charged")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_post("/charge", charge)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.send(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await probe.wait_started()
+    client.drop("FIN")
+    # The Watch saw the client leave once notify_finish fails.
+    assert probe.request is not None
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(aiodelay.notify_finish(probe.request), 5)
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert await logged.wait_for() == ["POST /charge 499 0"]
+    assert aiodelay.stats(app).shielded_ran_on == 1
+
+
+async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
+    serve_logged: Callable[..., Awaitable[Logged]],
+) -> None:
+    probe = Probe()
+
+    async def slow(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/slow", slow)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.get("/slow")
+    await probe.wait_started()
+    client.drop("FIN")
+    await probe.wait_ended()
+    assert await logged.wait_for() == ["GET /slow 499 0"]
