@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-scripts",
         dest="scripts",
         action="store_false",
-        help="static-only mode: .rpy scripts are not run (they give 404)",
+        help="static-only mode: .rpy scripts are not run (they give a 404 page saying so)",
     )
     parser.add_argument(
         "--access-log",

@@ -1,13 +1,12 @@
 """Each file in examples/ served as the demo serves it, both ways: wait for it, and leave early.
 
-The demo site ships copies of these files; a test keeps the copies identical.
+The demo site ships its own versions of these files (aiodelay/demo/, tested in test_site.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import filecmp
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,8 +119,8 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.rpy")))
-def test_demo_ships_each_example_unchanged(name: str) -> None:
-    assert filecmp.cmp(EXAMPLES / name, DEMO_DIR / name, shallow=False)
+def test_demo_ships_each_example(name: str) -> None:
+    assert (DEMO_DIR / name).is_file()
     assert f'href="{name}"' in (DEMO_DIR / "index.html").read_text()
 
 
