@@ -18,8 +18,8 @@ PAGE = """<!DOCTYPE html>
 <style>
 body { font-family: sans-serif; max-width: 40em; margin: 2em auto; }
 td { padding: .2em 1em; }
-/* Wide enough for six digits, so the labels stay put while the numbers grow. */
-td.n { width: 6ch; text-align: right; font: bold 1.4em monospace; }
+/* Wider than six digits, so the labels stay put while the numbers grow. */
+td.n { width: 7ch; text-align: right; font: bold 1.4em monospace; }
 </style></head>
 <body>
 <h1>aiodelay status</h1>
