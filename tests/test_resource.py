@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import aiohttp
@@ -301,7 +302,9 @@ class Gated(Resource):
         self.errbacks: list[str] = []
         self.lost: asyncio.Future[None] | None = None
 
-    def _render(self, request: ResourceRequest) -> None:
+    def _render(self, gate: asyncio.Future[None], request: ResourceRequest) -> None:
+        if gate.cancelled():
+            return
         request.write(b"late")
         request.finish()
 
@@ -310,7 +313,7 @@ class Gated(Resource):
         gate.cancel()
 
     def render_GET(self, request: ResourceRequest) -> object:
-        self.gate.add_done_callback(lambda gate: gate.cancelled() or self._render(request))
+        self.gate.add_done_callback(functools.partial(self._render, request=request))
         self.lost = request.on_connection_lost(self._failed, self.gate)
         return NOT_DONE_YET
 
