@@ -35,13 +35,15 @@ SHUTDOWN_TIMEOUT = 3.0
 
 
 def aiohttp_shutdown_timeout(total: float) -> float:
-    """The ``shutdown_timeout`` to give aiohttp for a stop that takes at most ``total`` seconds.
+    """The ``shutdown_timeout`` to give aiohttp for handlers to be cancelled at most ``total``
+    seconds after a stop began.
 
     aiohttp (3.10 to 3.14, ``RequestHandler.shutdown``) waits ``shutdown_timeout`` for the
     handler, then interrupts a request-body read in progress, waits ``shutdown_timeout``
     again, and only then cancels the handler's task: twice the timeout for a handler that
     does not end by itself.  Connections are shut down concurrently, so this does not grow
-    with their number.
+    with their number.  The app's ``on_shutdown`` hooks run before the first wait, so aiodelay
+    knows the cancellations are the shutdown's (``notify_finish`` fails with "shutdown").
     """
     return total / 2
 
