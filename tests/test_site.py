@@ -6,8 +6,10 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +19,6 @@ import aiodelay
 from aiodelay._cli import DEMO_DIR
 from aiodelay._site import create_app, request_segments
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
-from tests.test_examples import TimerSpy
 
 SECRET = b"SECRET-OUTSIDE-THE-ROOT"
 
@@ -406,6 +407,26 @@ async def test_a_request_handler_error_in_a_script_keeps_the_server_up(
 # -- the demo site (aiodelay/demo/) ------------------------------------------------------------
 
 
+class DemoTimers:
+    """Records the loop.call_later() calls of the callback named ``name`` (with the delay the
+    script asked for) and runs them after ``scale`` times that delay, so a test need not wait
+    the demo's five seconds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, scale: float = 1.0) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+        self.handles: list[tuple[float, asyncio.TimerHandle]] = []
+
+        def spy(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__name__", None) != name:
+                return real(delay, callback, *args)
+            handle = real(delay * scale, callback, *args)
+            self.handles.append((delay, handle))
+            return handle
+
+        monkeypatch.setattr(loop, "call_later", spy)
+
+
 def _interrupted_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "interrupted by" in r.getMessage()]
 
@@ -417,12 +438,13 @@ async def test_interrupted_demo_does_what_the_policy_says(
     caplog: pytest.LogCaptureFixture,
     policy: str,
 ) -> None:
-    """cancel: leaving cancels the delayed render.  shield: the render runs on to its end, five
-    seconds after the request started (only it calls finish()), and the log says so with that
-    time; no line claims what did not happen (it said "ran on" after 0.0s, the render cancelled).
+    """cancel: leaving cancels the delayed render.  shield: the render runs on to its end (its
+    five seconds, here shortened to 0.5) after the request started (only it calls finish()),
+    and the log says so with that time; no line claims what did not happen (it said "ran on"
+    after 0.0s, the render cancelled).
     """
     caplog.set_level(logging.INFO, "aiodelay")
-    timers = TimerSpy(monkeypatch, "_delayed_render")
+    timers = DemoTimers(monkeypatch, "_delayed_render", scale=0.1)
     server = await aiodelay_server(create_app(DEMO_DIR, policy=policy))
     seen = await server.drop("GET", "/interrupted.rpy", wait="seen")
     ended = await seen.wait_ended(timeout=10)
@@ -430,6 +452,7 @@ async def test_interrupted_demo_does_what_the_policy_says(
     took = ended.record.ended_at - ended.record.started_at
     [(delay, handle)] = timers.handles
     assert delay == 5
+    delay *= 0.1
     [line] = _interrupted_lines(caplog)
     stats = aiodelay.stats(server.app)
     if policy == "cancel":
@@ -440,10 +463,10 @@ async def test_interrupted_demo_does_what_the_policy_says(
         assert (stats.cancelled, stats.shielded_ran_on) == (1, 0)
     else:
         assert ended.ran_on
-        assert took >= delay - 0.1  # timers may fire a clock tick early
+        assert took >= delay - 0.01  # timers may fire a clock tick early
         match = re.search(r": ran on \(shielded\), ended after (\d+\.\d+)s$", line)
         assert match is not None, line
-        assert float(match.group(1)) >= delay - 0.1
+        assert float(match.group(1)) >= delay - 0.01
         assert (stats.cancelled, stats.shielded_ran_on) == (0, 1)
     assert ended.received == b""  # nothing was rendered to the client that left
 
@@ -463,7 +486,7 @@ async def test_demo_without_scripts_says_scripts_are_off(
 ) -> None:
     """Every demo link used to be a bare 404: now a 404 page that says why, and still nothing
     runs.  It says so for any .rpy name, so it does not tell which scripts exist."""
-    timers = TimerSpy(monkeypatch, "_delayed_render")
+    timers = DemoTimers(monkeypatch, "_delayed_render")
     app = create_app(DEMO_DIR, scripts=False)
     server = await aiodelay_server(app)
     index = (await _fetch(server, "/"))[2].decode()
