@@ -28,10 +28,25 @@ __all__ = ("DEMO_DIR", "main")
 
 DEMO_DIR = Path(__file__).parent / "demo"
 
-#: How long a stop waits for requests in flight before they are cancelled (their
-#: ``notify_finish`` futures then fail with reason "shutdown"). aiohttp's default is 60 s, which
-#: an open stream demo would use up entirely.
+#: The longest a stop waits, in all, for requests in flight before they are cancelled (their
+#: ``notify_finish`` futures then fail with reason "shutdown").  aiohttp's default, 60 s
+#: (really 120 s, see below), would keep an open stream holding Ctrl-C for minutes.
 SHUTDOWN_TIMEOUT = 3.0
+
+
+def aiohttp_shutdown_timeout(total: float) -> float:
+    """The ``shutdown_timeout`` to give aiohttp for handlers to be cancelled at most ``total``
+    seconds after a stop began.
+
+    aiohttp (3.10 to 3.14, ``RequestHandler.shutdown``) waits ``shutdown_timeout`` for the
+    handler, then interrupts a request-body read in progress, waits ``shutdown_timeout``
+    again, and only then cancels the handler's task: twice the timeout for a handler that
+    does not end by itself.  Connections are shut down concurrently, so this does not grow
+    with their number.  The app's ``on_shutdown`` hooks run before the first wait, so aiodelay
+    knows the cancellations are the shutdown's (``notify_finish`` fails with "shutdown").
+    """
+    return total / 2
+
 
 _PROG = "python -m aiodelay"
 
@@ -74,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-scripts",
         dest="scripts",
         action="store_false",
-        help="static-only mode: .rpy scripts are not run (they give 404)",
+        help="static-only mode: .rpy scripts are not run (they give a 404 page saying so)",
     )
     parser.add_argument(
         "--access-log",
@@ -118,7 +133,7 @@ async def _serve(app: web.Application, host: str, port: int, access_log: bool, r
         app,
         handler_cancellation=False,
         access_log=access_logger if access_log else None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        shutdown_timeout=aiohttp_shutdown_timeout(SHUTDOWN_TIMEOUT),
     )
     await runner.setup()
     try:
@@ -130,7 +145,12 @@ async def _serve(app: web.Application, host: str, port: int, access_log: bool, r
         bound_host, bound_port = runner.addresses[0][:2]
         _announce(f"Serving {what} at http://{_address(bound_host, bound_port)}/ (Ctrl-C to stop)")
         await stop.wait()
-        logging.getLogger("aiodelay").info("stopping (waiting up to %.0fs)", SHUTDOWN_TIMEOUT)
+        logging.getLogger("aiodelay").info(
+            "stopping: requests in flight have up to %gs to end (aiohttp interrupts "
+            "request-body reads after %gs), then they are cancelled",
+            SHUTDOWN_TIMEOUT,
+            aiohttp_shutdown_timeout(SHUTDOWN_TIMEOUT),
+        )
     finally:
         await runner.cleanup()
     return 0

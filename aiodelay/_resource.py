@@ -13,11 +13,21 @@ Everything the aiodelay middleware does applies, so ``aiodelay.setup(app)`` must
 with the cancel policy a pending response is cancelled when the peer leaves,
 ``request.notify_finish()`` fails with :class:`aiodelay.ConnectionLost` and the log line is written.
 
+When the peer leaves, the route's policy decides what happens to the work, as for any handler:
+
+- ``cancel``: the request ends at once.  Timers from ``request.call_later`` are cancelled, and
+  ``request.on_connection_lost`` errbacks are called, so that Twisted's idiom (an errback that
+  cancels the pending callback) stops the rest; callbacks scheduled otherwise keep running unless
+  an errback cancels them, as in Twisted.
+- ``shield``: the work runs on to its end.  A ``NOT_DONE_YET`` request stays in flight until
+  ``finish()`` (its ``write()`` calls are dropped), ``request.call_later`` timers keep running,
+  and ``on_connection_lost`` errbacks are held back until the render's work is done, so the
+  same Twisted idiom does not stop it; the errback is then told the response was not delivered.
+  ``request.notify_finish()`` futures fail as soon as the peer leaves, under either policy.
+
 Not promised: the response is not sent while a callback runs, only once the event loop gets control
-(``write()`` buffers); a render method that blocks, blocks the whole server.  With ``NOT_DONE_YET``
-the request ends as soon as the peer leaves, whatever the policy (nothing is left to send):
-timers from ``request.call_later`` are cancelled then, and callbacks scheduled otherwise keep
-running unless ``request.on_connection_lost`` cancels them, as in Twisted.
+(``write()`` buffers); a render method that blocks, blocks the whole server.  Under ``shield`` a
+``NOT_DONE_YET`` request that never calls ``finish()`` stays in flight until the server stops.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ._errors import ConnectionLost
-from ._request import call_later, is_disconnected, notify_finish
+from ._policy import Policy
+from ._request import call_later, is_disconnected, lifetime_of, notify_finish
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -79,9 +90,11 @@ class ResourceRequest:
     """
 
     __slots__ = (
+        "_ended",
         "_finished",
         "_gone",
         "_headers",
+        "_held_back",
         "_pending",
         "_started",
         "_status",
@@ -100,6 +113,9 @@ class ResourceRequest:
         self._finished = False
         self._gone = False  # the peer left or the response was abandoned
         self._waiter: asyncio.Future[None] | None = None
+        self._ended = False  # the render's work is done (Resource.render returned or raised)
+        #: Errbacks held back under the shield policy until the render's work is done.
+        self._held_back: list[Callable[[], None]] = []
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names this class does not define: those of the aiohttp request.
@@ -153,9 +169,12 @@ class ResourceRequest:
         self._wake()
 
     def finish(self) -> None:
-        """End the response.  A no-op once the peer has left; a second call raises."""
+        """End the response.  Once the peer has left it sends nothing (and a second call is
+        a no-op), but still ends the request's work under the shield policy; otherwise a
+        second call raises."""
         if self._is_gone():
             self._finished = True
+            self._wake()
             return
         if self._finished:
             raise RuntimeError("finish() called twice")
@@ -179,8 +198,10 @@ class ResourceRequest:
         ``request.on_connection_lost(self._response_failed, call)``.  ``err`` is the
         :class:`aiodelay.ConnectionLost` (``err.reason``: ``"FIN"``, ``"RST"``, ``"shutdown"``,
         ...).  The callback is not called when the response completes, nor when the handler
-        raises (aiohttp logs that).  An exception raised by the callback is logged on the
-        ``aiodelay`` logger.
+        raises (aiohttp logs that).  Under the shield policy it is called only once the render's
+        work is done (``finish()``, or the render method's result is ready): shielded work is
+        not stopped by the peer leaving, not even by the errback that would stop it under
+        ``cancel``.  An exception raised by the callback is logged on the ``aiodelay`` logger.
         Returns the ``notify_finish()`` future the callback is attached to.
         """
         future = self.notify_finish()
@@ -191,10 +212,17 @@ class ResourceRequest:
             err = future.exception()
             if not isinstance(err, ConnectionLost):  # completed, or the handler raised
                 return
-            try:
-                callback(err, *args)
-            except Exception:
-                logger.exception("connection-lost callback %r failed", callback)
+
+            def call() -> None:
+                try:
+                    callback(err, *args)
+                except Exception:
+                    logger.exception("connection-lost callback %r failed", callback)
+
+            if not self._ended and self._shielded():
+                self._held_back.append(call)
+            else:
+                call()
 
         future.add_done_callback(_done)
         return future
@@ -208,6 +236,18 @@ class ResourceRequest:
         as the peer leaves), so a callback that re-arms it stops with the response.
         """
         return call_later(self.request, delay, callback, *args)
+
+    def _shielded(self) -> bool:
+        """The request runs under the shield policy (its route's mark, or the app's)."""
+        life = lifetime_of(self.request, create=False)
+        return life is not None and life.policy is Policy.SHIELD
+
+    def _end(self) -> None:
+        """The render's work is done: call the errbacks the shield policy held back."""
+        self._ended = True
+        held_back, self._held_back = self._held_back, []
+        for call in held_back:
+            call()
 
     def _check_not_started(self, what: str) -> None:
         if self._started or self._finished:
@@ -233,24 +273,39 @@ class ResourceRequest:
         return web.Response(body=body, status=self._status, headers=headers)
 
     async def _produce(self) -> web.StreamResponse:
-        """Send what write()/finish() queue; in the handler's task, which a disconnect cancels."""
+        """Send what write()/finish() queue; in the handler's task, which a disconnect cancels.
+
+        Under the shield policy the peer leaving does not end it: it waits for ``finish()``,
+        as a shielded handler runs to its end, and only then raises the ``ConnectionLost``.
+        """
         loop = asyncio.get_running_loop()
         lost = self.notify_finish()
         lost.add_done_callback(lambda _: self._wake())
+        shielded = self._shielded()
         response: web.StreamResponse | None = None
         send_body = self.request.method != "HEAD"
         try:
             while True:
-                while self._pending and not self._gone:
-                    chunk = self._pending.popleft()
-                    if response is None:
-                        response = await self._prepare()
-                    if send_body:
-                        await response.write(chunk)
                 failure = lost.exception() if lost.done() and not lost.cancelled() else None
                 if failure is not None:
-                    raise failure  # nothing can be sent any more
-                if self._finished:
+                    self._gone = True  # nothing can be sent any more
+                    self._pending.clear()
+                    if self._finished or not shielded:
+                        raise failure
+                elif self._pending and not self._gone:
+                    chunk = self._pending.popleft()
+                    try:
+                        if response is None:
+                            response = await self._prepare()
+                        if send_body:
+                            await response.write(chunk)
+                    except ConnectionError:
+                        if not shielded:
+                            raise
+                        self._gone = True  # the peer left: the work still runs to finish()
+                        self._pending.clear()
+                    continue  # the peer may have left, or more was queued, meanwhile
+                elif self._finished:
                     if response is None:
                         response = await self._prepare()
                     await response.write_eof()
@@ -285,11 +340,14 @@ class Resource:
         if render is None:
             raise web.HTTPMethodNotAllowed(method, self.allowed_methods())
         wrapped = ResourceRequest(request)
-        result = render(wrapped)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is NOT_DONE_YET:
-            return await wrapped._produce()
+        try:
+            result = render(wrapped)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is NOT_DONE_YET:
+                return await wrapped._produce()
+        finally:
+            wrapped._end()
         if isinstance(result, web.StreamResponse):
             return result
         if isinstance(result, (bytes, str)):

@@ -47,7 +47,8 @@ def create_app(
 ) -> web.Application:
     """An app with aiodelay set up (``policy``) that serves the directory ``root``.
 
-    ``scripts=False`` is static-only mode: ``.rpy`` files are neither run nor served (404).
+    ``scripts=False`` is static-only mode: ``.rpy`` files are neither run nor served; a request
+    for one gets a 404 page saying that scripts are off.
     Raises ``OSError`` if ``root`` is not a readable directory.
     """
     app = web.Application()
@@ -94,6 +95,7 @@ class DirectoryResource(web.AbstractResource):
         next(self._root.iterdir(), None)  # PermissionError now rather than per request
         self._scripts = Scripts() if scripts else None
         self._route = web.ResourceRoute("*", self._serve, self)
+        self._scripts_off_route = web.ResourceRoute("*", _scripts_off, self)
 
     @property
     def root(self) -> Path:
@@ -125,12 +127,16 @@ class DirectoryResource(web.AbstractResource):
         return f"<DirectoryResource {self._root}>"
 
     async def resolve(self, request: web.Request) -> _Resolve:
-        target = self.locate(request.rel_url.raw_path)
+        raw_path = request.rel_url.raw_path
+        target = self.locate(raw_path)
+        if self._scripts is None and _names_a_script(raw_path, target):
+            # Whether or not the script exists: the answer says only that scripts are off.
+            return web.UrlMappingMatchInfo({}, self._scripts_off_route), set()
         if target is None:
             return None, set()
         if target.suffix.lower() == SCRIPT_SUFFIX and target.is_file():
             if self._scripts is None:
-                return None, set()
+                return None, set()  # a link to a script, under another name
             handler: RouteHandler
             try:
                 handler = self._scripts.handler(target)
@@ -200,6 +206,29 @@ class DirectoryResource(web.AbstractResource):
         """What a link to ``name`` in the listing of ``directory`` would serve (None: hidden)."""
         relative = directory.relative_to(self._root).parts
         return self.locate("/" + "/".join(quote(part) for part in (*relative, name)))
+
+
+def _names_a_script(raw_path: str, target: Path | None) -> bool:
+    """The safe request path ends in a ``.rpy`` name that is not a directory's."""
+    segments = request_segments(raw_path)
+    if not segments or not segments[-1].lower().endswith(SCRIPT_SUFFIX):
+        return False
+    return target is None or not target.is_dir()
+
+
+_SCRIPTS_OFF_PAGE = """<!DOCTYPE html>
+<html><head><meta charset=utf-8><title>404: scripts are off</title></head><body>
+<h1>404 Not Found: scripts are off</h1>
+<p>This server serves static files only (<code>python -m aiodelay --no-scripts</code>):
+<code>.rpy</code> scripts are neither run nor shown. Start it without <code>--no-scripts</code>
+to run them.</p>
+<p><a href="./">Back</a></p>
+</body></html>
+"""
+
+
+async def _scripts_off(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=404, text=_SCRIPTS_OFF_PAGE, content_type="text/html")
 
 
 def _failed_script(reason: str) -> RouteHandler:

@@ -1,11 +1,14 @@
-"""A real browser leaves the interrupted demo: headless Chromium, driven over its DevTools protocol.
+"""The demo site in a real browser: headless Chromium, driven over its DevTools protocol.
 
 Chromium loads /interrupted.rpy of the demo site and is stopped (``Page.stopLoading``, what Esc
 does) while the server holds the five-second response. The server must count a cancellation,
 the delayed render must be cancelled (so it never runs), and the page must stay empty.
+And Chromium shows the status page: its numbers leave out its own polling, its labels stay put
+when a number grows, and the favicon the browser asks for is there.
 
-This test runs wherever the suite runs; without ``/usr/bin/chromium`` it fails and says how to
-install it (``.ci/run`` installs Debian's ``chromium``).
+These tests need ``/usr/bin/chromium`` (or ``$AIODELAY_CHROMIUM``). Without it they are skipped
+with a message saying how to install it; in CI (the ``CI`` environment variable set, as
+``.ci/run`` does, which installs Debian's ``chromium``) they fail instead.
 """
 
 from __future__ import annotations
@@ -221,3 +224,101 @@ async def test_chromium_stopping_the_interrupted_demo_cancels_the_render(
     [(delay, handle)] = timers.handles
     assert delay == 5
     assert handle.cancelled()  # the delayed render can never run
+
+
+class StatusPage:
+    """``started``: the status page's script polls (so its document is complete); ``favicon``:
+    the browser's request for /favicon.ico has ended (so it is in the counters)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.favicon = asyncio.Event()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        if request.path == "/status.rpy" and "json" in request.query:
+            self.started.set()
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        pass
+
+    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
+        if request.path == "/favicon.ico":
+            self.favicon.set()
+
+
+# Resolves, at the page's next update, to the numbers it shows.
+NEXT_UPDATE = """
+new Promise(resolve => {
+  const state = document.getElementById("state");
+  new MutationObserver((_, observer) => {
+    observer.disconnect();
+    const shown = {};
+    for (const cell of document.querySelectorAll("td.n, #left_out")) {
+      shown[cell.id] = cell.textContent;
+    }
+    resolve(shown);
+  }).observe(state, {childList: true, characterData: true, subtree: true});
+})
+"""
+
+# Where the label of the "completed" row starts, for numbers of 1 to 6 digits.
+LABEL_POSITIONS = """
+(() => {
+  const cell = document.getElementById("completed");
+  const label = cell.nextElementSibling;
+  const saved = cell.textContent;
+  const lefts = [];
+  for (const text of ["7", "42", "123", "123456"]) {
+    cell.textContent = text;
+    lefts.push(label.getBoundingClientRect().left);
+  }
+  cell.textContent = saved;
+  return lefts;
+})()
+"""
+
+
+async def test_chromium_status_page_numbers_labels_and_favicon(
+    aiodelay_server: AiodelayServer, tmp_path: Path
+) -> None:
+    app = create_app(DEMO_DIR)
+    status_page = StatusPage()
+    add_observer(app, status_page)
+    favicon: list[int] = []
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path == "/favicon.ico":
+            favicon.append(response.status)
+
+    app.on_response_prepare.append(record)
+    server = await aiodelay_server(app)
+
+    async with chromium(tmp_path / "profile") as devtools:
+        target = await devtools.send("Target.createTarget", {"url": "about:blank"})
+        attached = await devtools.send(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        page = attached["sessionId"]
+
+        async def evaluate(expression: str) -> Any:
+            reply = await devtools.send(
+                "Runtime.evaluate",
+                {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                page,
+            )
+            assert "exceptionDetails" not in reply, reply
+            return reply["result"]["value"]
+
+        await devtools.send("Page.navigate", {"url": str(server.make_url("/status.rpy"))}, page)
+        await asyncio.wait_for(status_page.started.wait(), 20)
+        await asyncio.wait_for(status_page.favicon.wait(), 20)  # the one other request
+        first = await evaluate(NEXT_UPDATE)
+        second = await evaluate(NEXT_UPDATE)
+        lefts = await evaluate(LABEL_POSITIONS)
+
+    # The poll asking is not "in flight", and the polls do not make "completed" grow.
+    assert first["in_flight"] == second["in_flight"] == "0"
+    assert first["completed"] == second["completed"]
+    assert int(second["left_out"]) > int(first["left_out"])  # what was left out, said
+    assert len(set(lefts)) == 1, lefts  # the labels do not move
+    assert favicon == [200]

@@ -1,4 +1,4 @@
-"""``python -m aiodelay``: main(argv) in-process, and once as a real subprocess."""
+"""``python -m aiodelay``: main(argv) in-process, and as a real subprocess."""
 
 from __future__ import annotations
 
@@ -224,3 +224,111 @@ async def test_python_m_aiodelay_serves_logs_and_stops_on_sigint(tmp_path: Path)
     assert "".join(out).count("\n") == 1  # one line: the URL
     assert "Traceback" not in "".join(err)
     assert "stopping" in "".join(err)
+
+
+# Both scripts say on stderr when they started and how their notify_finish future ended.
+RECORD = """\
+import sys
+
+def record(name):
+    def done(future):
+        if future.cancelled():
+            outcome = "cancelled"
+        else:
+            err = future.exception()
+            outcome = f"{type(err).__name__} {getattr(err, 'reason', '')}".strip()
+        print(f"{name} notify_finish: {outcome}", file=sys.stderr, flush=True)
+    return done
+
+"""
+
+OPEN_STREAM_SCRIPT = (
+    RECORD
+    + """\
+from aiodelay import NOT_DONE_YET, Resource
+
+class Stream(Resource):
+    def _tick(self, request):
+        request.write(b"tick\\n")
+        request.call_later(0.1, self._tick, request)
+
+    def render_GET(self, request):
+        request.notify_finish().add_done_callback(record("stream"))
+        self._tick(request)
+        print("started stream", file=sys.stderr, flush=True)
+        return NOT_DONE_YET
+
+resource = Stream()
+"""
+)
+
+PENDING_HANDLER_SCRIPT = (
+    RECORD
+    + """\
+import asyncio
+import aiodelay
+
+async def resource(request):
+    aiodelay.notify_finish(request).add_done_callback(record("pending"))
+    print("started pending", file=sys.stderr, flush=True)
+    await asyncio.Event().wait()  # no response, ever
+"""
+)
+
+
+async def _get_started(
+    port: int, name: str, stderr: asyncio.StreamReader, seen: list[str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection, request ``/name.rpy``, return once the script says it started."""
+    connection = await asyncio.open_connection("127.0.0.1", port)
+    connection[1].write(f"GET /{name}.rpy HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await asyncio.wait_for(_read_until(stderr, f"started {name}", seen), 10)
+    return connection
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_stop_with_requests_in_flight_takes_at_most_the_promised_3s(
+    tmp_path: Path, signum: int
+) -> None:
+    """The README and the log promise 3 s; aiohttp waits its shutdown_timeout twice.
+
+    With an open stream and a pending handler, the process exits with 0 within 3.5 s of the
+    signal (3 s and the cleanup), and both notify_finish futures fail with reason "shutdown".
+    """
+    (tmp_path / "stream.rpy").write_text(OPEN_STREAM_SCRIPT)
+    (tmp_path / "pending.rpy").write_text(PENDING_HANDLER_SCRIPT)
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "aiodelay", "--port", "0", "--path", str(tmp_path)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out: list[str] = []
+    err: list[str] = []
+    connections = []
+    try:
+        line = await asyncio.wait_for(_read_until(proc.stdout, "Serving", out), 20)
+        port = int(_url(line).rstrip("/").rsplit(":", 1)[1])
+        connections.append(await _get_started(port, "stream", proc.stderr, err))
+        connections.append(await _get_started(port, "pending", proc.stderr, err))
+
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        proc.send_signal(signum)
+        status = await asyncio.wait_for(proc.wait(), 20)
+        took = loop.time() - signalled
+        err.append((await proc.stderr.read()).decode())
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for _, writer in connections:
+            writer.close()
+    log = "".join(err)
+    assert status == 0
+    assert took < 3.5, f"the stop took {took:.2f}s\n{log}"
+    assert "stream notify_finish: ConnectionLost shutdown" in log
+    assert "pending notify_finish: ConnectionLost shutdown" in log
+    assert "requests in flight have up to 3s to end" in log
+    assert "Traceback" not in log

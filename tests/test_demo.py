@@ -107,8 +107,9 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
     ):
         counters = await resp.json()
     assert counters == {
-        "in_flight": 1,  # this request
-        "completed": 1,  # the page
+        "in_flight": 0,  # this request is the page's own: left out
+        "completed": 0,  # so is the page
+        "left_out": 2,
         "disconnected": 1,
         "cancelled": 1,
         "shielded_ran_on": 0,

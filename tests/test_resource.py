@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import aiohttp
@@ -293,16 +294,90 @@ async def test_write_and_finish_after_the_peer_left_are_no_ops(
     request.finish()  # Twisted raises here and floods the log (klein#11): we stay quiet
 
 
-async def test_shield_policy_ends_the_response_when_the_peer_leaves(
+class Gated(Resource):
+    """Twisted's idiom: the render waits for a gate, and the errback cancels the gate."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.errbacks: list[str] = []
+        self.lost: asyncio.Future[None] | None = None
+
+    def _render(self, gate: asyncio.Future[None], request: ResourceRequest) -> None:
+        if gate.cancelled():
+            return
+        request.write(b"late")
+        request.finish()
+
+    def _failed(self, err: aiodelay.ConnectionLost, gate: asyncio.Future[None]) -> None:
+        self.errbacks.append(err.reason)
+        gate.cancel()
+
+    def render_GET(self, request: ResourceRequest) -> object:
+        self.gate.add_done_callback(functools.partial(self._render, request=request))
+        self.lost = request.on_connection_lost(self._failed, self.gate)
+        return NOT_DONE_YET
+
+
+@pytest.mark.parametrize("policy", ["cancel", "shield"])
+async def test_policy_decides_whether_twisted_errback_stops_the_work(
+    aiodelay_server: AiodelayServer, policy: str
+) -> None:
+    """cancel: the errback runs when the peer leaves and cancels the pending render.
+    shield: the work runs on; the request stays in flight until finish(), and the errback
+    is held back until then (it would cancel the render otherwise)."""
+    resource = Gated()
+    server = await aiodelay_server(_app(resource, policy=policy))
+    seen = await server.drop("GET", "/", wait="seen")
+    assert resource.lost is not None
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(resource.lost, 5)  # its errback's turn came before ours
+    if policy == "cancel":
+        assert resource.errbacks == ["FIN"]
+        assert resource.gate.cancelled()
+        assert (await seen.wait_ended()).cancelled
+    else:
+        assert resource.errbacks == []
+        assert not resource.gate.done()
+        assert seen.running
+        resource.gate.set_result(None)  # the work finishes: write() is dropped, finish() ends it
+        ended = await seen.wait_ended()
+        assert ended.ran_on
+        assert ended.received == b""
+        assert resource.errbacks == ["FIN"]  # told once the work was done
+    stats = aiodelay.stats(server.app)
+    assert (stats.cancelled, stats.shielded_ran_on) == ((1, 0) if policy == "cancel" else (0, 1))
+
+
+async def test_shield_policy_keeps_request_timers_until_finish(
     aiodelay_server: AiodelayServer,
 ) -> None:
-    """Nothing is left to send: the request ends (ran on) instead of waiting for finish()."""
-    resource = Later()
-    server = await aiodelay_server(_app(resource, policy="shield"))
-    outcome = await server.drop("GET", "/")
-    assert outcome.ran_on
-    await asyncio.wait_for(resource.lost_event.wait(), 5)
-    resource.requests[0].finish()  # the callback still runs later: a no-op
+    """A stream under the shield policy ticks on after the peer left (its writes dropped)
+    until it calls finish(); then the request ends and is counted as ran on."""
+    ticked_after_drop = asyncio.Event()
+    stop = asyncio.Event()
+
+    class Ticking(Resource):
+        def _tick(self, request: ResourceRequest) -> None:
+            if stop.is_set():
+                request.finish()
+                return
+            if aiodelay.is_disconnected(request.request):
+                ticked_after_drop.set()
+            request.write(b"tick\n")
+            request.call_later(0.01, self._tick, request)
+
+        def render_GET(self, request: ResourceRequest) -> object:
+            self._tick(request)
+            return NOT_DONE_YET
+
+    server = await aiodelay_server(_app(Ticking(), policy="shield"))
+    seen = await server.drop("GET", "/", after_response_bytes=5, wait="seen")
+    assert seen.running
+    await asyncio.wait_for(ticked_after_drop.wait(), 5)
+    stop.set()
+    ended = await seen.wait_ended()
+    assert ended.ran_on
+    assert aiodelay.stats(server.app).shielded_ran_on == 1
 
 
 async def test_request_call_later_is_cancelled_with_the_request(

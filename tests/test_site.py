@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+import aiodelay
+from aiodelay._cli import DEMO_DIR
 from aiodelay._site import create_app, request_segments
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
 
@@ -397,3 +402,142 @@ async def test_a_request_handler_error_in_a_script_keeps_the_server_up(
     assert (await _fetch(server, "/raises.rpy"))[0] == 500
     assert "ValueError: boom" in caplog.text
     assert (await _fetch(server, "/a.txt"))[0] == 200
+
+
+# -- the demo site (aiodelay/demo/) ------------------------------------------------------------
+
+
+class DemoTimers:
+    """Records the loop.call_later() calls of the callback named ``name`` (with the delay the
+    script asked for) and runs them after ``scale`` times that delay, so a test need not wait
+    the demo's five seconds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, scale: float = 1.0) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+        self.handles: list[tuple[float, asyncio.TimerHandle]] = []
+
+        def spy(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__name__", None) != name:
+                return real(delay, callback, *args)
+            handle = real(delay * scale, callback, *args)
+            self.handles.append((delay, handle))
+            return handle
+
+        monkeypatch.setattr(loop, "call_later", spy)
+
+
+def _interrupted_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "interrupted by" in r.getMessage()]
+
+
+@pytest.mark.parametrize("policy", ["cancel", "shield"])
+async def test_interrupted_demo_does_what_the_policy_says(
+    aiodelay_server: AiodelayServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
+) -> None:
+    """cancel: leaving cancels the delayed render.  shield: the render runs on to its end (its
+    five seconds, here shortened to 0.5) after the request started (only it calls finish()),
+    and the log says so with that time; no line claims what did not happen (it said "ran on"
+    after 0.0s, the render cancelled).
+    """
+    caplog.set_level(logging.INFO, "aiodelay")
+    timers = DemoTimers(monkeypatch, "_delayed_render", scale=0.1)
+    server = await aiodelay_server(create_app(DEMO_DIR, policy=policy))
+    seen = await server.drop("GET", "/interrupted.rpy", wait="seen")
+    ended = await seen.wait_ended(timeout=10)
+    assert ended.record is not None
+    took = ended.record.ended_at - ended.record.started_at
+    [(delay, handle)] = timers.handles
+    assert delay == 5
+    delay *= 0.1
+    [line] = _interrupted_lines(caplog)
+    stats = aiodelay.stats(server.app)
+    if policy == "cancel":
+        assert ended.cancelled
+        assert handle.cancelled()
+        assert took < delay
+        assert line.endswith(": cancelled")
+        assert (stats.cancelled, stats.shielded_ran_on) == (1, 0)
+    else:
+        assert ended.ran_on
+        assert took >= delay - 0.01  # timers may fire a clock tick early
+        match = re.search(r": ran on \(shielded\), ended after (\d+\.\d+)s$", line)
+        assert match is not None, line
+        assert float(match.group(1)) >= delay - 0.01
+        assert (stats.cancelled, stats.shielded_ran_on) == (0, 1)
+    assert ended.received == b""  # nothing was rendered to the client that left
+
+
+@pytest.mark.parametrize("policy", ["cancel", "shield"])
+async def test_stream_demo_stops_when_the_client_leaves_whatever_the_policy(
+    aiodelay_server: AiodelayServer, policy: str
+) -> None:
+    """A stream has no end to run on to: it is marked cancellable."""
+    server = await aiodelay_server(create_app(DEMO_DIR, policy=policy))
+    dropped = await server.drop("GET", "/stream.rpy", after_response_bytes=1)
+    assert dropped.cancelled
+
+
+async def test_demo_without_scripts_says_scripts_are_off(
+    aiodelay_server: AiodelayServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every demo link used to be a bare 404: now a 404 page that says why, and still nothing
+    runs.  It says so for any .rpy name, so it does not tell which scripts exist."""
+    timers = DemoTimers(monkeypatch, "_delayed_render")
+    app = create_app(DEMO_DIR, scripts=False)
+    server = await aiodelay_server(app)
+    index = (await _fetch(server, "/"))[2].decode()
+    links = re.findall(r'href="([^"]+\.rpy)"', index)
+    assert len(links) >= 4
+    for path in [*links, "no-such.rpy", "SUB/Upper.RPY"]:
+        status, headers, body = await _fetch(server, "/" + path)
+        assert status == 404, path
+        assert headers["Content-Type"].startswith("text/html")
+        assert b"scripts are off" in body
+        assert b"--no-scripts" in body
+        assert b"import" not in body  # not the script's source either
+    assert timers.handles == []
+    assert aiodelay.stats(app).completed == len(links) + 3  # the index and the 404 pages
+
+
+async def test_status_demo_leaves_out_its_own_requests(aiodelay_server: AiodelayServer) -> None:
+    """ "in flight" was never 0 (the poll asking) and "completed" rose with every poll."""
+    server = await aiodelay_server(create_app(DEMO_DIR))
+    assert (await _fetch(server, "/status.rpy"))[0] == 200
+    counters = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(server.make_url("/status.rpy?json")) as resp:
+                counters.append(await resp.json())
+    assert [c["in_flight"] for c in counters] == [0, 0, 0]
+    assert [c["completed"] for c in counters] == [0, 0, 0]
+    assert [c["left_out"] for c in counters] == [2, 3, 4]  # the page, the polls and this one
+
+    await server.drop("GET", "/interrupted.rpy")
+    assert (await _fetch(server, "/a-file-that-is-not-there"))[0] == 404
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/status.rpy?json")) as resp,
+    ):
+        assert await resp.json() == {
+            "in_flight": 0,
+            "completed": 1,  # the 404: not this page's
+            "disconnected": 1,
+            "cancelled": 1,
+            "shielded_ran_on": 0,
+            "truncated": 0,
+            "failed": 0,
+            "left_out": 5,
+        }
+
+
+async def test_demo_serves_a_favicon(aiodelay_server: AiodelayServer) -> None:
+    """Each page load logged a 404 for /favicon.ico."""
+    server = await aiodelay_server(create_app(DEMO_DIR))
+    status, headers, body = await _fetch(server, "/favicon.ico")
+    assert status == 200
+    assert headers["Content-Type"].startswith("image/")
+    assert body.startswith(b"\0\0\1\0")  # an ICO header

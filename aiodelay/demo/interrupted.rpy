@@ -1,9 +1,15 @@
 """Twisted Web's "Interrupted Responses" example, ported line by line.
 
 The page takes five seconds. Leave before that (press Esc) and the delayed render is
-cancelled: no page content, and one line in the server log.
+cancelled: no page content, and one line in the server log ("... interrupted by FIN after
+1.204s: cancelled").
 
-    python -m aiodelay
+Under ``python -m aiodelay --policy shield`` the render runs on to its end instead: aiodelay
+holds the errback back until the work is done, the request stays in flight for the five
+seconds, and the log says "... interrupted by FIN after 1.204s: ran on (shielded), ended after
+5.002s".
+
+    python -m aiodelay [--policy shield]
     open http://127.0.0.1:8080/interrupted.rpy
 """
 

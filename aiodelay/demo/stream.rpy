@@ -2,13 +2,17 @@
 
 Each line is written from a request-owned timer (``request.call_later``): when you close the
 tab, aiodelay cancels the pending timer and the stream stops; the log says "cancelled".
+A stream has no end to run on to, so it is marked ``@aiodelay.cancellable``: it stops when you
+leave also under ``python -m aiodelay --policy shield``.
 """
 
 import time
 
+import aiodelay
 from aiodelay import NOT_DONE_YET, Resource
 
 
+@aiodelay.cancellable
 class Ticker(Resource):
     def _tick(self, request, count):
         request.write(f"{count:4d}  {time.strftime('%H:%M:%S')}  still here\n".encode())
