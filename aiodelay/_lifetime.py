@@ -151,7 +151,12 @@ class Connection:
             lost, lost_at = life.lost, life.lost_at
             life.end(response)
             if lost is not None and kind == "completed":
-                kind = "ran_on"
+                if response is not None and response_completed(response):
+                    # aiodelay wrote the whole response before it learned that the client
+                    # left (it read it all, then closed): that request completed.
+                    lost = lost_at = None
+                else:
+                    kind = "ran_on"
             note = life.note(kind)
         if kind == "completed" and lost is None:
             self.response = response  # settled when it is complete, or its client leaves

@@ -224,8 +224,6 @@ async def _deliver(
         conn.delivering = False
     life = conn.life
     if life is not None:
-        if life.lost is not None:  # the client left while the response was written
-            return "truncated", response
         life.complete()
     return "completed", response
 
