@@ -4,8 +4,10 @@ Install with :func:`setup` (or :func:`middleware`); see the README for what is a
 detected.
 """
 
+from ._account import add_observer
 from ._errors import ConnectionLost
 from ._middleware import middleware, setup, stats
+from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, cancellable, shielded
 from ._request import call_later, is_disconnected, notify_finish, spawn
 from ._resource import NOT_DONE_YET, Resource
@@ -17,9 +19,13 @@ __version__ = "0.1.0"
 __all__ = (
     "NOT_DONE_YET",
     "ConnectionLost",
+    "Outcome",
+    "OutcomeKind",
     "Policy",
+    "RequestObserver",
     "Resource",
     "Stats",
+    "add_observer",
     "call_later",
     "cancellable",
     "is_disconnected",

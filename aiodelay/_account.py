@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from ._client import trusted_remote
 from ._observe import Outcome, RequestObserver
 from ._policy import Policy, coerce_policy
 from ._stats import Counters
@@ -34,6 +36,7 @@ __all__ = (
     "installed_on",
     "logger",
     "record",
+    "started",
 )
 
 logger = logging.getLogger("aiodelay")
@@ -101,10 +104,31 @@ def books_of(request: web.BaseRequest, watching: Book) -> tuple[Book, ...]:
 
 
 def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[], None]:
-    """Observe the requests of ``app`` (which has aiodelay installed); returns the remover."""
+    """Tell ``observer`` (a :class:`aiodelay.RequestObserver`) about each request of ``app``
+    (and of its sub-apps): its start, its client leaving, how it ended.
+
+    ``app`` must have aiodelay installed (``RuntimeError`` otherwise). Returns a function that
+    removes the observer again (a second call does nothing). An observed app pays for it on
+    every request: aiodelay then writes each response to its end itself, so that the outcome
+    can say whether it got there.
+    """
     observers = installed_on(app).observers
     observers.append(observer)
-    return lambda: observers.remove(observer)
+
+    def remove() -> None:
+        if observer in observers:
+            observers.remove(observer)
+
+    return remove
+
+
+def started(observers: list[RequestObserver], request: web.BaseRequest) -> None:
+    """Tell ``observers`` that ``request`` started."""
+    for observer in observers:
+        try:
+            observer.request_started(request)
+        except Exception:  # one broken observer must not break the request
+            logger.exception("observer %r failed", observer)
 
 
 def record(
@@ -123,6 +147,8 @@ def record(
     client while its response was written.
     """
     disconnected = outcome.lost is not None
+    if outcome.client is None and (disconnected or any(book.observers for book in books)):
+        outcome = replace(outcome, client=trusted_remote(request))
     for book in books:
         counters = book.counters
         if recount:
@@ -155,7 +181,7 @@ def _log(request: web.BaseRequest, outcome: Outcome, note: str) -> None:
         "%s %s from %s interrupted by %s after %.3fs: %s",
         request.method,
         request.path,
-        request.remote,
+        outcome.client,
         lost.reason,
         (outcome.lost_at or outcome.started_at) - outcome.started_at,
         what,

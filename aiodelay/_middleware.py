@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ._account import Book, book_key, installed_on
+from ._account import Book, book_key, installed_on, started
 from ._errors import ConnectionLost
 from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import OutcomeKind
@@ -79,8 +79,8 @@ class Middleware(Book):
                 # aiodelay is installed on an app and on a sub-app: the outer one watches;
                 # the request is recorded in both, under the sub-app's policy.
                 conn.make_life()
-                for observer in self.observers:
-                    observer.request_started(request)
+                if self.observers:
+                    started(self.observers, request)
                 return await handler(request)
             if conn.trailing:
                 conn.run_trailing()  # the previous response on this connection is complete
@@ -99,8 +99,7 @@ class Middleware(Book):
         result: Any = None
         try:
             if self.observers:
-                for observer in self.observers:
-                    observer.request_started(request)
+                started(self.observers, request)
             if gone is not None:
                 gone_life = conn.make_life()
                 gone_life.disconnected(gone)

@@ -1,6 +1,6 @@
 """How a request ended (:class:`Outcome`) and the hook that is told (:class:`RequestObserver`).
 
-Not part of the public API: it may change with any release. ``add_observer`` is in
+Public as ``aiodelay.Outcome`` and ``aiodelay.RequestObserver``; ``aiodelay.add_observer`` is in
 ``_account``, which owns the observers of each installation.
 """
 
@@ -27,21 +27,41 @@ OutcomeKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed"]
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a request ended; the times are ``time.monotonic()`` values."""
+    """How one request ended, as :func:`aiodelay.add_observer`'s observers are told.
+
+    ``kind`` is one of ``"completed"``, ``"cancelled"``, ``"ran_on"``, ``"truncated"``,
+    ``"failed"`` (see :data:`OutcomeKind`). ``lost`` is the :class:`aiodelay.ConnectionLost`
+    saying how the client left (its ``reason``: ``"FIN"``, ``"RST"``, ``"shutdown"``,
+    ``"closed"``), ``None`` if it did not leave first. ``client`` is the client's address as
+    the app trusts it (through aiohttp-remotes' middlewares behind a proxy, else
+    ``request.remote``). The times are ``time.monotonic()`` values: the request reached
+    aiodelay, aiodelay saw the client leave (``None`` if it did not), the handler ended (or,
+    for ``"truncated"``, aiodelay saw the response cut short).
+    """
 
     kind: OutcomeKind
     lost: ConnectionLost | None
     started_at: float
     lost_at: float | None
     ended_at: float
+    client: str | None = None
 
 
 class RequestObserver(Protocol):
-    """Called synchronously from the request's task; must not raise."""
+    """What :func:`aiodelay.add_observer` calls, synchronously, from the request's task (or,
+    for ``request_lost`` and a response cut short, from the transport's callback).
 
-    def request_started(self, request: web.BaseRequest) -> None: ...
+    An observer must be quick and should not raise: an exception is logged on the ``aiodelay``
+    logger with its traceback and the request goes on. The ``request`` is the one aiohttp
+    made (not a clone a middleware inside aiodelay's handed on).
+    """
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        """The request reached aiodelay's middleware; its handler runs next."""
 
     def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
         """The client left while the handler runs (before it is cancelled, if it will be)."""
 
-    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None: ...
+    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
+        """The request ended; called once per request, also for one whose response was cut
+        short after its handler returned (``outcome.kind == "truncated"``)."""

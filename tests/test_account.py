@@ -54,7 +54,7 @@ class _Lines(logging.Handler):
 
         try:
             return await asyncio.wait_for(matched(), 5)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             raise AssertionError(f"no {count} lines matching {pattern!r} in {self.lines}") from None
 
 
@@ -92,10 +92,13 @@ class Logged:
     async def wait_for(self, count: int = 1) -> list[str]:
         event = _Access.logged
         assert event is not None
-        async with asyncio.timeout(5):
+
+        async def enough() -> None:
             while len(self.entries) < count:
                 event.clear()
                 await event.wait()
+
+        await asyncio.wait_for(enough(), 5)
         return self.entries
 
 
@@ -157,7 +160,7 @@ class _Ran:
 
         try:
             await asyncio.wait_for(reached(), 5)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             raise AssertionError(
                 f"{self.ended} of {count} handlers ran to their end ({self.started} started)"
             ) from None
@@ -181,10 +184,12 @@ class _Ended:
         self.changed.set()
 
     async def wait(self, count: int) -> list[str]:
-        async with asyncio.timeout(5):
+        async def enough() -> None:
             while len(self.kinds) < count:
                 self.changed.clear()
                 await self.changed.wait()
+
+        await asyncio.wait_for(enough(), 5)
         return self.kinds
 
 
