@@ -97,6 +97,11 @@ class Middleware(Book):
         self.counters.started += 1
         kind: OutcomeKind = "completed"
         result: Any = None
+        # aiohttp may pause reading for this request (an upload not all here yet, a full
+        # pipelining queue): then only the kernel can tell that the client left.
+        held = w is not None and (request.body_exists or bool(w.queued))
+        if held and w is not None:
+            w.hold(request)
         try:
             if self.observers:
                 started(self.observers, request)
@@ -122,6 +127,8 @@ class Middleware(Book):
             if result is None:
                 raise
         finally:
+            if held and w is not None:
+                w.release()
             conn.task = None
             if conn.life is None and not self.observers:
                 conn.response = result  # settled if its client leaves before it is written

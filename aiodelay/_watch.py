@@ -10,16 +10,29 @@ straight through and looks only at the two that mean the peer is gone: ``eof_rec
 and ``connection_lost`` (RST, or the end after a FIN). It is installed on the first request of a
 connection and reused for the following keep-alive requests.
 
+While aiohttp has paused reading (a request body larger than its buffer that the handler does
+not read yet, or a full pipelining queue), ``eof_received`` cannot come: the kernel holds the FIN
+behind the unread bytes. The kernel knows, though: on Linux, ``EPOLLRDHUP`` reports a peer's FIN
+(and ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. :class:`Hangups` is one small
+``select.epoll`` per event loop, itself one readable fd of the loop, that holds only those events
+and only for the connections whose request may pause reading (:meth:`Watch.hold`, released when
+the request ends). Requests without a body, on a connection that is reading, never touch it.
+
 What cannot be seen: a peer that vanishes without sending FIN or RST (a pulled cable, a
-suspended laptop) looks alive until TCP gives up; and while aiohttp has paused reading (a request
-body larger than its buffer that the handler does not read, or a full pipelining queue), the
-kernel holds the FIN or RST unread, so it is seen only when reading resumes or a write fails.
+suspended laptop) looks alive until TCP gives up; a FIN that cannot reach the server's kernel
+because the receive window is full (the client's kernel still holds the data in front of it;
+only an RST can get through); and, on platforms without epoll, anything behind paused reading,
+which is seen only when reading resumes or a write fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import select
+import weakref
+from collections.abc import Sized
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,6 +44,7 @@ if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
 __all__ = (
+    "Hangups",
     "Listener",
     "Watch",
     "bytes_written",
@@ -64,11 +78,19 @@ class Watch(asyncio.Protocol):
     transport calls it with no extra frame in between.
     """
 
-    __slots__ = ("_proto", "data_received", "listener", "lost")
+    __slots__ = ("_held", "_hung_up", "_proto", "data_received", "listener", "lost", "queued")
 
     def __init__(self, proto: RequestHandler) -> None:
         self._proto = proto
+        #: The fd this connection is held under in its loop's Hangups, or -1.
+        self._held = -1
+        #: The kernel reported the peer gone while aiohttp was not reading.
+        self._hung_up = False
         self.data_received = proto.data_received  # type: ignore[method-assign]
+        #: aiohttp's queue of pipelined requests read but not yet handled (the same deque for
+        #: the connection's life): while it is not empty, aiohttp may stop reading when it
+        #: fills up.
+        self.queued: Sized = proto._messages
         #: Told about the peer leaving; set by the middleware right after installing.
         self.listener: Listener | None = None
         #: Set once the peer is known to be gone.
@@ -91,6 +113,8 @@ class Watch(asyncio.Protocol):
         return keep_open
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._hung_up = False  # closed already
+        self.release()  # while the socket is still open: its fd may be reused once closed
         proto = self._proto
         if exc is None:
             # An orderly close. Without a FIN seen first it is either aiohttp closing the
@@ -123,6 +147,52 @@ class Watch(asyncio.Protocol):
             self.listener = None  # the Connection refers to this Watch: no cycle left behind
             listener.closed()
 
+    def hold(self, request: web.BaseRequest) -> None:
+        """Ask the kernel about the peer while ``request`` runs, if aiohttp may pause reading
+        for it: its body has not all arrived, or pipelined requests wait behind it (their
+        queue may fill up), or reading is paused already. Released by :meth:`release` (at the
+        request's end) or when the peer is gone."""
+        if self._held >= 0 or _HANGUPS is None:
+            return
+        transport = request.transport
+        if transport is None or (
+            request._payload.is_eof() and not self.queued and transport.is_reading()
+        ):
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        hangups = _hangups_of(asyncio.get_running_loop())
+        if hangups is not None:
+            self._held = hangups.hold(sock.fileno(), self)
+
+    def release(self) -> None:
+        """Stop asking the kernel about this connection's peer (the request ended).
+
+        If the kernel said the peer is gone, the connection is aborted now: nothing more can
+        be sent to it or read from it, and aiohttp, which has not read that far, would first
+        drain the unread body (for up to its lingering time) or, over TLS, wait for a
+        close_notify that never comes.
+        """
+        fd = self._held
+        if fd >= 0:
+            self._held = -1
+            hangups = _hangups_of(asyncio.get_running_loop())
+            if hangups is not None:
+                hangups.release(fd)
+        if self._hung_up:
+            self._hung_up = False
+            transport = self._proto.transport
+            if transport is not None:
+                transport.abort()
+
+    def hung_up(self, reset: bool) -> None:
+        """The kernel says the peer closed (FIN) or reset (RST) the connection, maybe behind
+        data nobody read yet. aiohttp learns it when it reads or writes again."""
+        self._held = -1
+        self._hung_up = True
+        self._lose(ConnectionLost("RST" if reset else "FIN"))
+
     def is_websocket(self) -> bool:
         """True once a WebSocket handshake was accepted on this connection: aiohttp then tells
         the handler itself that the peer left (its receive loop ends)."""
@@ -134,6 +204,67 @@ class Watch(asyncio.Protocol):
         self.lost = lost
         if self.listener is not None:
             self.listener.disconnected(lost)
+
+
+_HANGUPS: int | None = getattr(select, "EPOLLRDHUP", None) if hasattr(select, "epoll") else None
+_RESET = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
+
+
+class Hangups:
+    """An ``epoll`` instance that reports only peers leaving, for the connections held in it.
+
+    It is registered with the event loop as one readable fd. Each held socket is registered
+    for ``EPOLLRDHUP`` (epoll adds ``EPOLLERR`` and ``EPOLLHUP`` by itself), not ``EPOLLIN``:
+    unread data does not wake it, a FIN or RST does, even behind unread data. A socket is
+    unregistered at its first report (the report would repeat: epoll is level-triggered) or
+    when released.
+    """
+
+    __slots__ = ("__weakref__", "_epoll", "_held", "_mask")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, mask: int) -> None:
+        self._mask = mask
+        self._epoll = select.epoll()
+        self._held: dict[int, Watch] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+        weakref.finalize(loop, self._epoll.close)
+
+    def hold(self, fd: int, watch: Watch) -> int:
+        try:
+            self._epoll.register(fd, self._mask)
+        except OSError:  # a socket the kernel no longer knows: its close is on its way
+            return -1
+        self._held[fd] = watch
+        return fd
+
+    def release(self, fd: int) -> None:
+        if self._held.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):  # gone from the kernel's set with its socket
+                self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        for fd, events in self._epoll.poll(0):
+            watch = self._held.get(fd)
+            self.release(fd)
+            if watch is not None:
+                watch.hung_up(bool(events & _RESET))
+
+
+_hangups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hangups] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hangups_of(loop: asyncio.AbstractEventLoop) -> Hangups | None:
+    """The loop's Hangups, made on first use; None where the platform has no ``EPOLLRDHUP``
+    or the loop cannot watch another fd."""
+    hangups = _hangups.get(loop)
+    if hangups is None and _HANGUPS is not None:
+        try:
+            hangups = _hangups[loop] = Hangups(loop, _HANGUPS)
+        except (OSError, NotImplementedError):
+            return None
+    return hangups
 
 
 def install_watch(request: web.BaseRequest, transport: asyncio.BaseTransport) -> Watch:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -128,6 +130,76 @@ async def test_handler_cancelled_when_client_leaves(
     assert aiodelay.stats(served.app).cancelled == 1
 
 
+# While aiohttp has paused reading, the FIN or RST waits in the kernel behind unread bytes:
+# only the kernel's own report (epoll's EPOLLRDHUP, Linux) shows it. How the client gets
+# aiohttp to pause: (name, client steps)
+_UNREAD = 800 * 1024  # far more than aiohttp buffers before it pauses reading
+
+
+async def _unread_upload(client: RawClient) -> None:
+    await client.send(
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % (4 * _UNREAD)
+        + b"x" * _UNREAD
+    )
+
+
+async def _full_pipeline(client: RawClient) -> None:
+    # aiohttp queues at most 32 pipelined requests, then stops reading.
+    await client.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * 200)
+
+
+PAUSING: list[tuple[str, Steps]] = [
+    ("unread-upload", _unread_upload),
+    ("full-pipeline", _full_pipeline),
+]
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="seen through epoll: Linux only")
+@pytest.mark.both_loops
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize(
+    ("server", "handler_cancellation", "tls"), SERVERS, ids=[s[0] for s in SERVERS]
+)
+@pytest.mark.parametrize(("kind", "steps"), PAUSING, ids=[k[0] for k in PAUSING])
+async def test_handler_cancelled_when_client_leaves_while_reading_is_paused(
+    serve: Serve,
+    kind: str,
+    steps: Steps,
+    server: str,
+    handler_cancellation: bool,
+    tls: bool,
+    drop: Drop,
+) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+    served = await serve(
+        _app(_await_gate, probe, finish), handler_cancellation=handler_cancellation, tls=tls
+    )
+    client = await served.connect()
+    await steps(client)
+    await probe.wait_started()
+    await _ping(served)  # the server has read what it will read
+    assert probe.request is not None
+    assert probe.request.transport is not None
+    assert not probe.request.transport.is_reading()  # paused: no eof_received can come
+
+    if tls and drop == "FIN":
+        # A TLS client closing its stream sends close_notify and waits for the server's before
+        # its FIN; a server that reads nothing never answers. Browsers just close: a FIN.
+        raw = client.writer.get_extra_info("socket")
+        with socket.fromfd(raw.fileno(), raw.family, raw.type) as dup:  # uvloop's has no shutdown
+            dup.shutdown(socket.SHUT_WR)
+    else:
+        client.drop(drop)
+    await probe.wait_ended()
+
+    assert probe.cancelled
+    exc = finish[0].exception()
+    assert isinstance(exc, aiodelay.ConnectionLost)
+    assert exc.reason == drop
+    assert aiodelay.stats(served.app).cancelled == 1
+
+
 async def _ping(served: Served) -> None:
     """A full round trip on a new connection: the server has read everything sent before."""
     client = await served.connect()
@@ -191,12 +263,15 @@ async def test_handler_not_started_when_connection_already_closed(serve: Serve) 
     assert (stats.in_flight, stats.disconnected, stats.cancelled) == (0, 1, 1)
 
 
-async def test_undetectable_while_reading_is_paused_is_no_worse_than_plain_aiohttp(
+async def test_a_fin_stuck_behind_a_full_receive_window_is_no_worse_than_plain_aiohttp(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The documented blind spot: the handler does not read a large upload, aiohttp stops
-    reading the socket, and the client's FIN waits behind the unread body. aiodelay cannot
-    see it; the handler runs on and its response is dropped quietly, as without aiodelay."""
+    """What remains physically unseeable: the handler does not read a 32 MB upload, aiohttp
+    stops reading, the server's receive window fills up, and the client's FIN cannot even reach
+    the server's kernel (the client's kernel holds it behind the unsent data). Nobody on the
+    server can see it; the handler runs on and its response is dropped quietly, as without
+    aiodelay. (An 800 kB upload fits the window, and that FIN is seen: see
+    ``test_handler_cancelled_when_client_leaves_while_reading_is_paused``.)"""
     caplog.set_level(logging.WARNING)
     probe = Probe()
 
