@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from time import monotonic
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from ._client import trusted_remote
-from ._observe import Outcome, RequestObserver
+from ._errors import ConnectionLost
+from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._policy import Policy, coerce_policy
 from ._stats import Counters
 
@@ -134,55 +135,60 @@ def started(observers: list[RequestObserver], request: web.BaseRequest) -> None:
 def record(
     books: tuple[Book, ...],
     request: web.BaseRequest,
-    outcome: Outcome,
+    kind: OutcomeKind,
+    lost: ConnectionLost | None,
+    started_at: float,
+    lost_at: float | None,
     *,
     note: str = "",
     recount: bool = False,
 ) -> None:
     """The end of one request: its counters in every book, its INFO line if its client left,
-    and the observers.
+    and the observers (an :class:`Outcome` is made only for them).
 
     ``note`` completes the INFO line (what ran on, what was sent). ``recount``: the request
     was counted ``completed`` when its handler returned, and is now known to have lost its
     client while its response was written.
     """
-    disconnected = outcome.lost is not None
-    if outcome.client is None and (disconnected or any(book.observers for book in books)):
-        outcome = replace(outcome, client=trusted_remote(request))
+    disconnected = lost is not None
     for book in books:
         counters = book.counters
         if recount:
             counters.completed -= 1
-        counters.count(outcome.kind, disconnected)
-    if disconnected:
-        _log(request, outcome, note)
-    for book in books:
-        for observer in book.observers:
-            try:
-                observer.request_ended(request, outcome)
-            except Exception:  # one broken observer must not take the others' record
-                logger.exception("observer %r failed", observer)
-
-
-def _log(request: web.BaseRequest, outcome: Outcome, note: str) -> None:
-    lost = outcome.lost
-    if lost is None:  # only called for requests whose client left
+        counters.count(kind, disconnected)
+    observed = any(book.observers for book in books)
+    logged = disconnected and logger.isEnabledFor(logging.INFO)
+    if not (observed or logged):
         return
-    kind = outcome.kind
+    client = trusted_remote(request)
+    ended_at = monotonic()
+    if logged and lost is not None:
+        spent = (lost_at or started_at) - started_at
+        logger.info(
+            "%s %s from %s interrupted by %s after %.3fs: %s",
+            request.method,
+            request.path,
+            client,
+            lost.reason,
+            spent,
+            _what(kind, note, ended_at - started_at),
+        )
+    if observed:
+        outcome = Outcome(kind, lost, started_at, lost_at, ended_at, client)
+        for book in books:
+            for observer in book.observers:
+                try:
+                    observer.request_ended(request, outcome)
+                except Exception:  # one broken observer must not take the others' record
+                    logger.exception("observer %r failed", observer)
+
+
+def _what(kind: OutcomeKind, note: str, total: float) -> str:
+    """What the INFO line says became of an interrupted request."""
     if kind == "cancelled":
-        what = f"cancelled ({note})" if note else "cancelled"
-    elif kind == "ran_on":
-        what = f"ran on ({note}), ended after {outcome.ended_at - outcome.started_at:.3f}s"
-    elif kind == "truncated":
-        what = f"the handler had returned; its response was cut short ({note})"
-    else:
-        what = note or "failed"
-    logger.info(
-        "%s %s from %s interrupted by %s after %.3fs: %s",
-        request.method,
-        request.path,
-        outcome.client,
-        lost.reason,
-        (outcome.lost_at or outcome.started_at) - outcome.started_at,
-        what,
-    )
+        return f"cancelled ({note})" if note else "cancelled"
+    if kind == "ran_on":
+        return f"ran on ({note}), ended after {total:.3f}s"
+    if kind == "truncated":
+        return f"the handler had returned; its response was cut short ({note})"
+    return note or "failed"

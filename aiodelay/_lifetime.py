@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ._account import NOT_SET_UP, Book, books_of, logger, record
 from ._errors import ConnectionLost
-from ._observe import Outcome, OutcomeKind
+from ._observe import OutcomeKind
 from ._policy import Policy, policy_of
 from ._watch import Watch, bytes_written, log_length, response_completed
 
@@ -126,11 +126,13 @@ class Connection:
         # The handler returned its response and was counted completed; aiohttp was still
         # writing that response when the client left.
         log_length(request, response)
-        now = monotonic()
         record(
             books_of(request, self.book),
             request,
-            Outcome("truncated", lost, self.started_at, now, now),
+            "truncated",
+            lost,
+            self.started_at,
+            monotonic(),
             note=f"{bytes_written(request)} bytes handed to the transport",
             recount=True,
         )
@@ -157,12 +159,10 @@ class Connection:
                     lost = lost_at = None
                 else:
                     kind = "ran_on"
-            note = life.note(kind)
+            note = life.note(kind) if lost is not None else ""
         if kind == "completed" and lost is None:
             self.response = response  # settled when it is complete, or its client leaves
-        record(
-            books, request, Outcome(kind, lost, self.started_at, lost_at, monotonic()), note=note
-        )
+        record(books, request, kind, lost, self.started_at, lost_at, note=note)
 
     def closed(self) -> None:
         """The connection is closed; a handler may still run on it (shielded)."""
@@ -219,8 +219,9 @@ class Lifetime:
         self.books = books
         self.policy = policy_of(request.match_info.handler, books[-1].policy)
         self.conn = conn
+        #: For error lines about its timers and tasks (the raw path: no decoding per drop).
         self.method = request.method
-        self.path = request.path
+        self.path = request.raw_path
         self.lost: ConnectionLost | None = None
         self.lost_at: float | None = None
         self.ended = False

@@ -372,18 +372,27 @@ def sent_as(
     ``candidates`` and ``exc``'s traceback are where the response the handler prepared may be
     found (see :func:`_prepared`).
     """
-    status, reason, sent = 499, "Client Closed Request", 0
-    if _status_line_sent(request):
-        prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
-        if prepared is not None:
-            status, reason, sent = prepared.status, prepared.reason, bytes_written(request)
+    if not _status_line_sent(request):
+        return _NOTHING_SENT
+    prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
+    if prepared is None:
+        return _NOTHING_SENT
+    return _logged(prepared.status, prepared.reason, bytes_written(request))
+
+
+def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:
     logged = web.StreamResponse(status=status, reason=reason)
     logged.force_close()
     # aiohttp's finish_response() calls prepare() and write_eof(), which do nothing once
-    # _eof_sent is set, then logs status and body_length.
+    # _eof_sent is set, then logs status and body_length; nothing of it changes the response.
     logged._eof_sent = True
     logged._body_length = sent
     return logged
+
+
+#: What every request that sent nothing is logged as: one object, shared (aiohttp only reads
+#: it), so that a storm of drops does not build a response per drop.
+_NOTHING_SENT = _logged(499, "Client Closed Request", 0)
 
 
 def log_length(request: web.BaseRequest, response: web.StreamResponse) -> None:
