@@ -25,6 +25,7 @@ from aiohttp import web
 from ._client import trusted_remote
 from ._errors import ConnectionLost
 from ._observe import Outcome, OutcomeKind, RequestObserver
+from ._owned import ThreadJob
 from ._policy import Policy, coerce_policy
 from ._stats import Counters
 
@@ -57,7 +58,7 @@ class Running(Protocol):
 class Book:
     """What one aiodelay installation keeps; the middleware is one (it subclasses this)."""
 
-    __slots__ = ("counters", "observers", "orphans", "policy", "shutting_down")
+    __slots__ = ("counters", "observers", "orphans", "policy", "shutting_down", "threads")
 
     def __init__(self, *, policy: Policy | str = Policy.CANCEL) -> None:
         self.policy = coerce_policy(policy)
@@ -65,6 +66,8 @@ class Book:
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
         self.orphans: set[Running] = set()
+        #: Functions that ``aiodelay.to_thread`` runs in threads now (``ThreadJob``).
+        self.threads: set[ThreadJob] = set()
         self.shutting_down = False
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from ._account import NOT_SET_UP, Book, books_of, logger, record
 from ._errors import ConnectionLost
 from ._observe import OutcomeKind
+from ._owned import Owned
 from ._policy import Policy, policy_of
 from ._watch import Watch, bytes_written, log_length, response_completed
 
@@ -31,7 +32,6 @@ __all__ = (
     "fail",
     "lifetime_key",
     "live",
-    "spawned",
 )
 
 # aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey.
@@ -46,7 +46,6 @@ CANCEL_MESSAGE = "aiodelay: the client left"
 #: serves (nothing per request: a connection is added once, when aiodelay first sees it):
 #: the connections aiodelay watches, and the tasks ``aiodelay.spawn()`` started.
 live: set[Connection] = set()
-spawned: set[asyncio.Task[Any]] = set()
 
 
 def fail(future: asyncio.Future[None], exc: BaseException) -> None:
@@ -187,8 +186,7 @@ class Lifetime:
 
     __slots__ = (
         "_cancel_requested",
-        "_handles",
-        "_tasks",
+        "_owned",
         "_waiters",
         "books",
         "conn",
@@ -234,8 +232,7 @@ class Lifetime:
         self.websocket = False
         self._cancel_requested = False
         self._waiters: list[asyncio.Future[None]] | None = None
-        self._handles: list[asyncio.TimerHandle] | None = None
-        self._tasks: set[asyncio.Task[Any]] | None = None
+        self._owned: Owned | None = None
         request[lifetime_key] = self
 
     # -- what the middleware and the Watch call ------------------------------------------
@@ -340,14 +337,11 @@ class Lifetime:
         for future in waiters or ():
             future.cancel()
 
-    def release(self) -> None:
-        """Cancel the request's pending timers and tasks."""
-        handles, self._handles = self._handles, None
-        for handle in handles or ():
-            handle.cancel()
-        tasks, self._tasks = self._tasks, None
-        for task in tasks or ():
-            task.cancel()
+    def release(self, reason: str = CANCEL_MESSAGE) -> None:
+        """Cancel the request's pending timers and tasks; tell its threads to stop."""
+        owned = self._owned
+        if owned is not None:
+            owned.release(reason)
 
     # -- what the public functions call ----------------------------------------------------
 
@@ -384,47 +378,13 @@ class Lifetime:
             watch = self.conn.watch
             fail(future, (watch.lost if watch is not None else None) or ConnectionLost("closed"))
 
-    def call_later(
-        self, delay: float, callback: Callable[..., object], args: tuple[Any, ...]
-    ) -> asyncio.TimerHandle:
-        self._check_open("call_later")
-        handle = asyncio.get_running_loop().call_later(delay, self._fire, callback, args)
-        if self._handles is None:
-            self._handles = [handle]
-        else:
-            self._handles.append(handle)
-        return handle
-
-    def _fire(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
-        try:
-            callback(*args)
-        except Exception:
-            logger.exception("timer callback %r of %s %s raised", callback, self.method, self.path)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        if self.ended:
-            coro.close()
-        self._check_open("spawn")
-        task = asyncio.get_running_loop().create_task(coro)
-        spawned.add(task)
-        if self._tasks is None:
-            self._tasks = {task}
-        else:
-            self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        spawned.discard(task)
-        if self._tasks is not None:
-            self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            logger.error(
-                "task %r spawned by %s %s raised", task, self.method, self.path, exc_info=exc
-            )
+    def owned(self, what: str) -> Owned:
+        """What the request owns (timers, tasks, threads), for starting one more."""
+        self._check_open(what)
+        owned = self._owned
+        if owned is None:
+            owned = self._owned = Owned(f"{self.method} {self.path}", self.books[0].threads)
+        return owned
 
     def _check_open(self, what: str) -> None:
         if self.ended:

@@ -20,7 +20,7 @@ from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import OutcomeKind
 from ._policy import Policy
 from ._stats import Stats
-from ._watch import Watch, closing_reason, install_watch, sent_as
+from ._watch import Watch, closing_reason, handed_back, install_watch, sent_as
 
 __all__ = (
     "Middleware",
@@ -39,6 +39,9 @@ _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
 )
 _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
+
+#: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
+THREAD_CLEANUP_TIMEOUT = 5.0
 
 #: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
 #: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
@@ -201,6 +204,19 @@ class Middleware(Book):
             task.cancel("aiodelay: the server is shutting down")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # Threads cannot be cancelled: they were told to stop when their requests ended.
+        # Wait for them a bounded time, and say which ones are left behind.
+        if self.threads:
+            _, left = await asyncio.wait(
+                [job.done for job in self.threads], timeout=THREAD_CLEANUP_TIMEOUT
+            )
+            for job in self.threads:
+                if job.done in left:
+                    logger.warning(
+                        "%r still runs %.1fs after cleanup began: left behind",
+                        job,
+                        THREAD_CLEANUP_TIMEOUT,
+                    )
 
 
 async def _deliver(
@@ -231,7 +247,7 @@ async def _deliver(
     life = conn.life
     if life is not None:
         life.complete()
-    return "completed", response
+    return "completed", handed_back(response)
 
 
 async def _complete(life: Lifetime, request: web.Request, response: web.StreamResponse) -> None:

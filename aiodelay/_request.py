@@ -101,7 +101,7 @@ def call_later(
     ends, whichever way (under the cancel policy, as soon as the client leaves; for a
     shielded handler, when the handler ends). An exception in ``callback`` is logged with its
     traceback on the ``aiodelay`` logger."""
-    return _open(request, "call_later").call_later(delay, callback, args)
+    return _open(request, "call_later").owned("call_later").call_later(delay, callback, args)
 
 
 def spawn(request: web.BaseRequest, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
@@ -109,11 +109,29 @@ def spawn(request: web.BaseRequest, coro: Coroutine[Any, Any, _T]) -> asyncio.Ta
     (see :func:`call_later` for when that is). An exception it raises is logged with its
     traceback on the ``aiodelay`` logger; awaiting the task still gives it to you."""
     try:
-        life = _open(request, "spawn")
+        owned = _open(request, "spawn").owned("spawn")
     except RuntimeError:
         coro.close()  # never started: do not warn "never awaited" on top of the error
         raise
-    return life.spawn(coro)
+    return owned.spawn(coro)
+
+
+async def to_thread(
+    request: web.BaseRequest, func: Callable[..., _T], /, *args: Any, **kwargs: Any
+) -> _T:
+    """Run ``func(*args, **kwargs)`` in the event loop's default executor, owned by the request
+    like :func:`spawn`: contextvars are copied into the thread, and the result or exception
+    comes back here.
+
+    When the request no longer wants the result (its client left under the cancel policy, its
+    deadline passed, it ended), this ``await`` ends at once with ``CancelledError`` as any
+    await does, and in the thread :func:`aiodelay.check_cancelled` raises from then on, so
+    that the work stops at its next check. A thread cannot be stopped from outside: work that
+    never checks runs to its end. The app's cleanup waits (up to 5 s) for threads still
+    running and logs the ones it leaves behind.
+    """
+    owned = _open(request, "to_thread").owned("to_thread")
+    return await owned.to_thread(func, args, kwargs)
 
 
 def _open(request: web.BaseRequest, what: str) -> Lifetime:

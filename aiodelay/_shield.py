@@ -8,7 +8,8 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ._account import NOT_SET_UP, logger
-from ._lifetime import CANCEL_MESSAGE, Lifetime, live, spawned
+from ._lifetime import CANCEL_MESSAGE, Lifetime, live
+from ._owned import spawned
 from ._policy import Policy
 
 __all__ = ("shield",)

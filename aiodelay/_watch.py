@@ -49,6 +49,7 @@ __all__ = (
     "Watch",
     "bytes_written",
     "closing_reason",
+    "handed_back",
     "install_watch",
     "installed_watch",
     "log_length",
@@ -378,6 +379,22 @@ def sent_as(
     if prepared is None:
         return _NOTHING_SENT
     return _logged(prepared.status, prepared.reason, bytes_written(request))
+
+
+def handed_back(response: web.StreamResponse) -> web.StreamResponse:
+    """What to return to aiohttp for a response that aiodelay has written to its end.
+
+    aiohttp's ``finish_response()`` calls ``prepare()`` and ``write_eof()`` on it once more;
+    ``StreamResponse``'s own do nothing then, but a subclass's own ``prepare()`` may not know
+    (``FileResponse`` opens its file again and fails). Such a response goes back as a
+    stand-in with its status, headers, length and keep-alive, which aiohttp logs as sent.
+    """
+    if response.__class__.prepare is web.StreamResponse.prepare:
+        return response
+    stand_in = _logged(response.status, response.reason, response.body_length)
+    stand_in._headers = response.headers
+    stand_in._keep_alive = response.keep_alive
+    return stand_in
 
 
 def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -15,6 +17,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: list[str] = []
         self.outcomes: list[aiodelay.Outcome] = []
+        self.ended = asyncio.Event()
 
     def request_started(self, request: web.BaseRequest) -> None:
         self.events.append(f"started {request.path}")
@@ -25,6 +28,17 @@ class _Recorder:
     def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
         self.events.append(f"ended {outcome.kind}")
         self.outcomes.append(outcome)
+        self.ended.set()
+
+    async def wait_ends(self, count: int) -> None:
+        """Until ``count`` requests ended (the client may read a response before that)."""
+
+        async def enough() -> None:
+            while len(self.outcomes) < count:
+                self.ended.clear()
+                await self.ended.wait()
+
+        await asyncio.wait_for(enough(), 5)
 
 
 class _Broken:
@@ -116,3 +130,30 @@ async def test_a_broken_observer_is_logged_and_the_request_goes_on(
     messages = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
     assert len(messages) == 4
     assert all("failed" in m for m in messages)
+
+
+async def test_an_observed_app_serves_files_without_an_error_and_keeps_alive(
+    serve: Serve, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """With observers, aiodelay writes each response to its end itself; aiohttp's
+    finish_response() then prepares it again, which FileResponse did not survive."""
+    caplog.set_level(logging.DEBUG)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"0123456789" * 1000)
+
+    async def file(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(data)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/data.bin", file)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.connect()
+    for _ in range(2):  # the same connection: keep-alive survives
+        await client.get("/data.bin")
+        assert await client.read_response() == (200, data.read_bytes())
+    await recorder.wait_ends(2)
+    assert recorder.events == ["started /data.bin", "ended completed"] * 2
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
