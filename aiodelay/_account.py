@@ -113,8 +113,9 @@ def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[]
 
     ``app`` must have aiodelay installed (``RuntimeError`` otherwise). Returns a function that
     removes the observer again (a second call does nothing). An observed app pays for it on
-    every request: aiodelay then writes each response to its end itself, so that the outcome
-    can say whether it got there.
+    every request: a request that returned a response is recorded once aiohttp is done
+    writing it (a callback on aiohttp's task of the request), so that the outcome can say
+    whether it got there (``"truncated"`` if not).
     """
     observers = installed_on(app).observers
     observers.append(observer)

@@ -10,8 +10,8 @@ asked: no future until ``notify_finish`` is called, no list until a timer or tas
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
-from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -22,7 +22,7 @@ from ._errors import ConnectionLost
 from ._observe import OutcomeKind
 from ._owned import Owned
 from ._policy import Policy, policy_of
-from ._watch import Watch, bytes_written, log_length, response_completed
+from ._watch import Watch, bytes_written, log_length, response_written
 
 __all__ = (
     "CANCEL_MESSAGE",
@@ -60,21 +60,21 @@ class Connection:
     """aiodelay's side of one connection: the request on it, if any.
 
     The middleware fills ``request``, ``task``, ``book`` and ``started_at`` when a request
-    starts, and clears ``task`` when its handler ends. ``request`` stays until aiohttp is
-    known to have written its response (or the client is known to have left during that):
-    a request counted ``completed`` whose client leaves before then is recorded again, as
-    ``truncated``. ``life`` is made on demand.
+    starts, and clears ``task`` when its handler ends. A request counted ``completed`` at that
+    moment (the hot path: no Lifetime, no observers) stays in ``request`` while aiohttp writes
+    its response: if the client leaves before that is done, it is recorded again, as
+    ``truncated``, once the connection is closed. A request with a Lifetime or observers is
+    recorded only once aiohttp is done with it (:meth:`end`). ``life`` is made on demand.
     """
 
     __slots__ = (
         "book",
-        "delivering",
         "life",
         "request",
         "response",
         "started_at",
         "task",
-        "trailing",
+        "unsettled",
         "watch",
     )
 
@@ -83,17 +83,14 @@ class Connection:
         #: The installation whose middleware watches this connection (the outermost).
         self.book = book
         self.request: web.Request | None = None
-        #: The response the last handler returned, until it is known to be complete.
+        #: The response the last handler returned (for aiohttp's access log, if it is cut).
         self.response: web.StreamResponse | None = None
         self.task: asyncio.Task[Any] | None = None
         self.started_at = 0.0
         self.life: Lifetime | None = None
-        #: The handler has returned and aiodelay writes its response: a disconnect now cuts
-        #: the response short, there is no handler left to cancel.
-        self.delivering = False
-        #: Called once, at the next request on this connection or when it closes: the
-        #: response of an ended request that aiohttp was still writing is then settled.
-        self.trailing: list[Callable[[], None]] | None = None
+        #: A request counted completed whose client left before its response was written:
+        #: (request, how the client left, when the request started), settled at the close.
+        self.unsettled: tuple[web.Request, ConnectionLost, float] | None = None
         live.add(self)
 
     def busy(self) -> bool:
@@ -116,65 +113,104 @@ class Connection:
         if self.task is not None:
             self.make_life().disconnected(lost)
             return
-        request, response = self.request, self.response
-        self.request = self.response = None
-        if request is None or response is None or response_completed(response):
+        response, self.response = self.response, None
+        if response is not None:
+            log_length(response)  # aiohttp logs 0 bytes for a response whose write failed
+        request, self.request = self.request, None
+        if request is None or response_written(request):
             return
         if self.watch is not None and self.watch.is_websocket():
             return  # its handler's end was recorded; the handshake response was complete
-        # The handler returned its response and was counted completed; aiohttp was still
-        # writing that response when the client left.
-        log_length(request, response)
-        record(
-            books_of(request, self.book),
-            request,
-            "truncated",
-            lost,
-            self.started_at,
-            monotonic(),
-            note=f"{bytes_written(request)} bytes handed to the transport",
-            recount=True,
-        )
+        # Counted completed when its handler returned; aiohttp may still get the rest out
+        # (a client that half-closed, and reads on): the close of the connection tells.
+        self.unsettled = (request, lost, self.started_at)
 
     def end(
-        self, request: web.Request, response: web.StreamResponse | None, kind: OutcomeKind
+        self,
+        request: web.Request,
+        task: asyncio.Task[Any],
+        response: web.StreamResponse | None,
+        kind: OutcomeKind,
     ) -> None:
         """The handler of a request that made a Lifetime, or that observers watch, ended as
-        ``kind``: record it."""
+        ``kind``: record it, or, if it returned a response to a client still there, once
+        aiohttp is done writing that response (``task`` is aiohttp's task of the request)."""
         life = self.life
         self.life = None
+        self.request = None  # recorded here, now or once aiohttp is done: not provisionally
+        self.response = response
         if life is None:
             books: tuple[Book, ...] = (self.book,)
             lost = lost_at = None
-            note = ""
         else:
             books = life.books
             lost, lost_at = life.lost, life.lost_at
             life.end(response)
-            if lost is not None and kind == "completed":
-                if response is not None and response_completed(response):
-                    # aiodelay wrote the whole response before it learned that the client
-                    # left (it read it all, then closed): that request completed.
-                    lost = lost_at = None
-                else:
-                    kind = "ran_on"
-            note = life.note(kind) if lost is not None else ""
         if kind == "completed" and lost is None:
-            self.response = response  # settled when it is complete, or its client leaves
+            task.add_done_callback(
+                functools.partial(_written, books, request, self.started_at, life, self.watch)
+            )
+            return
+        if life is not None:
+            life.settle(None)
+        note = life.note(kind) if life is not None and lost is not None else ""
         record(books, request, kind, lost, self.started_at, lost_at, note=note)
 
     def closed(self) -> None:
         """The connection is closed; a handler may still run on it (shielded)."""
-        self.run_trailing()
         self.watch = None
+        unsettled, self.unsettled = self.unsettled, None
+        if unsettled is not None:
+            # After aiohttp's task had its turn: a write that the close let finish is done.
+            asyncio.get_running_loop().call_soon(_cut_short, self.book, *unsettled)
         if self.task is None:
             live.discard(self)
             self.request = self.response = None
 
-    def run_trailing(self) -> None:
-        trailing, self.trailing = self.trailing, None
-        for callback in trailing or ():
-            callback()
+
+def _written(
+    books: tuple[Book, ...],
+    request: web.Request,
+    started_at: float,
+    life: Lifetime | None,
+    watch: Watch | None,
+    task: asyncio.Task[Any],
+) -> None:
+    """aiohttp is done with the request's response: it got there, or its client left."""
+    if response_written(request):
+        if life is not None:
+            life.settle(None)
+        record(books, request, "completed", None, started_at, None)
+        return
+    lost = (watch.lost if watch is not None else None) or ConnectionLost("closed")
+    if life is not None:
+        life.settle(lost)
+    record(
+        books,
+        request,
+        "truncated",
+        lost,
+        started_at,
+        monotonic(),
+        note=f"{bytes_written(request)} bytes handed to the transport",
+    )
+
+
+def _cut_short(book: Book, request: web.Request, lost: ConnectionLost, started_at: float) -> None:
+    """A request counted completed whose client left while aiohttp wrote its response, now
+    that its connection is closed."""
+    if response_written(request):
+        return  # all of it went out after all
+    record(
+        books_of(request, book),
+        request,
+        "truncated",
+        lost,
+        started_at,
+        monotonic(),
+        note=f"{bytes_written(request)} bytes handed to the transport",
+        recount=True,
+    )
 
 
 class Lifetime:
@@ -198,7 +234,7 @@ class Lifetime:
         "path",
         "policy",
         "request",
-        "response",
+        "settled",
         "shield_depth",
         "task",
         "websocket",
@@ -225,8 +261,8 @@ class Lifetime:
         self.ended = False
         #: After the end: the exception the request ended with, if it did not complete.
         self.error: BaseException | None = None
-        #: After the end: the response handed to aiohttp, if any.
-        self.response: web.StreamResponse | None = None
+        #: The outcome is final: the handler ended and aiohttp is done with its response.
+        self.settled = False
         self.shield_depth = 0
         #: The client left a WebSocket: aiohttp, not aiodelay, ends the handler.
         self.websocket = False
@@ -247,6 +283,8 @@ class Lifetime:
         task = self.task
         if self.lost is not None or task is None:
             return
+        if lost.reason == "closed" and self.books[0].shutting_down:
+            lost = ConnectionLost("shutdown")  # aiohttp closes the connections it shuts down
         self.lost = lost
         self.lost_at = monotonic()
         self.fail_waiters(lost)
@@ -261,7 +299,7 @@ class Lifetime:
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
             self.websocket = True
-        elif self.policy is Policy.CANCEL and self.shield_depth == 0 and not self.conn.delivering:
+        elif self.policy is Policy.CANCEL and self.shield_depth == 0:
             self.release()
             if task is not asyncio.current_task():  # the middleware handles its own task
                 self._cancel_requested = True
@@ -294,7 +332,6 @@ class Lifetime:
         self._cancel_requested = False
         self.ended = True
         self.release()
-        self.response = response
         self.request = None
         self.task = None
         self.books[0].orphans.discard(self)
@@ -310,7 +347,9 @@ class Lifetime:
                 return "shielded"
             return "it ended before the cancellation took effect"
         error = self.error
-        if isinstance(error, ConnectionLost) and error.reason == "shutdown":
+        if (self.lost is not None and self.lost.reason == "shutdown") or (
+            isinstance(error, ConnectionLost) and error.reason == "shutdown"
+        ):
             return "stopped by the server's shutdown"
         if isinstance(error, asyncio.CancelledError):
             return "stopped by a cancellation that was not aiodelay's (an outer timeout?)"
@@ -318,8 +357,19 @@ class Lifetime:
             return f"the handler raised {type(error).__name__}"
         return ""
 
-    def wants_completion(self) -> bool:
-        return bool(self._waiters)
+    def settle(self, lost: ConnectionLost | None) -> None:
+        """The request's outcome is final (``lost``: its client left while aiohttp wrote its
+        response): resolve the ``notify_finish`` futures still waiting."""
+        if lost is not None and self.lost is None:
+            self.lost = lost
+        self.settled = True
+        error = self.lost or self.error
+        if error is None:
+            self.complete()
+        elif isinstance(error, asyncio.CancelledError):
+            self.cancel_waiters()
+        else:
+            self.fail_waiters(error)
 
     def complete(self) -> None:
         waiters, self._waiters = self._waiters, None
@@ -347,36 +397,20 @@ class Lifetime:
 
     def notify_finish(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self.ended:
-            if self.lost is not None:
-                fail(future, self.lost)
-            elif self._waiters is None:
+        if self.lost is not None:
+            fail(future, self.lost)
+        elif not self.settled:
+            if self._waiters is None:
                 self._waiters = [future]
             else:
                 self._waiters.append(future)
-        elif self.lost is not None:
-            fail(future, self.lost)
-        elif self.error is not None:
+        elif self.error is None:
+            future.set_result(None)
+        elif isinstance(self.error, asyncio.CancelledError):
+            future.cancel()
+        else:
             fail(future, self.error)
-        elif self.response is None or response_completed(self.response):
-            future.set_result(None)
-        else:
-            # aiohttp is still writing the response: the next request on this connection, or
-            # its close, says how that went.
-            conn = self.conn
-            if conn.trailing is None:
-                conn.trailing = []
-            conn.trailing.append(lambda: self._settle(future))
         return future
-
-    def _settle(self, future: asyncio.Future[None]) -> None:
-        if future.done():
-            return
-        if self.response is not None and response_completed(self.response):
-            future.set_result(None)
-        else:
-            watch = self.conn.watch
-            fail(future, (watch.lost if watch is not None else None) or ConnectionLost("closed"))
 
     def owned(self, what: str) -> Owned:
         """What the request owns (timers, tasks, threads), for starting one more."""

@@ -20,7 +20,7 @@ from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import OutcomeKind
 from ._policy import Policy
 from ._stats import Stats
-from ._watch import Watch, closing_reason, handed_back, install_watch, sent_as
+from ._watch import Watch, closing_reason, install_watch, sent_as
 
 __all__ = (
     "Middleware",
@@ -85,8 +85,6 @@ class Middleware(Book):
                 if self.observers:
                     started(self.observers, request)
                 return await handler(request)
-            if conn.trailing:
-                conn.run_trailing()  # the previous response on this connection is complete
             gone = w.lost  # a pipelined request read before the peer left
         if _current_tasks is None:
             task = _current_task()
@@ -114,17 +112,14 @@ class Middleware(Book):
                 if gone_life.policy is Policy.CANCEL:
                     # Do not start work for a client that is gone.
                     raise asyncio.CancelledError(CANCEL_MESSAGE)
-            try:
-                result = await handler(request)
-            except web.HTTPException as exc:
-                result = exc
-                if conn.life is not None and conn.life.wants_completion():
-                    await _complete(conn.life, request, exc)
-                raise
+            result = await handler(request)
             if result.__class__ not in _RESPONSE_CLASSES:
                 result = await _not_done_yet(request, result)
-            if conn.life is not None or self.observers:
-                kind, result = await _deliver(conn, request, result, bool(self.observers))
+            life = conn.life
+            if life is not None and life.lost is not None:
+                # The handler ran on to its end for a client that is gone: aiohttp logs what
+                # went out (499 if nothing), and sends nothing more.
+                kind, result = "ran_on", sent_as(request, result)
         except BaseException as exc:
             kind, result = self._after(conn, request, exc)
             if result is None:
@@ -137,7 +132,7 @@ class Middleware(Book):
                 conn.response = result  # settled if its client leaves before it is written
                 self.counters.completed += 1
             else:
-                conn.end(request, result, kind)
+                conn.end(request, task, result, kind)
             if conn.watch is None:  # the connection is closed: nothing more comes on it
                 live.discard(conn)
                 conn.request = conn.response = None
@@ -151,7 +146,11 @@ class Middleware(Book):
         life = conn.life
         if isinstance(exc, asyncio.CancelledError):
             if life is not None and life.cancelled_by_disconnect():
-                return "cancelled", sent_as(request, exc=exc)
+                assert life.lost is not None
+                # A connection that aiohttp closes at shutdown stops the request as the
+                # shutdown's cancellation would: counted the same way, whichever came first.
+                stopped: OutcomeKind = "failed" if life.lost.reason == "shutdown" else "cancelled"
+                return stopped, sent_as(request, exc=exc)
             if (
                 life is not None
                 and life.websocket
@@ -161,6 +160,8 @@ class Middleware(Book):
                 # aiohttp's handler_cancellation=True cancels a WebSocket handler whose
                 # client left: it goes on to aiohttp, as without aiodelay.
                 return "cancelled", None
+            if life is None and self.shutting_down:
+                life = conn.make_life()  # so that the shutdown is recorded as such
             if life is not None:
                 self._abandon(life)
             return "failed", None
@@ -182,9 +183,16 @@ class Middleware(Book):
         return "failed", None
 
     def _abandon(self, life: Lifetime) -> None:
-        """A cancellation that is not the disconnect's (shutdown, outer timeout) ends it."""
+        """A cancellation that is not the disconnect's (shutdown, outer timeout) ends it.
+
+        At shutdown the request counts as interrupted, with reason ``"shutdown"`` (unless its
+        client had left already): ``disconnected`` and ``failed``, and an INFO line.
+        """
         if self.shutting_down:
             life.error = ConnectionLost("shutdown")
+            if life.lost is None:
+                life.lost = life.error
+                life.lost_at = monotonic()
             life.fail_waiters(life.error)
         else:
             life.error = asyncio.CancelledError()
@@ -217,50 +225,6 @@ class Middleware(Book):
                         job,
                         THREAD_CLEANUP_TIMEOUT,
                     )
-
-
-async def _deliver(
-    conn: Connection, request: web.Request, response: web.StreamResponse, observed: bool
-) -> tuple[OutcomeKind, web.StreamResponse]:
-    """The handler of a request that aiodelay keeps track of returned ``response``.
-
-    If its client already left, aiohttp is to log, not send, it (``ran_on``). If somebody
-    waits for the response's end (a ``notify_finish`` future, an observer), it is written to
-    its end here, so that they learn whether it got there (``truncated`` if not).
-    """
-    life = conn.life
-    if life is not None and life.lost is not None:
-        return "ran_on", sent_as(request, response)
-    if not (observed or (life is not None and life.wants_completion())):
-        return "completed", response
-    conn.delivering = True
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError:
-        lost = closing_reason(request) or ConnectionLost("closed")
-        life = conn.make_life()
-        life.disconnected((conn.watch.lost if conn.watch is not None else None) or lost)
-        return "truncated", sent_as(request, response)
-    finally:
-        conn.delivering = False
-    life = conn.life
-    if life is not None:
-        life.complete()
-    return "completed", handed_back(response)
-
-
-async def _complete(life: Lifetime, request: web.Request, response: web.StreamResponse) -> None:
-    """Write the response to its end ourselves, so that ``notify_finish`` futures resolve
-    only once ``write_eof()`` is done (aiohttp's own ``prepare``/``write_eof`` then have
-    nothing left to do). Only when somebody waits for that."""
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError:
-        life.disconnected(life.lost or closing_reason(request) or ConnectionLost("closed"))
-        return
-    life.complete()
 
 
 async def _not_done_yet(request: web.Request, result: object) -> web.StreamResponse:

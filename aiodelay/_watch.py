@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import select
 import weakref
 from collections.abc import Sized
@@ -49,11 +48,10 @@ __all__ = (
     "Watch",
     "bytes_written",
     "closing_reason",
-    "handed_back",
     "install_watch",
     "installed_watch",
     "log_length",
-    "response_completed",
+    "response_written",
     "same_message",
     "sent_as",
 )
@@ -312,9 +310,10 @@ def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:
     return None
 
 
-def response_completed(response: web.StreamResponse) -> bool:
-    """True once ``write_eof()`` has finished for the response (aiohttp has no public flag)."""
-    return bool(response._eof_sent)
+def response_written(request: web.BaseRequest) -> bool:
+    """True once aiohttp has handed the whole response of ``request`` to the transport
+    (whichever response object it was: the message's writer knows)."""
+    return bool(request._payload_writer._eof)  # type: ignore[attr-defined]
 
 
 def bytes_written(request: web.BaseRequest) -> int:
@@ -337,7 +336,8 @@ def _prepared(
 ) -> web.StreamResponse | None:
     """The response that ``request``'s handler prepared: among ``candidates``, else among the
     local variables of the frames an exception went through (where a handler cancelled in
-    the middle of a stream held it), else among the writer's referrers (slow, rare)."""
+    the middle of a stream held it), or one attribute deep in them (a wrapper object that
+    holds it). None if it is not there."""
     writer = request._payload_writer
 
     def mine(value: object) -> bool:
@@ -346,18 +346,17 @@ def _prepared(
     for value in candidates:
         if mine(value):
             return value  # type: ignore[return-value]
+    # The first frame is the middleware's own, still running: reading its f_locals would keep
+    # the exception (and through it every frame) in a reference cycle.
+    tb = tb.tb_next if tb is not None else None
     while tb is not None:
         for value in tb.tb_frame.f_locals.values():
             if mine(value):
                 return value  # type: ignore[no-any-return]
+            for attribute in getattr(value, "__dict__", {}).values():
+                if mine(attribute):
+                    return attribute  # type: ignore[no-any-return]
         tb = tb.tb_next
-    for value in gc.get_referrers(writer):
-        if mine(value):
-            return value  # type: ignore[no-any-return]
-        if isinstance(value, dict):  # an instance's __dict__ that holds the writer
-            for owner in gc.get_referrers(value):
-                if mine(owner):
-                    return owner  # type: ignore[no-any-return]
     return None
 
 
@@ -371,30 +370,16 @@ def sent_as(
     closed request") with 0 bytes if no status line went out.
 
     ``candidates`` and ``exc``'s traceback are where the response the handler prepared may be
-    found (see :func:`_prepared`).
+    found (see :func:`_prepared`). Not promised: if it is not found there (a handler that keeps
+    its response deeper in other objects), the status is not known, and the line says 499
+    with the bytes that went out.
     """
     if not _status_line_sent(request):
         return _NOTHING_SENT
     prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
     if prepared is None:
-        return _NOTHING_SENT
+        return _logged(499, "Client Closed Request", bytes_written(request))
     return _logged(prepared.status, prepared.reason, bytes_written(request))
-
-
-def handed_back(response: web.StreamResponse) -> web.StreamResponse:
-    """What to return to aiohttp for a response that aiodelay has written to its end.
-
-    aiohttp's ``finish_response()`` calls ``prepare()`` and ``write_eof()`` on it once more;
-    ``StreamResponse``'s own do nothing then, but a subclass's own ``prepare()`` may not know
-    (``FileResponse`` opens its file again and fails). Such a response goes back as a
-    stand-in with its status, headers, length and keep-alive, which aiohttp logs as sent.
-    """
-    if response.__class__.prepare is web.StreamResponse.prepare:
-        return response
-    stand_in = _logged(response.status, response.reason, response.body_length)
-    stand_in._headers = response.headers
-    stand_in._keep_alive = response.keep_alive
-    return stand_in
 
 
 def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:
@@ -412,7 +397,9 @@ def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:
 _NOTHING_SENT = _logged(499, "Client Closed Request", 0)
 
 
-def log_length(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Make aiohttp's access log show what was written of ``response``, which it is writing
-    now for ``request`` (it logs 0 for a response whose write failed)."""
-    response._body_length = bytes_written(request)
+def log_length(response: web.StreamResponse) -> None:
+    """Make aiohttp's access log show what was written of ``response``, if aiohttp is
+    writing it now (it logs 0 bytes for a response whose write failed)."""
+    request = response._req
+    if request is not None and response._payload_writer is request._payload_writer:
+        response._body_length = bytes_written(request)

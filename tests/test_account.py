@@ -517,3 +517,99 @@ async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
     client.drop("FIN")
     await probe.wait_ended()
     assert await logged.wait_for() == ["GET /slow 499 0"]
+
+
+# -- regressions found in review: a complete response is completed, shutdown is shutdown --------
+
+
+@pytest.mark.parametrize("observed", [False, True])
+async def test_a_client_that_half_closes_and_reads_everything_is_completed(
+    serve: Serve, lines: _Lines, observed: bool
+) -> None:
+    """aiohttp answers a FIN by closing, and a close sends what the transport still holds: a
+    client that half-closed and read on got the whole response."""
+    from aiodelay._account import add_observer
+
+    body = b"x" * (8 * 1024 * 1024)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/big", big)
+    ended = _Ended()
+    if observed:
+        add_observer(app, ended)
+    served = await serve(app)
+    client = await served.get("/big")
+    await client.read_until(b"x" * 1024)
+    client.drop("half-close")
+    received = bytes(client.received) + await client.reader.read()  # to the server's close
+    assert received.endswith(body)
+    if observed:
+        assert await ended.wait(1) == ["completed"]
+    # Otherwise: the server closed the socket in connection_lost, whose settling callback ran
+    # before the client could read that close.
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (1, 0, 0)
+    assert lines.lines == []
+
+
+async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
+    serve: Serve, lines: _Lines
+) -> None:
+    """aiodelay watches the handler's response; aiohttp sends what the outer middleware
+    returned instead. What counts is what went out."""
+
+    @web.middleware
+    async def wrap(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        assert isinstance(response, web.Response)
+        return web.Response(text=f"wrapped: {response.text}")
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application(middlewares=[wrap, aiodelay.middleware()])
+    app.router.add_get("/", hello)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"wrapped: hello")
+    client.drop("half-close")
+    assert await client.reader.read() == b""  # the server saw the FIN and closed
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (1, 0, 0)
+    assert lines.lines == []
+
+
+@pytest.mark.parametrize("with_lifetime", [False, True])
+async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
+    serve: Serve, lines: _Lines, with_lifetime: bool
+) -> None:
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        if with_lifetime:
+            finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/slow", slow)
+    served = await serve(app, shutdown_timeout=0.05)
+    await served.get("/slow")
+    await probe.wait_started()
+    await served.runner.cleanup()
+    assert probe.cancelled
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.failed) == (0, 1, 1)
+    [line] = await lines.wait_for("interrupted")
+    assert "interrupted by shutdown" in line
+    assert line.endswith("stopped by the server's shutdown")
+    if with_lifetime:
+        exc = finish[0].exception()
+        assert isinstance(exc, aiodelay.ConnectionLost)
+        assert exc.reason == "shutdown"

@@ -758,7 +758,23 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
         aiodelay.notify_finish(request)
         raise RuntimeError("a bug")
 
-    served = await serve(_app(web.get("/ok", ok), web.get("/fails", fails)))
+    started = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first line\n")
+        started.set()
+        try:
+            await asyncio.Future()  # cancelled mid-stream when the client leaves
+        finally:
+            ended.set()
+        return response
+
+    served = await serve(
+        _app(web.get("/ok", ok), web.get("/fails", fails), web.get("/stream", stream))
+    )
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -768,6 +784,14 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
             await client.get(path, close=True)
             await client.read_response()
             assert await client.reader.read() == b""
+        for _ in range(10):
+            started.clear()
+            ended.clear()
+            client = await served.get("/stream")
+            await client.read_until(b"first line\n")
+            await asyncio.wait_for(started.wait(), 5)
+            client.drop("RST")
+            await asyncio.wait_for(ended.wait(), 5)
         await _ping_until_idle(served)
         gc.collect()
         kinds = Counter(type(obj).__name__ for obj in gc.garbage)
