@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from yarl import URL
 
+from ._history import keep_history
 from ._middleware import setup
 from ._policy import Policy
 from ._script import RouteHandler, ScriptError, Scripts
@@ -45,7 +46,9 @@ _READ_METHODS = ("GET", "HEAD")
 def create_app(
     root: Path | str, *, scripts: bool = True, policy: Policy | str = Policy.CANCEL
 ) -> web.Application:
-    """An app with aiodelay set up (``policy``) that serves the directory ``root``.
+    """An app with aiodelay set up (``policy``) that serves the directory ``root``, and keeps
+    a history of its interrupted requests (``aiodelay._history.history_of(app)``: what the demo's
+    status page shows).
 
     ``scripts=False`` is static-only mode: ``.rpy`` files are neither run nor served; a request
     for one gets a 404 page saying that scripts are off.
@@ -53,6 +56,7 @@ def create_app(
     """
     app = web.Application()
     setup(app, policy=policy)
+    keep_history(app)
     app.router.register_resource(DirectoryResource(root, scripts=scripts))
     return app
 
