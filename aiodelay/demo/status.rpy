@@ -42,7 +42,8 @@ table.rows { border-collapse: collapse; width: 100%; font-size: .9em; }
 table.rows th, table.rows td { padding: .3em .6em; text-align: left; white-space: nowrap; }
 table.rows th { border-bottom: 2px solid #888; }
 table.rows td { border-bottom: 1px solid #ddd; }
-.rows .time, .rows .path, .rows .after, .rows .client { font-family: monospace; }
+/* "monospace" twice: the browser's default size for text, not its smaller one for code. */
+.rows td.time, .rows td.path, .rows td.after, .rows td.client { font-family: monospace, monospace; }
 table.rows .after { text-align: right; }
 table.rows td.path { max-width: 24em; overflow: hidden; text-overflow: ellipsis; }
 table.rows td.none { color: #555; font-style: italic; }
@@ -99,7 +100,9 @@ async function refresh() {
     if (stats.interrupted.length) {
       document.getElementById("rows").replaceChildren(...stats.interrupted.map(row));
     }
-    document.getElementById("state").textContent = "updated " + new Date().toLocaleTimeString();
+    // hh:mm:ss, like the times of the table (the server's clock there, the browser's here)
+    const now = new Date().toTimeString().slice(0, 8);
+    document.getElementById("state").textContent = "updated " + now;
   } catch (error) {
     document.getElementById("state").textContent = "server unreachable: " + error;
   }
@@ -113,7 +116,7 @@ setInterval(refresh, 1000);
 NO_ROWS = '<tr><td class="none" colspan="7">No interrupted requests yet.</td></tr>'
 
 # The chart's size (SVG user units, scaled to the page's width) and its plot area's margins.
-WIDTH, HEIGHT = 720, 170
+WIDTH, HEIGHT = 720, 130
 LEFT, RIGHT, TOP, BOTTOM = 40, 12, 14, 26
 
 
