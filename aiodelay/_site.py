@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
+from ._history import keep_history
 from ._middleware import setup
 from ._policy import Policy
 from ._script import RouteHandler, ScriptError, Scripts
@@ -45,7 +47,9 @@ _READ_METHODS = ("GET", "HEAD")
 def create_app(
     root: Path | str, *, scripts: bool = True, policy: Policy | str = Policy.CANCEL
 ) -> web.Application:
-    """An app with aiodelay set up (``policy``) that serves the directory ``root``.
+    """An app with aiodelay set up (``policy``) that serves the directory ``root``, and keeps
+    a history of its interrupted requests (``aiodelay._history.history_of(app)``: what the demo's
+    status page shows).
 
     ``scripts=False`` is static-only mode: ``.rpy`` files are neither run nor served; a request
     for one gets a 404 page saying that scripts are off.
@@ -53,6 +57,7 @@ def create_app(
     """
     app = web.Application()
     setup(app, policy=policy)
+    keep_history(app)
     app.router.register_resource(DirectoryResource(root, scripts=scripts))
     return app
 
@@ -174,14 +179,14 @@ class DirectoryResource(web.AbstractResource):
 
     def _static_response(self, request: web.Request, target: Path) -> web.StreamResponse:
         if not target.is_dir():
-            return web.FileResponse(target)  # range and conditional requests included
+            return _FileResponse(target)  # range and conditional requests included
         url = request.rel_url
         if not url.raw_path.endswith("/"):  # relative links in the page need the slash
             query = "?" + url.raw_query_string if url.raw_query_string else ""
             raise web.HTTPMovedPermanently(url.raw_path + "/" + query)
         index = target / "index.html"
         if index.is_file():
-            return web.FileResponse(index)
+            return _FileResponse(index)
         return web.Response(text=self._listing(target, request.path), content_type="text/html")
 
     def _listing(self, directory: Path, path: str) -> str:
@@ -206,6 +211,21 @@ class DirectoryResource(web.AbstractResource):
         """What a link to ``name`` in the listing of ``directory`` would serve (None: hidden)."""
         relative = directory.relative_to(self._root).parts
         return self.locate("/" + "/".join(quote(part) for part in (*relative, name)))
+
+
+class _FileResponse(web.FileResponse):
+    """aiohttp's FileResponse, which a second ``prepare()`` leaves alone.
+
+    The site keeps a history (an observer of aiodelay), so aiodelay writes each response to
+    its end itself; aiohttp then calls ``prepare()`` again, which every other response
+    answers by doing nothing, but aiohttp's FileResponse (3.9 to 3.14) by opening and sending
+    the file once more, failing with an "Unhandled exception" in aiohttp's log.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await web.StreamResponse.prepare(self, request)  # what is done is done
+        return await super().prepare(request)
 
 
 def _names_a_script(raw_path: str, target: Path | None) -> bool:

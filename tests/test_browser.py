@@ -4,7 +4,9 @@ Chromium loads /interrupted.rpy of the demo site and is stopped (``Page.stopLoad
 does) while the server holds the five-second response. The server must count a cancellation,
 the delayed render must be cancelled (so it never runs), and the page must stay empty.
 And Chromium shows the status page: its numbers leave out its own polling, its labels stay put
-when a number grows, and the favicon the browser asks for is there.
+when a number grows, and the favicon the browser asks for is there; with requests dropped
+before, it lists them (as text: a path with ``<script>`` in it stays text) and charts them, and
+the test saves a screenshot of it (``status-page.png`` in the test's ``tmp_path``).
 
 These tests need ``/usr/bin/chromium`` (or ``$AIODELAY_CHROMIUM``). Without it they are skipped
 with a message saying how to install it; in CI (the ``CI`` environment variable set, as
@@ -14,9 +16,11 @@ with a message saying how to install it; in CI (the ``CI`` environment variable 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +36,7 @@ from aiodelay._cli import DEMO_DIR
 from aiodelay._observe import Outcome
 from aiodelay._site import create_app
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.test_demo import TimerSpy
+from tests.test_demo import EVIL_PATH, EVIL_TARGET, TimerSpy, evil_site
 
 CHROMIUM = Path(os.environ.get("AIODELAY_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = [
@@ -322,3 +326,84 @@ async def test_chromium_status_page_numbers_labels_and_favicon(
     assert int(second["left_out"]) > int(first["left_out"])  # what was left out, said
     assert len(set(lefts)) == 1, lefts  # the labels do not move
     assert favicon == [200]
+
+
+# Resolves, at the page's next update, to what its table and chart show.
+ROWS_AT_NEXT_UPDATE = """
+new Promise(resolve => {
+  const state = document.getElementById("state");
+  new MutationObserver((_, observer) => {
+    observer.disconnect();
+    resolve({
+      columns: [...document.querySelectorAll("table.rows th")].map(th => th.textContent),
+      rows: [...document.querySelectorAll("#rows tr")].map(
+        tr => [...tr.cells].map(td => td.textContent)),
+      bars: document.querySelectorAll("#chart rect").length,
+      axis: [...document.querySelectorAll("#chart text")].map(text => text.textContent),
+      scripts: document.scripts.length,
+      total: document.getElementById("total").textContent,
+    });
+  }).observe(state, {childList: true, characterData: true, subtree: true});
+})
+"""
+
+
+async def test_chromium_status_page_lists_interrupted_requests(
+    aiodelay_server: AiodelayServer, tmp_path: Path
+) -> None:
+    app = create_app(evil_site(tmp_path / "site"))
+    status_page = StatusPage()
+    add_observer(app, status_page)
+    server = await aiodelay_server(app)
+    assert (await server.drop("GET", "/interrupted.rpy")).cancelled
+    first_line = len(b"A line every second until you leave (close the tab, or press Esc).\n\n")
+    stream = await server.drop("GET", "/stream.rpy", how="RST", after_response_bytes=first_line)
+    assert stream.cancelled
+    assert (await server.drop("GET", EVIL_TARGET)).cancelled
+
+    async with chromium(tmp_path / "profile") as devtools:
+        target = await devtools.send("Target.createTarget", {"url": "about:blank"})
+        attached = await devtools.send(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        page = attached["sessionId"]
+        await devtools.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1000, "height": 960, "deviceScaleFactor": 1, "mobile": False},
+            page,
+        )
+        await devtools.send("Page.navigate", {"url": str(server.make_url("/status.rpy"))}, page)
+        await asyncio.wait_for(status_page.started.wait(), 20)
+        reply = await devtools.send(
+            "Runtime.evaluate",
+            {"expression": ROWS_AT_NEXT_UPDATE, "returnByValue": True, "awaitPromise": True},
+            page,
+        )
+        assert "exceptionDetails" not in reply, reply
+        shown = reply["result"]["value"]
+        screenshot = await devtools.send("Page.captureScreenshot", {"format": "png"}, page)
+    (tmp_path / "status-page.png").write_bytes(base64.b64decode(screenshot["data"]))
+
+    assert shown["columns"] == [
+        "time",
+        "method",
+        "path",
+        "reason",
+        "client left after",
+        "outcome",
+        "client",
+    ]
+    # The newest first; the page's script set each cell as text.
+    evil, streamed, interrupted = shown["rows"]
+    assert interrupted[1:4] == ["GET", "/interrupted.rpy", "FIN"]
+    assert interrupted[5:] == ["cancelled", "127.0.0.1"]
+    assert streamed[1:4] == ["GET", "/stream.rpy", "RST"]
+    assert streamed[5] == "cancelled"
+    assert evil[2] == EVIL_PATH
+    for row in shown["rows"]:
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", row[0]), row
+        assert re.fullmatch(r"\d+\.\d{3} s", row[4]), row
+    assert shown["scripts"] == 1  # the page's own: nothing was injected
+    assert shown["total"] == "3"
+    assert 1 <= shown["bars"] <= 3
+    assert {"0", "now", "\u22125 min"} <= set(shown["axis"])

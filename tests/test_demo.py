@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +18,7 @@ import pytest
 
 import aiodelay
 from aiodelay._cli import DEMO_DIR
+from aiodelay._history import history_of
 from aiodelay._site import create_app
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
 
@@ -106,6 +110,8 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
         session.get(server.make_url("/status.rpy?json")) as resp,
     ):
         counters = await resp.json()
+    for history in ("interrupted", "per_second", "chart"):  # see the tests below
+        del counters[history]
     assert counters == {
         "in_flight": 0,  # this request is the page's own: left out
         "completed": 0,  # so is the page
@@ -116,6 +122,89 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
         "truncated": 0,
         "failed": 0,
     }
+
+
+async def _status_json(server: LiveServer) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/status.rpy?json")) as resp,
+    ):
+        assert resp.status == 200
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def test_status_page_lists_a_dropped_request_and_counts_it(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app(DEMO_DIR))
+    before = time.time()
+    dropped = await server.drop("GET", "/interrupted.rpy", how="RST")
+    after = time.time()
+    assert dropped.cancelled
+    assert dropped.record is not None
+    record = dropped.record
+    assert record.lost_at is not None
+
+    status = await _status_json(server)
+    [row] = status["interrupted"]
+    assert {k: v for k, v in row.items() if k not in ("time", "at", "after")} == {
+        "method": "GET",
+        "path": "/interrupted.rpy",
+        "reason": "RST",
+        "outcome": "cancelled",
+        "client": "127.0.0.1",
+    }
+    assert before <= row["at"] <= after
+    assert row["after"] == pytest.approx(record.lost_at - record.started_at)
+    assert 0 <= row["after"] < 5  # it left long before the render was due
+    [kept] = history_of(server.app).rows()
+    assert row["time"] == kept.time_of_day
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d\d\d", row["time"])
+
+    per_second = status["per_second"]
+    assert len(per_second) == 300
+    assert sum(per_second) == 1
+    assert per_second.index(1) >= 300 - 1 - 5  # in one of the last few seconds
+    # The chart has one bar, and says what its axes are.
+    assert status["chart"].count("<rect ") == 1
+    for label in (">0<", ">1<", ">now<", ">\u22125 min<"):
+        assert label in status["chart"]
+
+
+# Serves as /%3Cscript%3Ealert(1)%3C/script%3E.rpy: a directory "<script>alert(1)<" with a
+# script "script>.rpy" in it (names a POSIX file system allows), that waits until cancelled.
+EVIL_PATH = "/<script>alert(1)</script>.rpy"
+EVIL_TARGET = "/%3Cscript%3Ealert(1)%3C/script%3E.rpy"
+WAIT_SCRIPT = "import asyncio\n\nasync def resource(request):\n    await asyncio.Event().wait()\n"
+
+
+def evil_site(root: Path) -> Path:
+    """A copy of the demo site, with a script at :data:`EVIL_PATH`."""
+    shutil.copytree(DEMO_DIR, root)
+    folder = root / "<script>alert(1)<"
+    folder.mkdir()
+    (folder / "script>.rpy").write_text(WAIT_SCRIPT)
+    return root
+
+
+async def test_status_page_escapes_the_path_in_html(
+    aiodelay_server: AiodelayServer, tmp_path: Path
+) -> None:
+    server = await aiodelay_server(create_app(evil_site(tmp_path / "site")))
+    dropped = await server.drop("GET", EVIL_TARGET)
+    assert dropped.cancelled
+
+    status, page = await _get(server, "/status.rpy")
+    assert status == 200
+    text = page.decode()
+    escaped = "/&lt;script&gt;alert(1)&lt;/script&gt;.rpy"
+    assert f'<td class="path" title="{escaped}">{escaped}</td>' in text
+    assert "alert(1)</script>" not in text
+    assert text.count("<script>") == 1  # the page's own
+    # JSON is not HTML: there the path is as it was (the page's script shows it as text).
+    [row] = (await _status_json(server))["interrupted"]
+    assert row["path"] == EVIL_PATH
 
 
 def test_index_links_each_script_and_only_those() -> None:
