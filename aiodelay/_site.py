@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from ._history import keep_history
@@ -179,14 +178,14 @@ class DirectoryResource(web.AbstractResource):
 
     def _static_response(self, request: web.Request, target: Path) -> web.StreamResponse:
         if not target.is_dir():
-            return _FileResponse(target)  # range and conditional requests included
+            return web.FileResponse(target)  # range and conditional requests included
         url = request.rel_url
         if not url.raw_path.endswith("/"):  # relative links in the page need the slash
             query = "?" + url.raw_query_string if url.raw_query_string else ""
             raise web.HTTPMovedPermanently(url.raw_path + "/" + query)
         index = target / "index.html"
         if index.is_file():
-            return _FileResponse(index)
+            return web.FileResponse(index)
         return web.Response(text=self._listing(target, request.path), content_type="text/html")
 
     def _listing(self, directory: Path, path: str) -> str:
@@ -211,21 +210,6 @@ class DirectoryResource(web.AbstractResource):
         """What a link to ``name`` in the listing of ``directory`` would serve (None: hidden)."""
         relative = directory.relative_to(self._root).parts
         return self.locate("/" + "/".join(quote(part) for part in (*relative, name)))
-
-
-class _FileResponse(web.FileResponse):
-    """aiohttp's FileResponse, which a second ``prepare()`` leaves alone.
-
-    The site keeps a history (an observer of aiodelay), so aiodelay writes each response to
-    its end itself; aiohttp then calls ``prepare()`` again, which every other response
-    answers by doing nothing, but aiohttp's FileResponse (3.9 to 3.14) by opening and sending
-    the file once more, failing with an "Unhandled exception" in aiohttp's log.
-    """
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return await web.StreamResponse.prepare(self, request)  # what is done is done
-        return await super().prepare(request)
 
 
 def _names_a_script(raw_path: str, target: Path | None) -> bool:
