@@ -5,11 +5,12 @@ detected.
 """
 
 from ._account import add_observer
-from ._errors import ConnectionLost
+from ._errors import ConnectionLost, DeadlineExceeded
 from ._middleware import middleware, setup, stats
 from ._observe import Outcome, OutcomeKind, RequestObserver
-from ._policy import Policy, cancellable, shielded
-from ._request import call_later, is_disconnected, notify_finish, spawn
+from ._owned import check_cancelled
+from ._policy import Policy, cancellable, deadline, grace, shielded
+from ._request import call_later, is_disconnected, notify_finish, spawn, to_thread
 from ._resource import NOT_DONE_YET, Resource
 from ._shield import shield
 from ._stats import Stats
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = (
     "NOT_DONE_YET",
     "ConnectionLost",
+    "DeadlineExceeded",
     "Outcome",
     "OutcomeKind",
     "Policy",
@@ -28,6 +30,9 @@ __all__ = (
     "add_observer",
     "call_later",
     "cancellable",
+    "check_cancelled",
+    "deadline",
+    "grace",
     "is_disconnected",
     "middleware",
     "notify_finish",
@@ -36,4 +41,5 @@ __all__ = (
     "shielded",
     "spawn",
     "stats",
+    "to_thread",
 )

@@ -26,7 +26,7 @@ from ._client import trusted_remote
 from ._errors import ConnectionLost
 from ._observe import Outcome, OutcomeKind, RequestObserver
 from ._owned import ThreadJob
-from ._policy import Policy, coerce_policy
+from ._policy import Limit, Policy, check_seconds, coerce_policy
 from ._stats import Counters
 
 __all__ = (
@@ -58,10 +58,26 @@ class Running(Protocol):
 class Book:
     """What one aiodelay installation keeps; the middleware is one (it subclasses this)."""
 
-    __slots__ = ("counters", "observers", "orphans", "policy", "shutting_down", "threads")
+    __slots__ = (
+        "counters",
+        "deadline",
+        "observers",
+        "orphans",
+        "policy",
+        "shutting_down",
+        "threads",
+        "timed",
+    )
 
-    def __init__(self, *, policy: Policy | str = Policy.CANCEL) -> None:
+    def __init__(
+        self, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+    ) -> None:
         self.policy = coerce_policy(policy)
+        seconds = check_seconds(deadline, "deadline", allow_none=True)
+        #: The default deadline of the app's routes (answered with 504), or None.
+        self.deadline: Limit = None if seconds is None else (seconds, 504)
+        #: Whether any request may have a deadline: None until the routes are known.
+        self.timed: bool | None = None if seconds is None else True
         self.counters = Counters()
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
@@ -146,13 +162,15 @@ def record(
     *,
     note: str = "",
     recount: bool = False,
+    deadline: float | None = None,
 ) -> None:
     """The end of one request: its counters in every book, its INFO line if its client left,
     and the observers (an :class:`Outcome` is made only for them).
 
     ``note`` completes the INFO line (what ran on, what was sent). ``recount``: the request
     was counted ``completed`` when its handler returned, and is now known to have lost its
-    client while its response was written.
+    client while its response was written. ``deadline``: the seconds of a ``"timed_out"``
+    request's deadline.
     """
     disconnected = lost is not None
     for book in books:
@@ -161,12 +179,22 @@ def record(
             counters.completed -= 1
         counters.count(kind, disconnected)
     observed = any(book.observers for book in books)
-    logged = disconnected and logger.isEnabledFor(logging.INFO)
+    timed_out = kind == "timed_out"
+    logged = (disconnected or timed_out) and logger.isEnabledFor(logging.INFO)
     if not (observed or logged):
         return
     client = trusted_remote(request)
     ended_at = monotonic()
-    if logged and lost is not None:
+    if logged and timed_out:
+        logger.info(
+            "%s %s from %s exceeded its %.3fs deadline: %s",
+            request.method,
+            request.path,
+            client,
+            deadline or 0.0,
+            note,
+        )
+    elif logged and lost is not None:
         spent = (lost_at or started_at) - started_at
         logger.info(
             "%s %s from %s interrupted by %s after %.3fs: %s",

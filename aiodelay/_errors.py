@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ("ConnectionLost", "Reason")
+__all__ = ("ConnectionLost", "DeadlineExceeded", "Reason")
 
 #: How the request lost its client:
 #:
@@ -39,3 +39,23 @@ class ConnectionLost(ConnectionError):
 
     def __repr__(self) -> str:
         return f"ConnectionLost({self.reason!r})"
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request ran longer than its deadline (``@aiodelay.deadline`` or
+    ``aiodelay.setup(app, deadline=...)``) and was stopped.
+
+    ``seconds`` is the deadline; ``status`` the status the client was answered with if no
+    status line had gone out yet.
+    """
+
+    seconds: float
+    status: int
+
+    def __init__(self, seconds: float, status: int) -> None:
+        super().__init__(f"the request exceeded its {seconds:.3f}s deadline")
+        self.seconds = seconds
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"DeadlineExceeded({self.seconds!r})"

@@ -18,14 +18,15 @@ from typing import Any
 from aiohttp import web
 
 from ._account import NOT_SET_UP, Book, books_of, logger, record
-from ._errors import ConnectionLost
+from ._errors import ConnectionLost, DeadlineExceeded
 from ._observe import OutcomeKind
 from ._owned import Owned
-from ._policy import Policy, policy_of
+from ._policy import Policy, grace_of, policy_of
 from ._watch import Watch, bytes_written, log_length, response_written
 
 __all__ = (
     "CANCEL_MESSAGE",
+    "DEADLINE_MESSAGE",
     "NOT_SET_UP",
     "Connection",
     "Lifetime",
@@ -41,6 +42,8 @@ lifetime_key: Any = (
 _HAS_UNCANCEL = sys.version_info >= (3, 11)
 #: The message of the CancelledError that a disconnect raises in a handler.
 CANCEL_MESSAGE = "aiodelay: the client left"
+#: The message of the CancelledError that a deadline raises in a handler.
+DEADLINE_MESSAGE = "aiodelay: the request's deadline passed"
 
 #: What ``aiodelay.shield()`` looks through to learn which request the task it runs in
 #: serves (nothing per request: a connection is added once, when aiodelay first sees it):
@@ -109,6 +112,11 @@ class Connection:
             life = self.life = Lifetime(request, task, books, self)
         return life
 
+    def deadline_passed(self, task: asyncio.Task[Any], seconds: float, status: int) -> None:
+        """The deadline timer of the request run by ``task`` fired."""
+        if self.task is task:
+            self.make_life().deadline_passed(DeadlineExceeded(seconds, status))
+
     def disconnected(self, lost: ConnectionLost) -> None:
         if self.task is not None:
             self.make_life().disconnected(lost)
@@ -153,6 +161,22 @@ class Connection:
             return
         if life is not None:
             life.settle(None)
+        if kind == "timed_out" and life is not None and life.timed_out is not None:
+            if response is not None and response.status == life.timed_out.status:
+                note = f"cancelled, answered {response.status}"
+            else:
+                note = "cancelled, its response cut short"
+            record(
+                books,
+                request,
+                kind,
+                None,
+                self.started_at,
+                None,
+                note=note,
+                deadline=life.timed_out.seconds,
+            )
+            return
         note = life.note(kind) if life is not None and lost is not None else ""
         record(books, request, kind, lost, self.started_at, lost_at, note=note)
 
@@ -222,12 +246,14 @@ class Lifetime:
 
     __slots__ = (
         "_cancel_requested",
+        "_grace_timer",
         "_owned",
         "_waiters",
         "books",
         "conn",
         "ended",
         "error",
+        "grace",
         "lost",
         "lost_at",
         "method",
@@ -237,6 +263,7 @@ class Lifetime:
         "settled",
         "shield_depth",
         "task",
+        "timed_out",
         "websocket",
     )
 
@@ -251,7 +278,13 @@ class Lifetime:
         self.task: asyncio.Task[Any] | None = task
         #: Where the request is recorded; the last one's policy is its default.
         self.books = books
-        self.policy = policy_of(request.match_info.handler, books[-1].policy)
+        handler = request.match_info.handler
+        self.policy = policy_of(handler, books[-1].policy)
+        #: Seconds a cancellable handler may run on after its client left (@aiodelay.grace).
+        self.grace = grace_of(handler)
+        self._grace_timer: asyncio.TimerHandle | None = None
+        #: Set once the request's deadline passed first.
+        self.timed_out: DeadlineExceeded | None = None
         self.conn = conn
         #: For error lines about its timers and tasks (the raw path: no decoding per drop).
         self.method = request.method
@@ -281,8 +314,8 @@ class Lifetime:
         current await (both deferred while an ``aiodelay.shield()`` section runs).
         """
         task = self.task
-        if self.lost is not None or task is None:
-            return
+        if self.lost is not None or self.timed_out is not None or task is None:
+            return  # what came first decides
         if lost.reason == "closed" and self.books[0].shutting_down:
             lost = ConnectionLost("shutdown")  # aiohttp closes the connections it shuts down
         self.lost = lost
@@ -300,17 +333,42 @@ class Lifetime:
             # would change how WebSocket handlers end.
             self.websocket = True
         elif self.policy is Policy.CANCEL and self.shield_depth == 0:
-            self.release()
-            if task is not asyncio.current_task():  # the middleware handles its own task
-                self._cancel_requested = True
-                task.cancel(CANCEL_MESSAGE)
-            return
-        # The handler runs on for now: shielded, in a shield() section, or a WebSocket.
-        # Its timers and tasks go when it ends; at app cleanup it is cancelled.
+            if self.grace is not None:
+                # It may run on this much longer: cancelled then if it has not ended.
+                self._grace_timer = asyncio.get_running_loop().call_later(
+                    self.grace, self._stop, CANCEL_MESSAGE
+                )
+            else:
+                self._stop(CANCEL_MESSAGE)
+                return
+        # The handler runs on for now: shielded, in a shield() section, in its grace, or a
+        # WebSocket. Its timers and tasks go when it ends; at app cleanup it is cancelled.
         self.books[0].orphans.add(self)
 
-    def cancelled_by_disconnect(self) -> bool:
-        """Called with a CancelledError in hand: is it the disconnect's, and nothing else's?"""
+    def deadline_passed(self, exc: DeadlineExceeded) -> None:
+        """The request's deadline passed (its timer, armed by the middleware): unless its
+        client left first, ``notify_finish`` fails, and the handler is cancelled (after the
+        ``aiodelay.shield()`` section it is in, if any)."""
+        if self.lost is not None or self.timed_out is not None or self.task is None:
+            return  # what came first decides
+        self.timed_out = exc
+        self.fail_waiters(exc)
+        if self.shield_depth == 0:
+            self._stop(DEADLINE_MESSAGE)
+
+    def _stop(self, message: str) -> None:
+        """Cancel what the request owns and the handler itself (at its current await)."""
+        task = self.task
+        if task is None:
+            return  # it ended meanwhile (a grace that was not needed)
+        self.release(message)
+        if task is not asyncio.current_task():  # the middleware handles its own task
+            self._cancel_requested = True
+            task.cancel(message)
+
+    def stopped_by_us(self) -> bool:
+        """Called with a CancelledError in hand: is it aiodelay's own (the client left, or
+        the deadline passed), and nothing else's?"""
         task = self.task
         assert task is not None  # the request is still running
         remaining = 0
@@ -322,7 +380,32 @@ class Lifetime:
             remaining = task.cancelling()
         # Python 3.10 cannot count cancel requests: a foreign cancellation that coincides
         # with a disconnect is taken for the disconnect's.
-        return self.lost is not None and self.policy is Policy.CANCEL and remaining == 0
+        if remaining:
+            return False
+        return self.timed_out is not None or (
+            self.lost is not None and self.policy is Policy.CANCEL
+        )
+
+    def section_ended(self) -> str | None:
+        """An ``aiodelay.shield()`` section ended. If it was the outermost and a stop waited
+        for it (a deadline, or a disconnect under the cancel policy), what the request owns
+        is cancelled and the message of the CancelledError to raise now is returned; a
+        disconnect with a grace arms the grace instead."""
+        if self.shield_depth:
+            return None
+        if self.timed_out is not None:
+            self.release(DEADLINE_MESSAGE)
+            return DEADLINE_MESSAGE
+        if self.lost is None or self.policy is not Policy.CANCEL:
+            return None
+        if self.grace is None:
+            self.release()
+            return CANCEL_MESSAGE
+        if self._grace_timer is None:
+            self._grace_timer = asyncio.get_running_loop().call_later(
+                self.grace, self._stop, CANCEL_MESSAGE
+            )
+        return None
 
     def end(self, response: web.StreamResponse | None) -> None:
         """The handler is done: take back an undelivered cancellation, cancel what the
@@ -330,6 +413,9 @@ class Lifetime:
         if self._cancel_requested and _HAS_UNCANCEL and self.task is not None:
             self.task.uncancel()  # the handler caught it, or never reached an await
         self._cancel_requested = False
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         self.ended = True
         self.release()
         self.request = None
@@ -339,10 +425,14 @@ class Lifetime:
     def note(self, kind: OutcomeKind) -> str:
         """What the INFO line says about how the handler ended, beyond ``kind``."""
         if kind == "cancelled":
-            return "a WebSocket, by aiohttp's handler_cancellation" if self.websocket else ""
+            if self.websocket:
+                return "a WebSocket, by aiohttp's handler_cancellation"
+            return f"after its {self.grace:.3f}s grace" if self.grace is not None else ""
         if kind == "ran_on":
             if self.websocket:
                 return "WebSocket: aiohttp ended it"
+            if self.grace is not None and self.policy is Policy.CANCEL:
+                return f"within its {self.grace:.3f}s grace"
             if self.policy is Policy.SHIELD:
                 return "shielded"
             return "it ended before the cancellation took effect"
@@ -363,7 +453,7 @@ class Lifetime:
         if lost is not None and self.lost is None:
             self.lost = lost
         self.settled = True
-        error = self.lost or self.error
+        error = self.lost or self.timed_out or self.error
         if error is None:
             self.complete()
         elif isinstance(error, asyncio.CancelledError):
@@ -397,8 +487,8 @@ class Lifetime:
 
     def notify_finish(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.lost is not None:
-            fail(future, self.lost)
+        if self.lost is not None or self.timed_out is not None:
+            fail(future, self.lost or self.timed_out)  # type: ignore[arg-type]
         elif not self.settled:
             if self._waiters is None:
                 self._waiters = [future]

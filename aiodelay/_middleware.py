@@ -14,13 +14,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ._account import Book, book_key, installed_on, started
-from ._errors import ConnectionLost
+from ._account import Book, book_key, books_of, installed_on, started
+from ._errors import ConnectionLost, DeadlineExceeded
 from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import OutcomeKind
-from ._policy import Policy
+from ._policy import Policy, deadline_of, marks_a_deadline, policy_of
 from ._stats import Stats
-from ._watch import Watch, closing_reason, install_watch, sent_as
+from ._watch import Watch, closing_reason, cut, install_watch, sent_as, status_line_sent
 
 __all__ = (
     "Middleware",
@@ -103,6 +103,7 @@ class Middleware(Book):
         held = w is not None and (request.body_exists or bool(w.queued))
         if held and w is not None:
             w.hold(request)
+        timer = None if self.timed is False else self._arm(request, conn, task)
         try:
             if self.observers:
                 started(self.observers, request)
@@ -125,6 +126,8 @@ class Middleware(Book):
             if result is None:
                 raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if held and w is not None:
                 w.release()
             conn.task = None
@@ -145,8 +148,10 @@ class Middleware(Book):
         or None to let it propagate unchanged."""
         life = conn.life
         if isinstance(exc, asyncio.CancelledError):
-            if life is not None and life.cancelled_by_disconnect():
-                assert life.lost is not None
+            if life is not None and life.stopped_by_us():
+                if life.timed_out is not None:
+                    return "timed_out", _timed_out(request, life.timed_out, exc)
+                assert life.lost is not None  # what stopped_by_us says, when not timed out
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
                 stopped: OutcomeKind = "failed" if life.lost.reason == "shutdown" else "cancelled"
@@ -181,6 +186,23 @@ class Middleware(Book):
             life.fail_waiters(exc)
             life.error = _without_traceback(exc)
         return "failed", None
+
+    def _arm(
+        self, request: web.Request, conn: Connection, task: asyncio.Task[Any]
+    ) -> asyncio.TimerHandle | None:
+        """The request's deadline timer, if it has a deadline: at most one timer a request,
+        and nothing at all in an app where no route can have one."""
+        if self.timed is None:
+            self.timed = _has_deadlines(request.app, self)
+            if not self.timed:
+                return None
+        inner = books_of(request, self)[-1]
+        handler = request.match_info.handler
+        limit = deadline_of(handler, inner.deadline, policy_of(handler, inner.policy))
+        if limit is None:
+            return None
+        seconds, status = limit
+        return _get_running_loop().call_later(seconds, conn.deadline_passed, task, seconds, status)
 
     def _abandon(self, life: Lifetime) -> None:
         """A cancellation that is not the disconnect's (shutdown, outer timeout) ends it.
@@ -253,6 +275,40 @@ async def _not_done_yet(request: web.Request, result: object) -> web.StreamRespo
     return web.Response(status=500, text="500: Internal Server Error")
 
 
+def _timed_out(
+    request: web.Request, exceeded: DeadlineExceeded, exc: BaseException
+) -> web.StreamResponse:
+    """What a request whose deadline passed gets: its deadline's status with a short text, or,
+    if its response had started, the connection closed so that the client sees it cut."""
+    if status_line_sent(request):
+        cut(request)
+        return sent_as(request, exc=exc)
+    status = exceeded.status
+    return web.Response(
+        status=status,
+        text=f"{status}: the request exceeded its {exceeded.seconds:.3f}s deadline\n",
+    )
+
+
+def _has_deadlines(app: web.Application, book: Book) -> bool:
+    """Whether any route of ``app`` or its sub-apps can have a deadline: a default of an
+    installation on the way, or a route marked ``@aiodelay.deadline(seconds)``."""
+    apps = [app]
+    while apps:
+        current = apps.pop()
+        installed = current.get(app_key)
+        if (installed or book).deadline is not None:
+            return True
+        for resource in current.router.resources():
+            sub_app = resource.get_info().get("app")
+            if isinstance(sub_app, web.Application):
+                apps.append(sub_app)
+            for route in resource:
+                if marks_a_deadline(route.handler):
+                    return True
+    return False
+
+
 def _without_traceback(exc: BaseException) -> BaseException:
     """A copy of ``exc`` to keep on the request for later ``notify_finish`` calls: the
     original's traceback holds the frames that hold the request (a reference cycle)."""
@@ -269,7 +325,9 @@ def _without_traceback(exc: BaseException) -> BaseException:
 app_key = book_key
 
 
-def middleware(*, policy: Policy | str = Policy.CANCEL) -> Middleware:
+def middleware(
+    *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+) -> Middleware:
     """The aiodelay middleware, for ``web.Application(middlewares=[...])``.
 
     Put it first so that it also cancels the middlewares after it. Unlike :func:`setup`, it
@@ -277,10 +335,12 @@ def middleware(*, policy: Policy | str = Policy.CANCEL) -> Middleware:
     requests are cancelled rather than failed with ``reason="shutdown"``, and shielded
     handlers still running after their client left are not cancelled at cleanup.
     """
-    return Middleware(policy=policy)
+    return Middleware(policy=policy, deadline=deadline)
 
 
-def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None:
+def setup(
+    app: web.Application, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+) -> None:
     """Install aiodelay on ``app``: the middleware outermost, and its lifecycle hooks.
 
     ``policy`` is what a disconnect does to handlers not marked with
@@ -290,7 +350,7 @@ def setup(app: web.Application, *, policy: Policy | str = Policy.CANCEL) -> None
     """
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
-    mw = Middleware(policy=policy)
+    mw = Middleware(policy=policy, deadline=deadline)
     if app_key in app or any(isinstance(m, Book) for m in app.middlewares):
         raise RuntimeError("aiodelay is already installed on this app")
     if app.frozen:

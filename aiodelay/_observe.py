@@ -22,7 +22,8 @@ __all__ = ("Outcome", "OutcomeKind", "RequestObserver")
 #: being written.
 #: ``failed``: the handler raised (not because of a disconnect), or was cancelled by something
 #: other than a disconnect (server shutdown, an outer timeout).
-OutcomeKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed"]
+#: ``timed_out``: its deadline passed first, and the handler was cancelled.
+OutcomeKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed", "timed_out"]
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,14 @@ class Outcome:
     """How one request ended, as :func:`aiodelay.add_observer`'s observers are told.
 
     ``kind`` is one of ``"completed"``, ``"cancelled"``, ``"ran_on"``, ``"truncated"``,
-    ``"failed"`` (see :data:`OutcomeKind`). ``lost`` is the :class:`aiodelay.ConnectionLost`
-    saying how the client left (its ``reason``: ``"FIN"``, ``"RST"``, ``"shutdown"``,
-    ``"closed"``), ``None`` if it did not leave first. ``client`` is the client's address as
-    the app trusts it (through aiohttp-remotes' middlewares behind a proxy, else
-    ``request.remote``). The times are ``time.monotonic()`` values: the request reached
-    aiodelay, aiodelay saw the client leave (``None`` if it did not), the handler ended (or,
-    for ``"truncated"``, aiodelay saw the response cut short).
+    ``"failed"``, ``"timed_out"`` (see :data:`OutcomeKind`). ``lost`` is the
+    :class:`aiodelay.ConnectionLost` saying how the client left (its ``reason``: ``"FIN"``,
+    ``"RST"``, ``"shutdown"``, ``"closed"``), ``None`` if it did not leave first.
+    ``client`` is the client's address as the app trusts it (through aiohttp-remotes'
+    middlewares behind a proxy, else ``request.remote``). The times are
+    ``time.monotonic()`` values: the request reached aiodelay, aiodelay saw the client leave
+    (``None`` if it did not), the outcome was recorded (the handler ended, or aiohttp was done
+    writing its response).
     """
 
     kind: OutcomeKind

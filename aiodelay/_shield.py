@@ -8,9 +8,8 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ._account import NOT_SET_UP, logger
-from ._lifetime import CANCEL_MESSAGE, Lifetime, live
+from ._lifetime import live
 from ._owned import spawned
-from ._policy import Policy
 
 __all__ = ("shield",)
 
@@ -45,28 +44,24 @@ async def shield(aw: Awaitable[_T]) -> _T:
         result = await aw
     except Exception as exc:
         life.shield_depth -= 1
-        if _held_back(life):
+        stop = life.section_ended()
+        if stop is not None:
             # The section is over; the handler is cancelled now. What it raised is not
             # lost: it is logged, and it is the CancelledError's __cause__.
             logger.error(
-                "aiodelay.shield(): the section raised after the client of %s %s left",
+                "aiodelay.shield(): the section raised after the client left or the deadline "
+                "passed, in %s %s",
                 life.method,
                 life.path,
                 exc_info=exc,
             )
-            life.release()
-            raise asyncio.CancelledError(CANCEL_MESSAGE) from exc
+            raise asyncio.CancelledError(stop) from exc
         raise
     except BaseException:
-        life.shield_depth -= 1  # a cancellation (not the disconnect's) goes through as it is
+        life.shield_depth -= 1  # a cancellation (not aiodelay's) goes through as it is
         raise
     life.shield_depth -= 1
-    if _held_back(life):
-        life.release()
-        raise asyncio.CancelledError(CANCEL_MESSAGE)
+    stop = life.section_ended()
+    if stop is not None:
+        raise asyncio.CancelledError(stop)
     return result
-
-
-def _held_back(life: Lifetime) -> bool:
-    """A disconnect is waiting for the outermost shield() section to end."""
-    return life.shield_depth == 0 and life.lost is not None and life.policy is Policy.CANCEL

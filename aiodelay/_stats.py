@@ -25,6 +25,8 @@ class Stats:
     was still writing it (a large body, a file download).
     ``failed``: the handler raised an error of its own after its client left, or was stopped
     by something else (server shutdown, an outer timeout).
+    ``timed_out``: requests whose deadline passed first (``@aiodelay.deadline``): the handler
+    was cancelled, its client still there; neither ``completed`` nor ``disconnected``.
 
     A request counts as ``completed`` when its handler returns; if its client then leaves
     before aiohttp has written the whole response, it moves from ``completed`` to
@@ -38,6 +40,7 @@ class Stats:
     shielded_ran_on: int
     truncated: int = 0
     failed: int = 0
+    timed_out: int = 0
 
 
 class Counters:
@@ -50,6 +53,7 @@ class Counters:
         "failed",
         "shielded_ran_on",
         "started",
+        "timed_out",
         "truncated",
     )
 
@@ -61,9 +65,13 @@ class Counters:
         self.shielded_ran_on = 0
         self.truncated = 0
         self.failed = 0
+        self.timed_out = 0
 
     def count(self, kind: str, disconnected: bool) -> None:
         """One request ended as ``kind`` (an ``Outcome`` kind)."""
+        if kind == "timed_out":
+            self.timed_out += 1
+            return
         if not disconnected:
             self.completed += 1
             return
@@ -79,11 +87,12 @@ class Counters:
 
     def snapshot(self) -> Stats:
         return Stats(
-            in_flight=self.started - self.completed - self.disconnected,
+            in_flight=self.started - self.completed - self.disconnected - self.timed_out,
             completed=self.completed,
             disconnected=self.disconnected,
             cancelled=self.cancelled,
             shielded_ran_on=self.shielded_ran_on,
             truncated=self.truncated,
             failed=self.failed,
+            timed_out=self.timed_out,
         )

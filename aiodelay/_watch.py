@@ -48,12 +48,14 @@ __all__ = (
     "Watch",
     "bytes_written",
     "closing_reason",
+    "cut",
     "install_watch",
     "installed_watch",
     "log_length",
     "response_written",
     "same_message",
     "sent_as",
+    "status_line_sent",
 )
 
 
@@ -323,7 +325,16 @@ def bytes_written(request: web.BaseRequest) -> int:
     return int(request._payload_writer.output_size)
 
 
-def _status_line_sent(request: web.BaseRequest) -> bool:
+def cut(request: web.BaseRequest) -> None:
+    """Close the request's connection at once: a response that has started ends incomplete
+    (no final chunk, fewer bytes than its Content-Length), not cleanly."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def status_line_sent(request: web.BaseRequest) -> bool:
+    """Whether the status line of the request's response has gone to the transport."""
     writer = request._payload_writer
     sent: bool | None = getattr(writer, "_headers_written", None)
     if sent is None:  # aiohttp < 3.11 writes the status line and headers at prepare()
@@ -374,7 +385,7 @@ def sent_as(
     its response deeper in other objects), the status is not known, and the line says 499
     with the bytes that went out.
     """
-    if not _status_line_sent(request):
+    if not status_line_sent(request):
         return _NOTHING_SENT
     prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
     if prepared is None:

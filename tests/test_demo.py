@@ -121,6 +121,7 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
         "shielded_ran_on": 0,
         "truncated": 0,
         "failed": 0,
+        "timed_out": 0,
     }
 
 

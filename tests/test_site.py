@@ -555,6 +555,7 @@ async def test_status_demo_leaves_out_its_own_requests(aiodelay_server: Aiodelay
             "shielded_ran_on": 0,
             "truncated": 0,
             "failed": 0,
+            "timed_out": 0,
             "left_out": 5,
         }
 

@@ -18,7 +18,9 @@ DropHow = Literal["FIN", "RST", "half-close"]
 #: What became of the handler: aiodelay's own verdict (``completed``, ``cancelled``,
 #: ``ran_on``, ``truncated``, ``failed``, see ``DropOutcome``), or ``running`` if it had not
 #: ended yet.
-DropKind = Literal["completed", "cancelled", "ran_on", "truncated", "failed", "running"]
+DropKind = Literal[
+    "completed", "cancelled", "ran_on", "truncated", "failed", "timed_out", "running"
+]
 
 
 class _EndWaiter(Protocol):
@@ -41,6 +43,9 @@ class DropOutcome:
       faster than the drop, or the drop could not be seen);
     - ``"truncated"``: the handler had returned its response, and the client left while it
       was being written (e.g. ``after_response_bytes=N`` on a large body);
+    - ``"timed_out"``: the route's deadline (``@aiodelay.deadline``) passed before the drop:
+      the handler was cancelled and answered (``status`` 504 unless set otherwise); drop with
+      ``after_seconds`` longer than the deadline to test one;
     - ``"failed"``: the handler raised, or was cancelled by something else than the drop;
     - ``"running"``: the handler had not ended when ``drop()`` returned (only with
       ``wait="seen"``); :meth:`wait_ended` returns a new outcome once it has ended.
@@ -84,6 +89,10 @@ class DropOutcome:
     @property
     def truncated(self) -> bool:
         return self.kind == "truncated"
+
+    @property
+    def timed_out(self) -> bool:
+        return self.kind == "timed_out"
 
     @property
     def running(self) -> bool:

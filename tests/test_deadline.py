@@ -1,0 +1,492 @@
+"""Deadlines, grace and thread work (issue 9): @aiodelay.deadline, setup(deadline=...),
+@aiodelay.grace, aiodelay.to_thread and aiodelay.check_cancelled, with real sockets.
+
+The bounds on times below are the behaviour the API promises (a 0.3 s deadline answers
+after 0.3 s, not after the handler's 5 s), with room for a loaded machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import aiodelay
+from aiodelay.pytest_plugin import AiodelayServer
+from tests.conftest import Probe, RawClient, Serve
+
+
+def _app(*routes: web.RouteDef, **config: Any) -> web.Application:
+    app = web.Application()
+    aiodelay.setup(app, **config)
+    app.add_routes(routes)
+    return app
+
+
+async def _get(client: RawClient, path: str) -> tuple[int, bytes, float]:
+    """GET path on the connection: (status, body, seconds it took)."""
+    start = time.monotonic()
+    await client.get(path)
+    status, body = await client.read_response()
+    return status, body, time.monotonic() - start
+
+
+# -- @aiodelay.deadline -----------------------------------------------------------------------
+
+
+@pytest.mark.both_loops
+async def test_a_deadline_cancels_the_handler_and_answers_504(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+    probe = Probe()
+    finish: list[asyncio.Future[None]] = []
+
+    @aiodelay.deadline(0.3)
+    async def slow(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, asyncio.sleep(5))
+        return web.Response(text="too late")
+
+    served = await serve(_app(web.get("/slow", slow)))
+    client = await served.connect()
+    status, body, took = await _get(client, "/slow")
+    assert status == 504
+    assert body == b"504: the request exceeded its 0.300s deadline\n"
+    assert 0.3 <= took < 0.5
+    assert probe.cancelled
+    exc = finish[0].exception()
+    assert isinstance(exc, aiodelay.DeadlineExceeded)
+    assert isinstance(exc, TimeoutError)
+    assert exc.seconds == 0.3
+    stats = aiodelay.stats(served.app)
+    assert (stats.timed_out, stats.completed, stats.disconnected, stats.in_flight) == (1, 0, 0, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert line == "GET /slow from 127.0.0.1 exceeded its 0.300s deadline: cancelled, answered 504"
+    # The connection is still good for the next request.
+    status, _, _ = await _get(client, "/slow")
+    assert status == 504
+
+
+async def test_setup_deadline_applies_to_undecorated_routes_and_deadline_none_exempts(
+    serve: Serve,
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    @aiodelay.deadline(None)
+    async def exempt(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.6)  # longer than the app's deadline
+        return web.Response(text="done")
+
+    @aiodelay.deadline(0.2, status=503)
+    async def own(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    served = await serve(
+        _app(web.get("/slow", slow), web.get("/exempt", exempt), web.get("/own", own), deadline=0.3)
+    )
+    client = await served.connect()
+    assert (await _get(client, "/slow"))[:2] == (
+        504,
+        b"504: the request exceeded its 0.300s deadline\n",
+    )
+    assert (await _get(client, "/exempt"))[:2] == (200, b"done")
+    status, body, took = await _get(client, "/own")
+    assert (status, body) == (503, b"503: the request exceeded its 0.200s deadline\n")
+    assert took < 0.3
+
+
+async def test_an_app_default_deadline_leaves_shielded_routes_alone(serve: Serve) -> None:
+    """Decided: a shielded route runs to its end; the app's default deadline is not for it
+    (an explicit @aiodelay.deadline on it applies)."""
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.4)
+        return web.Response(text="charged")
+
+    @aiodelay.shielded
+    @aiodelay.deadline(0.2)
+    async def bounded(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    served = await serve(
+        _app(web.post("/charge", charge), web.post("/bounded", bounded), deadline=0.1)
+    )
+    client = await served.connect()
+    await client.send(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    assert await client.read_response() == (200, b"charged")
+    await client.send(b"POST /bounded HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    assert (await client.read_response())[0] == 504
+
+
+async def test_a_deadline_on_a_view_class(serve: Serve) -> None:
+    @aiodelay.deadline(0.2)
+    class Slow(web.View):
+        async def get(self) -> web.Response:
+            await asyncio.sleep(5)
+            return web.Response()
+
+    served = await serve(_app(web.view("/slow", Slow)))
+    client = await served.connect()
+    assert (await _get(client, "/slow"))[0] == 504
+
+
+async def test_a_deadline_in_the_middle_of_a_stream_cuts_the_response(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+
+    @aiodelay.deadline(0.2)
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first line\n")
+        await asyncio.sleep(5)
+        await response.write(b"never\n")
+        return response
+
+    served = await serve(_app(web.get("/stream", stream)))
+    client = await served.get("/stream")
+    received = await client.read_until(b"first line\n")
+    received += await client.reader.read()  # until the server closes
+    assert b"200 OK" in received
+    assert not received.endswith(b"0\r\n\r\n")  # no final chunk: the client sees it cut
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert line.endswith("exceeded its 0.200s deadline: cancelled, its response cut short")
+
+
+async def test_a_shield_section_delays_the_deadline(serve: Serve) -> None:
+    events: list[str] = []
+
+    @aiodelay.deadline(0.1)
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            await aiodelay.shield(asyncio.sleep(0.3))
+            events.append("section ended")
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    status, _, took = await _get(client, "/")
+    assert status == 504
+    assert took >= 0.3  # the section ran to its end first
+    assert events == ["cancelled"]  # right as the section ended
+
+
+async def test_deadline_timers_and_tasks_of_the_request_go_with_it(serve: Serve) -> None:
+    fired: list[str] = []
+    spawned: list[asyncio.Task[Any]] = []
+
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    @aiodelay.deadline(0.1)
+    async def handler(request: web.Request) -> web.Response:
+        aiodelay.call_later(request, 0.3, fired.append, "timer")
+        spawned.append(aiodelay.spawn(request, forever()))
+        await asyncio.sleep(5)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    assert (await _get(client, "/"))[0] == 504
+    await asyncio.wait(spawned, timeout=5)
+    assert spawned[0].cancelled()
+    assert fired == []
+
+
+# -- races: what comes first decides, counted once -------------------------------------------
+
+
+async def test_a_client_leaving_after_the_deadline_does_not_count_again(serve: Serve) -> None:
+    @aiodelay.deadline(0.1)
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    served = await serve(_app(web.get("/slow", slow)))
+    client = await served.connect()
+    assert (await _get(client, "/slow"))[0] == 504
+    client.drop("RST")
+    other = await served.connect()
+    assert (await _get(other, "/slow"))[0] == 504
+    stats = aiodelay.stats(served.app)
+    assert (stats.timed_out, stats.disconnected) == (2, 0)
+
+
+async def test_a_client_leaving_before_the_deadline_is_a_disconnect_only(serve: Serve) -> None:
+    probe = Probe()
+
+    @aiodelay.deadline(0.3)
+    async def slow(request: web.Request) -> web.Response:
+        await probe.run(request, asyncio.sleep(5))
+        return web.Response()
+
+    served = await serve(_app(web.get("/slow", slow)))
+    client = await served.get("/slow")
+    await probe.wait_started()
+    client.drop("FIN")
+    await probe.wait_ended()
+    # Past the deadline: its timer went with the request.
+    other = await served.connect()
+
+    assert (await _get(other, "/slow"))[0] == 504
+    stats = aiodelay.stats(served.app)
+    assert (stats.cancelled, stats.timed_out) == (1, 1)
+    assert stats.disconnected == 1
+
+
+async def test_a_shutdown_before_the_deadline_decides(serve: Serve) -> None:
+    probe = Probe()
+
+    @aiodelay.deadline(2)
+    async def slow(request: web.Request) -> web.Response:
+        await probe.run(request, asyncio.sleep(5))
+        return web.Response()
+
+    served = await serve(_app(web.get("/slow", slow)), shutdown_timeout=0.05)
+    await served.get("/slow")
+    await probe.wait_started()
+    await served.runner.cleanup()
+    stats = aiodelay.stats(served.app)
+    assert (stats.failed, stats.disconnected, stats.timed_out) == (1, 1, 0)
+
+
+# -- @aiodelay.grace --------------------------------------------------------------------------
+
+
+async def test_grace_lets_work_that_ends_in_time_run_on(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+    probe = Probe()
+    left = asyncio.Event()
+
+    @aiodelay.grace(0.6)
+    async def fill(request: web.Request) -> web.Response:
+        async def work() -> None:
+            await left.wait()
+            await asyncio.sleep(0.3)  # the cache fill's remaining work
+
+        await probe.run(request, work())
+        return web.Response()
+
+    served = await serve(_app(web.get("/fill", fill)))
+    client = await served.get("/fill")
+    await probe.wait_started()
+    client.drop("FIN")
+    assert probe.request is not None
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(aiodelay.notify_finish(probe.request), 5)
+    left.set()
+    await probe.wait_ended()
+    assert probe.completed
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert "ran on (within its 0.600s grace)" in line
+
+
+async def test_grace_cancels_work_that_takes_longer(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+    probe = Probe()
+    seen: list[float] = []
+
+    @aiodelay.grace(0.5)
+    async def fill(request: web.Request) -> web.Response:
+        await probe.run(request, asyncio.sleep(5))
+        return web.Response()
+
+    served = await serve(_app(web.get("/fill", fill)))
+    client = await served.get("/fill")
+    await probe.wait_started()
+    assert probe.request is not None
+    finish = aiodelay.notify_finish(probe.request)
+    finish.add_done_callback(lambda _: seen.append(time.monotonic()))
+    client.drop("FIN")
+    await probe.wait_ended()
+    stopped = time.monotonic()
+    assert probe.cancelled
+    assert 0.5 <= stopped - seen[0] < 0.6
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled) == (1, 1)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert line.endswith("cancelled (after its 0.500s grace)")
+
+
+# -- aiodelay.to_thread and aiodelay.check_cancelled -----------------------------------------
+
+
+class _Worker:
+    """A thread function that checks every 5 ms, and says when it stopped."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.stopped_at: float | None = None
+        self.raised: BaseException | None = None
+
+    def __call__(self, limit: float) -> str:
+        self.started.set()
+        end = time.monotonic() + limit
+        try:
+            while time.monotonic() < end:
+                aiodelay.check_cancelled()
+                time.sleep(0.005)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+        finally:
+            self.stopped_at = time.monotonic()
+        return "done"
+
+
+async def _started(worker: _Worker) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, worker.started.wait, 5)
+
+
+async def test_to_thread_returns_the_result_and_check_cancelled_is_a_no_op_outside(
+    serve: Serve,
+) -> None:
+    aiodelay.check_cancelled()  # outside an aiodelay thread: nothing
+    worker = _Worker()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=await aiodelay.to_thread(request, worker, 0.05))
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    assert (await _get(client, "/"))[:2] == (200, b"done")
+    assert worker.raised is None
+
+
+@pytest.mark.both_loops
+async def test_a_thread_stops_at_its_next_check_when_the_client_leaves(serve: Serve) -> None:
+    worker = _Worker()
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        text = await probe.run(request, aiodelay.to_thread(request, worker, 30))
+        return web.Response(text=text)
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await _started(worker)
+    dropped = time.monotonic()
+    client.drop("FIN")
+    await probe.wait_ended()
+    assert probe.cancelled  # the await ended at once
+    await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
+    assert isinstance(worker.raised, asyncio.CancelledError)
+    assert worker.stopped_at is not None
+    assert worker.stopped_at - dropped < 0.05
+
+
+async def test_a_thread_stops_at_its_next_check_when_the_deadline_passes(serve: Serve) -> None:
+    worker = _Worker()
+
+    @aiodelay.deadline(0.2)
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=await aiodelay.to_thread(request, worker, 30))
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    status, _, took = await _get(client, "/")
+    answered = time.monotonic()
+    assert status == 504
+    await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
+    assert isinstance(worker.raised, asyncio.CancelledError)
+    assert worker.stopped_at is not None
+    assert worker.stopped_at - (answered - took + 0.2) < 0.05
+
+
+async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
+    serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiodelay._middleware
+
+    monkeypatch.setattr(aiodelay._middleware, "THREAD_CLEANUP_TIMEOUT", 0.2)
+    caplog.set_level(logging.WARNING, logger="aiodelay")
+    release = threading.Event()
+    started = threading.Event()
+
+    def stubborn() -> None:  # never checks: it cannot be stopped
+        started.set()
+        release.wait(10)
+
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, aiodelay.to_thread(request, stubborn))
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
+    client = await served.get("/")
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+    client.drop("RST")
+    await probe.wait_ended()
+    await served.runner.cleanup()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert "stubborn" in line
+    assert "left behind" in line
+    release.set()
+
+
+def aiodelay_key() -> Any:
+    from aiodelay._account import book_key
+
+    return book_key
+
+
+# -- the pytest plugin ------------------------------------------------------------------------
+
+
+async def test_the_plugin_reports_a_deadline(aiodelay_server: AiodelayServer) -> None:
+    @aiodelay.deadline(0.1)
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/slow", after_seconds=2)
+    assert outcome.timed_out, outcome  # the deadline came before the drop
+
+
+# -- configuration errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda: aiodelay.deadline("5"), TypeError),  # type: ignore[arg-type]
+        (lambda: aiodelay.deadline(True), TypeError),
+        (lambda: aiodelay.deadline(0), ValueError),
+        (lambda: aiodelay.deadline(-1), ValueError),
+        (lambda: aiodelay.deadline(float("inf")), ValueError),
+        (lambda: aiodelay.deadline(1, status=200), ValueError),
+        (lambda: aiodelay.deadline(1, status="504"), TypeError),  # type: ignore[arg-type]
+        (lambda: aiodelay.grace(0), ValueError),
+        (lambda: aiodelay.grace(None), TypeError),  # type: ignore[arg-type]
+        (lambda: aiodelay.setup(web.Application(), deadline=0), ValueError),
+        (lambda: aiodelay.middleware(deadline="1"), TypeError),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_configuration_is_refused(call: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        call()
