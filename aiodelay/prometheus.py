@@ -87,7 +87,7 @@ class _Families:
     """The four metric families, made once per registry (or once per process in
     multiprocess mode): two apps of one process that report to one registry share them."""
 
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+    def __init__(self, registry: CollectorRegistry | None, *, multiprocess_mode: bool) -> None:
         self.requests = Counter(
             "aiodelay_requests",
             "Requests that ended, by route pattern and aiodelay outcome.",
@@ -112,58 +112,91 @@ class _Families:
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
+        #: The ids of the requests in flight (requests are not hashable): the gauge goes down
+        #: once per request that it went up for.
+        self.tracked: set[int] = set()
+        #: Outside multiprocess mode the gauge is read at scrape time, not kept per request.
+        self.live_gauge = multiprocess_mode
+        if not multiprocess_mode:
+            tracked = self.tracked
+            self.in_flight.set_function(lambda: len(tracked))
 
 
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
 _multiprocess_families: _Families | None = None
 
+#: What a label lookup is cached under: the matched resource (None: no route matched) and the
+#: outcome or the disconnect's reason.
+_Key = tuple["web.AbstractResource | None", str]
+
 
 class _Metrics:
-    """The observer that feeds the families; one per :func:`setup`."""
+    """The observer that feeds the families; one per :func:`setup`.
 
-    __slots__ = ("_families", "_skip", "_tracked")
+    The labelled children are cached per (resource, outcome): ``Counter.labels()`` validates
+    and locks on every call, which would be most of what a request costs here.
+    """
+
+    __slots__ = ("_disconnects", "_families", "_requests", "_skip")
 
     def __init__(self, families: _Families, skip: web.AbstractResource | None) -> None:
         self._families = families
         self._skip = skip  # the /metrics resource
-        # The ids of the requests counted in flight (requests are not hashable), so that the
-        # gauge goes down once per request that it went up for.
-        self._tracked: set[int] = set()
+        self._requests: dict[_Key, Counter] = {}
+        self._disconnects: dict[_Key, Counter] = {}
 
-    def _route(self, request: web.BaseRequest) -> str | None:
-        """The request's route label; None for the /metrics route itself."""
-        if not isinstance(request, web.Request):
-            return UNMATCHED
-        resource = request.match_info.route.resource
-        if resource is None:  # a 404 or 405: aiohttp's system route
-            return UNMATCHED
-        if resource is self._skip:
+    def _resource(self, request: web.BaseRequest) -> web.AbstractResource | None:
+        match_info = getattr(request, "match_info", None)  # a web.Request has one
+        if match_info is None:
             return None
-        return resource.canonical
+        resource: web.AbstractResource | None = match_info.route.resource
+        return resource  # None for a 404 or 405: aiohttp's system route
 
     def request_started(self, request: web.BaseRequest) -> None:
-        if self._skip is None or self._route(request) is not None:
-            self._families.in_flight.inc()
-            self._tracked.add(id(request))
+        if self._skip is not None and self._resource(request) is self._skip:
+            return
+        families = self._families
+        families.tracked.add(id(request))
+        if families.live_gauge:
+            families.in_flight.inc()
 
     def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
         pass  # counted when the request ends, with its outcome
 
     def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
-        route = self._route(request)
-        if route is None:
+        resource = self._resource(request)
+        if resource is not None and resource is self._skip:
             return
         families = self._families
-        if id(request) in self._tracked:
-            self._tracked.discard(id(request))
-            families.in_flight.dec()
-        families.requests.labels(route, outcome.kind).inc()
+        tracked = families.tracked
+        if id(request) in tracked:
+            tracked.remove(id(request))
+            if families.live_gauge:
+                families.in_flight.dec()
+        kind = outcome.kind
+        child = self._requests.get((resource, kind))
+        if child is None:
+            child = self._requests[resource, kind] = families.requests.labels(
+                _label(resource), kind
+            )
+        child.inc()
         lost = outcome.lost
         if lost is None:
             return
-        families.disconnects.labels(route, lost.reason).inc()
-        if outcome.kind != "truncated" and outcome.lost_at is not None:
+        reason = lost.reason
+        child = self._disconnects.get((resource, reason))
+        if child is None:
+            child = self._disconnects[resource, reason] = families.disconnects.labels(
+                _label(resource), reason
+            )
+        child.inc()
+        if kind != "truncated" and outcome.lost_at is not None:
             families.latency.observe(max(0.0, outcome.ended_at - outcome.lost_at))
+
+
+def _label(resource: web.AbstractResource | None) -> str:
+    """The route label: the resource's pattern, with a sub-app's prefix."""
+    return UNMATCHED if resource is None else resource.canonical
 
 
 metrics_key = web.AppKey("aiodelay.prometheus", _Metrics)
@@ -239,12 +272,12 @@ def _families(registry: CollectorRegistry | None, multiprocess_mode: bool) -> _F
     global _multiprocess_families
     if multiprocess_mode:
         if _multiprocess_families is None:
-            _multiprocess_families = _Families(None)
+            _multiprocess_families = _Families(None, multiprocess_mode=True)
         return _multiprocess_families
     target = prometheus_client.REGISTRY if registry is None else registry
     families = _by_registry.get(target)
     if families is None:
-        families = _by_registry[target] = _Families(target)
+        families = _by_registry[target] = _Families(target, multiprocess_mode=False)
     return families
 
 
