@@ -524,11 +524,14 @@ async def test_a_file_served_with_metrics_on_logs_no_error(
     app.router.add_get("/hello.txt", hello)
     registry = CollectorRegistry()
     aiodelay.prometheus.setup(app, registry=registry)
+    ends = _Ends()
+    aiodelay.add_observer(app, ends)
     served = await serve(app)
     client = await served.get("/hello.txt")
     assert await client.read_response() == (200, b"hello")
     await client.get("/hello.txt")  # the connection is kept alive, and the file sent again
     assert await client.read_response() == (200, b"hello")
+    await ends.wait(2)
     labels = {"route": "/hello.txt", "outcome": "completed"}
     assert registry.get_sample_value("aiodelay_requests_total", labels) == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
