@@ -51,9 +51,11 @@ process manager empties it before the start, and gunicorn's ``child_exit`` hook 
 ``prometheus_client.multiprocess.mark_process_dead(worker.pid)`` so that a dead worker's
 in-flight requests stop counting (its counters stay in the sum, as counters must).
 
-Not promised: a request that ended before :func:`setup` was called (there is none, as the app
-must not have started), and metrics of requests that aiodelay does not see (those of an app
-without aiodelay mounted in this one by other means).
+Not promised: requests that never reach aiodelay's middleware are not counted (aiohttp answers
+a malformed request or one with too large headers itself, before any middleware). A route of a
+custom ``AbstractResource`` is labelled with its ``canonical`` (``python -m aiodelay``'s served
+directory is one route, ``/``). In multiprocess mode a scrape reads every worker's files on the
+event loop of the worker that serves it.
 """
 
 from __future__ import annotations
@@ -72,11 +74,13 @@ from ._account import add_observer, installed_on
 from ._errors import ConnectionLost
 from ._observe import Outcome
 
-__all__ = ("setup",)
+__all__ = ("LATENCY_BUCKETS", "UNMATCHED", "setup")
 
+#: The ``route`` label of the requests that matched no route (a 404 or 405).
 UNMATCHED: Final = "(unmatched)"
 
-#: Seconds; see the module docstring for why these.
+#: The buckets of ``aiodelay_cancel_latency_seconds``, in seconds; the module docstring says
+#: why these.
 LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
