@@ -1,8 +1,10 @@
 """``python -m aiodelay``: serve a directory (or the bundled demo site) with aiodelay set up.
 
 ``main(argv)`` returns the exit status: 0 after Ctrl-C or SIGTERM (a graceful stop), 1 when the
-server cannot start (port in use, unreadable directory), 2 for bad arguments.  Every error is
-one line on stderr, never a traceback.
+server cannot start (port in use, unreadable directory, an unusable ``PROMETHEUS_MULTIPROC_DIR``
+with ``--metrics``), 2 for bad arguments and for ``--metrics`` without prometheus-client
+installed.  Every error is one line on stderr, never a traceback.  ``aiodelay.prometheus`` (and
+with it ``prometheus_client``) is imported only with ``--metrics``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def aiohttp_shutdown_timeout(total: float) -> float:
 
 
 _PROG = "python -m aiodelay"
+_NO_METRICS = "--metrics needs prometheus-client: pip install 'aiodelay[prometheus]'"
 
 
 def _port(text: str) -> int:
@@ -97,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="log each request (default: on)",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve Prometheus metrics at /metrics (needs: pip install 'aiodelay[prometheus]')",
+    )
     parser.add_argument("--version", action="version", version=f"aiodelay {__version__}")
     return parser
 
@@ -110,19 +118,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("argument --host: expected a host name or address")
     except SystemExit as exc:  # argparse's exit (2 after its one-line error, 0 for --version)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.metrics:
+        try:
+            from . import prometheus
+        except ImportError as exc:
+            if not (exc.name or "").startswith("prometheus_client"):
+                raise
+            print(f"{_PROG}: error: {_NO_METRICS}", file=sys.stderr)
+            return 2
     root: Path = args.path if args.path is not None else DEMO_DIR
     try:
         app = create_app(root, scripts=args.scripts, policy=args.policy)
     except OSError as exc:
         return _fail(f"cannot serve {root}: {exc.strerror or exc}")
+    if args.metrics:
+        try:
+            prometheus.setup(app)
+        except (RuntimeError, ValueError) as exc:  # PROMETHEUS_MULTIPROC_DIR is unusable
+            return _fail(str(exc))
     with _logging_to_stderr():
         try:
-            return asyncio.run(_serve(app, args.host, args.port, args.access_log, root))
+            return asyncio.run(
+                _serve(app, args.host, args.port, args.access_log, root, args.metrics)
+            )
         except KeyboardInterrupt:  # where signal handlers cannot be installed
             return 0
 
 
-async def _serve(app: web.Application, host: str, port: int, access_log: bool, root: Path) -> int:
+async def _serve(
+    app: web.Application, host: str, port: int, access_log: bool, root: Path, metrics: bool
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -143,7 +168,9 @@ async def _serve(app: web.Application, host: str, port: int, access_log: bool, r
             return _fail(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}")
         what = "the aiodelay demo" if root == DEMO_DIR else str(root)
         bound_host, bound_port = runner.addresses[0][:2]
-        _announce(f"Serving {what} at http://{_address(bound_host, bound_port)}/ (Ctrl-C to stop)")
+        url = f"http://{_address(bound_host, bound_port)}/"
+        also = f", metrics at {url}metrics" if metrics else ""
+        _announce(f"Serving {what} at {url} (Ctrl-C to stop){also}")
         await stop.wait()
         logging.getLogger("aiodelay").info(
             "stopping: requests in flight have up to %gs to end (aiohttp interrupts "

@@ -6,7 +6,9 @@ Three copies of the same app, each served in a process of its own by a plain
 - ``bare``: the app alone;
 - ``empty``: the app with one empty pass-through ``@web.middleware`` (what any middleware
   costs: aiohttp's middleware chain);
-- ``aiodelay``: the app with ``aiodelay.setup(app)``.
+- ``aiodelay``: the app with ``aiodelay.setup(app)``;
+- ``metrics`` (with ``--metrics``): the app with ``aiodelay.setup(app)`` and
+  ``aiodelay.prometheus.setup(app)`` (needs ``pip install 'aiodelay[prometheus]'``).
 
 Load runs alternate between them for several rounds (the order rotates each round), so that
 drift of a shared machine hits all three alike; the script prints requests/s of each run, the
@@ -26,6 +28,7 @@ Run (from the repository root, in the project's virtualenv)::
 
     python benchmarks/overhead.py                  # 5 rounds x 5 s per app, about 1.5 min
     python benchmarks/overhead.py --uvloop --rounds 7 --duration 10
+    python benchmarks/overhead.py --metrics        # and the app with Prometheus metrics
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from aiohttp.typedefs import Handler
 import aiodelay
 
 KINDS = ("bare", "empty", "aiodelay")
+ALL_KINDS = (*KINDS, "metrics")
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -64,8 +68,12 @@ async def passthrough(request: web.Request, handler: Handler) -> web.StreamRespo
 def make_app(kind: str) -> web.Application:
     app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
     app.router.add_get("/", hello)
-    if kind == "aiodelay":
+    if kind in ("aiodelay", "metrics"):
         aiodelay.setup(app)
+    if kind == "metrics":
+        from aiodelay import prometheus  # only here: the other apps never import it
+
+        prometheus.setup(app)
     return app
 
 
@@ -138,6 +146,7 @@ async def client_load(url: str, connections: int, duration: float) -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
+    kinds = ALL_KINDS if args.metrics else KINDS
     cpus = two_cpus()
     server_cpu, load_cpu = cpus if cpus is not None else (None, None)
     wrk = None if args.no_wrk else shutil.which("wrk")
@@ -160,25 +169,26 @@ def measure(args: argparse.Namespace) -> int:
         cpu = cpu_seconds(server.pid) - cpu_before
         return Run(requests / duration, requests / cpu if cpu else 0.0)
 
-    runs: dict[str, list[Run]] = {kind: [] for kind in KINDS}
+    runs: dict[str, list[Run]] = {kind: [] for kind in kinds}
     with contextlib.ExitStack() as stack:
         servers = {}
-        for kind in KINDS:
+        for kind in kinds:
             argv = [__file__, "--serve", kind]
             if args.uvloop:
                 argv.append("--uvloop")
             if server_cpu is not None:
                 argv += ["--cpu", str(server_cpu)]
             servers[kind] = stack.enter_context(ServerProcess(argv))
-        for kind in KINDS:  # warm-up: imports, caches, the first connections
+        for kind in kinds:  # warm-up: imports, caches, the first connections
             load(servers[kind], args.warmup)
-        header = "  ".join(f"{kind:>21s}" for kind in KINDS)
+        header = "  ".join(f"{kind:>21s}" for kind in kinds)
         print(f"round   {header}   (req/s, req/CPU-s)")
         for rnd in range(args.rounds):
             # Rotate the order, so that no app always follows the same one.
-            for kind in KINDS[rnd % 3 :] + KINDS[: rnd % 3]:
+            shift = rnd % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
                 runs[kind].append(load(servers[kind], args.duration))
-            cells = (f"{runs[k][-1].rps:10.0f} {runs[k][-1].per_cpu:10.0f}" for k in KINDS)
+            cells = (f"{runs[k][-1].rps:10.0f} {runs[k][-1].per_cpu:10.0f}" for k in kinds)
             print(f"{rnd + 1:5d}   " + "  ".join(cells), flush=True)
     report(runs)
     return 0
@@ -187,9 +197,10 @@ def measure(args: argparse.Namespace) -> int:
 def report(runs: dict[str, list[Run]]) -> None:
     """Medians per app, and the ratios between apps three ways."""
     print()
-    rps = {kind: statistics.median(run.rps for run in runs[kind]) for kind in KINDS}
-    per_cpu = {kind: statistics.median(run.per_cpu for run in runs[kind]) for kind in KINDS}
-    for kind in KINDS:
+    kinds = tuple(runs)
+    rps = {kind: statistics.median(run.rps for run in runs[kind]) for kind in kinds}
+    per_cpu = {kind: statistics.median(run.per_cpu for run in runs[kind]) for kind in kinds}
+    for kind in kinds:
         values = [run.rps for run in runs[kind]]
         spread = max(values) / min(values) - 1
         print(
@@ -201,11 +212,15 @@ def report(runs: dict[str, list[Run]]) -> None:
         f"{'ratio':16s} {'medians: req/s':>20s} {'req/CPU-s':>10s} {'per round':>15s}"
         "   (per round: median of the rounds' req/CPU-s ratios)"
     )
-    for name, num, den, target in (
+    ratios: list[tuple[str, str, str, float | None]] = [
         ("empty/bare", "empty", "bare", None),
         ("aiodelay/bare", "aiodelay", "bare", 0.97),
         ("aiodelay/empty", "aiodelay", "empty", 0.98),
-    ):
+    ]
+    if "metrics" in runs:  # what the metrics add to aiodelay, and to any middleware
+        ratios += [("metrics/aiodelay", "metrics", "aiodelay", None)]
+        ratios += [("metrics/empty", "metrics", "empty", None)]
+    for name, num, den, target in ratios:
         wall, cpu = rps[num] / rps[den], per_cpu[num] / per_cpu[den]
         paired = statistics.median(
             n.per_cpu / d.per_cpu for n, d in zip(runs[num], runs[den], strict=True) if d.per_cpu
@@ -241,7 +256,8 @@ def _cpu_model() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="requests/s of a hello-world app: bare, with an empty middleware, with aiodelay"
+        description="requests/s of a hello-world app: bare, with an empty middleware, with "
+        "aiodelay (and with --metrics: with aiodelay and its Prometheus metrics)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="load runs per app (default 5)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
@@ -249,14 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections (50)")
     parser.add_argument("--uvloop", action="store_true", help="serve with uvloop's event loop")
     parser.add_argument("--no-wrk", action="store_true", help="use the aiohttp client load")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also the app with aiodelay.prometheus.setup(app) (needs aiodelay[prometheus])",
+    )
     # The children this script runs: a server, or the fallback load generator.
-    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=ALL_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.warmup < 1 or args.connections < 1:
         parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
-    if args.rounds * len(KINDS) * args.duration > 3600:
+    if args.rounds * len(ALL_KINDS if args.metrics else KINDS) * args.duration > 3600:
         parser.error("that would run for more than an hour: lower --rounds or --duration")
     if args.serve:
         kind: str = args.serve

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 import aiodelay
 from aiodelay import _cli
@@ -332,3 +335,86 @@ async def test_stop_with_requests_in_flight_takes_at_most_the_promised_3s(
     assert "pending notify_finish: ConnectionLost shutdown" in log
     assert "requests in flight have up to 3s to end" in log
     assert "Traceback" not in log
+
+
+# -- --metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_serves_prometheus_metrics_on_the_same_port(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+    scrapes: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def announce(line: str) -> None:
+        print(line)
+        tasks.append(asyncio.get_running_loop().create_task(visit(_url(line))))
+
+    async def visit(url: str) -> None:
+        # One connection: each request starts after the previous one ended (and was counted).
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for path in ("metrics", "", "metrics"):
+                async with session.get(url + path) as resp:
+                    text = await resp.text()
+                    if path == "metrics":
+                        assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+                        scrapes.append(text)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_cli, "_announce", announce)
+    assert main(["--port", "0", "--path", str(tmp_path), "--metrics", "--no-access-log"]) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(
+        r"Serving \S+ at (http://127\.0\.0\.1:\d+/) \(Ctrl-C to stop\), metrics at \1metrics\n",
+        out,
+    ), out
+    assert "Traceback" not in err
+    # Every file of the served directory is one route, "/"; the scrapes are not counted.
+    sample = 'aiodelay_requests_total{outcome="completed",route="/"} '
+    before, after = (_value(scrape, sample) for scrape in scrapes)
+    assert after == before + 1
+    assert "/metrics" not in scrapes[1]
+
+
+def _value(scrape: str, prefix: str) -> float:
+    for line in scrape.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+WITHOUT_PROMETHEUS = """\
+import sys
+sys.modules["prometheus_client"] = None  # import prometheus_client now fails, as uninstalled
+from aiodelay._cli import main
+sys.exit(main(["--metrics", "--port", "0"]))
+"""
+
+
+def test_metrics_without_prometheus_client_exits_2_saying_what_to_install() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PROMETHEUS], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "python -m aiodelay: error: --metrics needs prometheus-client: "
+        "pip install 'aiodelay[prometheus]'\n"
+    )
+
+
+def test_metrics_with_a_missing_multiprocess_directory_exits_1_with_one_line(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    done = subprocess.run(
+        [sys.executable, "-m", "aiodelay", "--metrics", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.count("\n") == 1
+    assert "PROMETHEUS_MULTIPROC_DIR is not set to a directory" in _one_error_line(done.stderr)

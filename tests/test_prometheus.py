@@ -1,0 +1,530 @@
+"""aiodelay.prometheus: the metric families after real requests and real drops, the /metrics
+route, setup()'s checks, and multiprocess mode with two real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
+
+import aiodelay
+import aiodelay.prometheus
+from tests.conftest import Probe, RawClient, Serve
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+
+def _key(name: str, **labels: str) -> tuple[str, Labels]:
+    return name, tuple(sorted(labels.items()))
+
+
+def _samples(text: str) -> Samples:
+    """The aiodelay_* samples of a scrape, without ``_created`` timestamps."""
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("aiodelay_") and not sample.name.endswith("_created"):
+                found[_key(sample.name, **sample.labels)] = sample.value
+    return found
+
+
+def _split_histogram(samples: Samples) -> tuple[Samples, list[tuple[float, float]]]:
+    """(the samples without the latency buckets and sum, the buckets as (le, count))."""
+    rest: Samples = {}
+    buckets: list[tuple[float, float]] = []
+    for (name, labels), value in samples.items():
+        if name == "aiodelay_cancel_latency_seconds_bucket":
+            buckets.append((float(dict(labels)["le"]), value))
+        elif name != "aiodelay_cancel_latency_seconds_sum":
+            rest[name, labels] = value
+    return rest, sorted(buckets)
+
+
+async def _scrape(port: int, path: str = "/metrics") -> tuple[str, str]:
+    """(Content-Type, body) of one GET of ``path`` on a connection of its own."""
+    client = await RawClient.connect(port)
+    await client.get(path)
+    head = (await client.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    headers = dict(
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.partition(":") for line in head.split("\r\n")[1:] if line)
+    )
+    assert head.startswith("HTTP/1.1 200 "), head
+    body = await client.reader.readexactly(int(headers["content-length"]))
+    await client.aclose()
+    return headers["content-type"], body.decode()
+
+
+class _Ends:
+    """An observer added after the metrics' one: once it heard a request end, so did they."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+        self.changed = asyncio.Event()
+        self.lost: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        pass
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        self.lost[request.path].set()
+
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+        self.ended += 1
+        self.changed.set()
+
+    async def wait(self, count: int) -> None:
+        async def reached() -> None:
+            while self.ended < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(reached(), 5)
+
+
+_BIG = 16 * 1024 * 1024
+
+
+async def test_each_outcome_is_counted_under_its_route_pattern(serve: Serve) -> None:
+    """A completed request, FIN and RST drops that cancel, a shielded handler that runs on, a
+    download cut short, a 404 and a 405, a sub-app route: the exact samples afterwards."""
+    probes = {"fin": Probe(), "rst": Probe()}
+    ends = _Ends()
+
+    async def user(request: web.Request) -> web.Response:
+        return web.Response(text=request.match_info["id"])
+
+    async def hold(request: web.Request) -> web.Response:
+        await probes[request.match_info["name"]].run(request, asyncio.Future())
+        raise AssertionError("not reached")
+
+    shielded_started = asyncio.Event()
+
+    @aiodelay.shielded
+    async def shielded(request: web.Request) -> web.Response:
+        shielded_started.set()
+        await ends.lost["/shielded"].wait()  # and runs on after its client left
+        return web.Response(text="done anyway")
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * _BIG)
+
+    async def item(request: web.Request) -> web.Response:
+        return web.Response(text="item")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/users/{id}", user)
+    app.router.add_get("/hold/{name}", hold)
+    app.router.add_get("/shielded", shielded)
+    app.router.add_get("/big", big)
+    sub = web.Application()
+    sub.router.add_get("/items/{id}", item)
+    app.add_subapp("/api", sub)
+    registry = CollectorRegistry()
+    aiodelay.prometheus.setup(app, registry=registry)
+    aiodelay.add_observer(app, ends)
+    served = await serve(app)
+
+    client = await served.get("/users/1")
+    assert await client.read_response() == (200, b"1")
+    await client.get("/api/items/7")
+    assert await client.read_response() == (200, b"item")
+    await client.get("/nope")
+    assert (await client.read_response())[0] == 404
+    await client.send(b"POST /users/2 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+    assert (await client.read_response())[0] == 405
+    await ends.wait(4)
+
+    for name, how in (("fin", "FIN"), ("rst", "RST")):
+        dropped = await served.get(f"/hold/{name}")
+        await probes[name].wait_started()
+        dropped.drop(how)  # type: ignore[arg-type]
+        await probes[name].wait_ended()
+        assert probes[name].cancelled
+    await ends.wait(6)
+
+    dropped = await served.get("/shielded")
+    await asyncio.wait_for(shielded_started.wait(), 5)
+    dropped.drop("FIN")
+    await ends.wait(7)
+
+    downloader = await RawClient.connect(served.port)
+    served.clients.append(downloader)
+    sock = downloader.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await downloader.get("/big")
+    await downloader.read_until(b"x" * 1024)
+    downloader.drop("RST")  # with unread bytes: what a browser stopping a download sends
+    await ends.wait(8)
+
+    content_type, text = await _scrape(served.port)
+    assert content_type == CONTENT_TYPE_LATEST
+    samples, buckets = _split_histogram(_samples(text))
+    total = "aiodelay_requests_total"
+    disconnects = "aiodelay_disconnects_total"
+    assert samples == {
+        _key(total, route="/users/{id}", outcome="completed"): 1,
+        _key(total, route="/api/items/{id}", outcome="completed"): 1,
+        _key(total, route="(unmatched)", outcome="completed"): 2,
+        _key(total, route="/hold/{name}", outcome="cancelled"): 2,
+        _key(total, route="/shielded", outcome="ran_on"): 1,
+        _key(total, route="/big", outcome="truncated"): 1,
+        _key(disconnects, route="/hold/{name}", reason="FIN"): 1,
+        _key(disconnects, route="/hold/{name}", reason="RST"): 1,
+        _key(disconnects, route="/shielded", reason="FIN"): 1,
+        _key(disconnects, route="/big", reason="RST"): 1,
+        _key("aiodelay_requests_in_flight"): 0,
+        # One per disconnect whose handler was running: not the truncated download's.
+        _key("aiodelay_cancel_latency_seconds_count"): 3,
+    }
+    assert buckets[-1] == (float("inf"), 3)
+    assert [count for _, count in buckets] == sorted(count for _, count in buckets)
+    assert len(buckets) == len(aiodelay.prometheus.LATENCY_BUCKETS) + 1
+    # The scrape itself is not counted: a second one shows the same.
+    assert _samples((await _scrape(served.port))[1]) == _samples(text)
+    assert "/metrics" not in text
+
+
+async def test_the_in_flight_gauge_counts_a_held_request_and_returns_to_0(serve: Serve) -> None:
+    probe = Probe()
+
+    async def hold(request: web.Request) -> web.Response:
+        await probe.run(request, asyncio.Future())
+        raise AssertionError("not reached")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/hold", hold)
+    registry = CollectorRegistry()
+    aiodelay.prometheus.setup(app, registry=registry)
+    served = await serve(app)
+    client = await served.get("/hold")
+    await probe.wait_started()
+    during = _samples((await _scrape(served.port))[1])
+    assert during[_key("aiodelay_requests_in_flight")] == 1
+    client.drop("RST")
+    await probe.wait_ended()
+    assert registry.get_sample_value("aiodelay_requests_in_flight") == 0
+    assert registry.get_sample_value("aiodelay_cancel_latency_seconds_count") == 1
+
+
+async def test_default_registry_path_none_and_a_custom_path(serve: Serve) -> None:
+    """registry=None is prometheus-client's REGISTRY (its process metrics served too);
+    path=None serves nothing (a request there is an unmatched 404); another path works."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    def count(route: str, outcome: str = "completed") -> float:
+        labels = {"route": route, "outcome": outcome}
+        return REGISTRY.get_sample_value("aiodelay_requests_total", labels) or 0.0
+
+    apps = []
+    for path in ("/metrics", None, "/-/metrics"):
+        app = web.Application()
+        aiodelay.setup(app)
+        app.router.add_get("/hello", hello)
+        aiodelay.prometheus.setup(app, path=path)  # one registry: the families are shared
+        apps.append(await serve(app))
+    default, silent, custom = apps
+    before = count("/hello"), count("(unmatched)")
+    for served in apps:
+        client = await served.get("/hello")
+        assert await client.read_response() == (200, b"hi")
+    client = await silent.get("/metrics")
+    assert (await client.read_response())[0] == 404
+    await client.get("/hello")  # after the 404 ended: this request's start is its end's cue
+    assert await client.read_response() == (200, b"hi")
+    _, text = await _scrape(default.port)
+    assert "python_info" in text  # REGISTRY's own collectors
+    assert _samples(text) == _samples((await _scrape(custom.port, "/-/metrics"))[1])
+    assert (count("/hello"), count("(unmatched)")) == (before[0] + 4, before[1] + 1)
+
+
+class _NotAnApp:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        # Not an app, a path that is not a str or not absolute, a registry of the wrong type.
+        ((_NotAnApp(),), {}, TypeError, "takes a web.Application"),
+        ((), {"path": b"/metrics"}, TypeError, "path must be a str or None"),
+        ((), {"path": "metrics"}, ValueError, "path must start with '/'"),
+        ((), {"registry": "default"}, TypeError, "must be a prometheus_client.CollectorRegistry"),
+    ],
+)
+def test_setup_rejects_bad_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    app = web.Application()
+    aiodelay.setup(app)
+    with pytest.raises(error, match=message):
+        aiodelay.prometheus.setup(*(args or (app,)), **kwargs)
+    assert aiodelay.prometheus.metrics_key not in app
+    assert len(app.router.resources()) == 0
+
+
+def test_setup_configuration_is_keyword_only() -> None:
+    app = web.Application()
+    aiodelay.setup(app)
+    with pytest.raises(TypeError, match="positional"):
+        aiodelay.prometheus.setup(app, "/metrics")  # type: ignore[call-arg]
+
+
+def test_setup_without_aiodelay_names_the_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"call aiodelay\.setup\(app\) first"):
+        aiodelay.prometheus.setup(web.Application(), registry=CollectorRegistry())
+
+
+def test_setup_twice_on_one_app_is_an_error() -> None:
+    app = web.Application()
+    aiodelay.setup(app)
+    registry = CollectorRegistry()
+    aiodelay.prometheus.setup(app, registry=registry)
+    with pytest.raises(RuntimeError, match="already called on this app"):
+        aiodelay.prometheus.setup(app, registry=registry, path="/other")
+    assert len([r for r in app.router.resources() if r.canonical.endswith("metrics")]) == 1
+
+
+def test_multiprocess_dir_set_after_import_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    app = web.Application()
+    aiodelay.setup(app)
+    with pytest.raises(RuntimeError, match="set after prometheus_client was imported"):
+        aiodelay.prometheus.setup(app)
+
+
+# -- nothing imported without setup() -----------------------------------------------------
+
+NOT_IMPORTED = """\
+import asyncio, sys
+import aiohttp
+from aiohttp import web
+import aiodelay, aiodelay._cli
+
+async def main():
+    async def hello(request):
+        return web.Response(text="hi")
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/") as resp:
+            assert await resp.text() == "hi"
+    await runner.cleanup()
+    print(aiodelay.stats(app).completed, "prometheus_client" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_aiodelay_without_setup_never_imports_prometheus_client() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NOT_IMPORTED], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "False"]
+
+
+# -- multiprocess mode: two server processes, one directory -------------------------------
+
+WORKER = """\
+import asyncio, signal, sys
+from aiohttp import web
+import aiodelay, aiodelay.prometheus
+
+class Said:
+    def request_started(self, request): pass
+    def request_lost(self, request, lost): pass
+    def request_ended(self, request, outcome):
+        print("ended", request.path, outcome.kind, flush=True)
+
+async def work(request):
+    return web.Response(text="done")
+
+async def hold(request):
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"started\\n")
+    await asyncio.Event().wait()
+
+async def main():
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/work", work)
+    app.router.add_get("/hold", hold)
+    aiodelay.prometheus.setup(app)
+    aiodelay.add_observer(app, Said())
+    runner = web.AppRunner(app, handler_cancellation=False, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("PORT", runner.addresses[0][1], flush=True)
+    try:
+        await asyncio.wait_for(stop.wait(), 60)  # never outlives a hung test
+    finally:
+        await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.port = 0
+        self.clients: list[RawClient] = []
+
+    async def line(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        while True:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), 20)).decode()
+            if not line:
+                assert self.proc.stderr is not None
+                err = (await self.proc.stderr.read()).decode()
+                raise AssertionError(f"the worker exited before {prefix!r}:\n{err}")
+            if line.startswith(prefix):
+                return line.strip()
+
+    async def scrape(self) -> Samples:
+        _, text = await _scrape(self.port)
+        return _split_histogram(_samples(text))[0]
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.port)
+        self.clients.append(client)
+        return client
+
+    async def hold(self) -> RawClient:
+        client = await self.connect()
+        await client.get("/hold")
+        await client.read_until(b"started\n")
+        return client
+
+
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[tuple[_Worker, _Worker, Path]]:
+    directory = tmp_path / "multiproc"
+    directory.mkdir()  # exists and is empty when the servers start
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    started: list[_Worker] = []
+    try:
+        for _ in range(2):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                WORKER,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            worker = _Worker(proc)
+            started.append(worker)
+            worker.port = int((await worker.line("PORT")).split()[1])
+        yield started[0], started[1], directory
+    finally:
+        for worker in started:
+            for client in worker.clients:
+                client.writer.transport.abort()
+            if worker.proc.returncode is None:
+                worker.proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(worker.proc.wait(), 10)
+                except asyncio.TimeoutError:
+                    worker.proc.kill()
+                    await worker.proc.wait()
+
+
+async def test_multiprocess_one_scrape_on_either_process_shows_the_sum(
+    workers: tuple[_Worker, _Worker, Path],
+) -> None:
+    a, b, directory = workers
+    for worker, count in ((a, 2), (b, 3)):
+        client = await worker.connect()
+        await client.get("/work")
+        for _ in range(count):
+            assert await client.read_response() == (200, b"done")
+            await worker.line("ended /work completed")
+            await client.get("/work")
+        assert await client.read_response() == (200, b"done")
+        await worker.line("ended /work completed")
+    held = [await a.hold(), await b.hold()]
+    # The gauge is summed over the live processes.
+    assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 2
+    held[0].drop("RST")
+    held[1].drop("FIN")
+    await a.line("ended /hold cancelled")
+    await b.line("ended /hold cancelled")
+
+    total, disconnects = "aiodelay_requests_total", "aiodelay_disconnects_total"
+    expected = {
+        _key(total, route="/work", outcome="completed"): 2 + 1 + 3 + 1,
+        _key(total, route="/hold", outcome="cancelled"): 2,
+        _key(disconnects, route="/hold", reason="RST"): 1,
+        _key(disconnects, route="/hold", reason="FIN"): 1,
+        _key("aiodelay_requests_in_flight"): 0,
+        _key("aiodelay_cancel_latency_seconds_count"): 2,
+    }
+    assert await a.scrape() == expected
+    assert await b.scrape() == expected
+
+    # A worker killed with a request in flight: its in-flight count stays in the directory
+    # until gunicorn's child_exit hook (here: the test) calls mark_process_dead; its
+    # counters stay in the sum for good.
+    held.append(await b.hold())
+    assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 1
+    b.proc.kill()
+    await b.proc.wait()
+    assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 1
+    multiprocess.mark_process_dead(b.proc.pid, str(directory))  # type: ignore[no-untyped-call]
+    assert await a.scrape() == expected
+
+
+async def test_a_file_served_with_metrics_on_logs_no_error(
+    serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "hello.txt").write_text("hello")
+
+    async def hello(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(tmp_path / "hello.txt")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/hello.txt", hello)
+    registry = CollectorRegistry()
+    aiodelay.prometheus.setup(app, registry=registry)
+    ends = _Ends()
+    aiodelay.add_observer(app, ends)
+    served = await serve(app)
+    client = await served.get("/hello.txt")
+    assert await client.read_response() == (200, b"hello")
+    await client.get("/hello.txt")  # the connection is kept alive, and the file sent again
+    assert await client.read_response() == (200, b"hello")
+    await ends.wait(2)
+    labels = {"route": "/hello.txt", "outcome": "completed"}
+    assert registry.get_sample_value("aiodelay_requests_total", labels) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
