@@ -11,7 +11,9 @@ got ``CancelledError``), ``finish`` (how its ``aiodelay.notify_finish`` future r
 bytes, so the lines of the two workers never interleave in the pipe.
 
 ``/hold/{id}`` holds the request until the client leaves or the server stops. ``/stream/{id}``
-sends a first chunk of a chunked response, then holds the same way. The id is in the path so
+sends a first chunk of a chunked response, then holds the same way. ``/download/{id}?size=N``
+(and ``/stream/download/{id}``, for nginx's unbuffered location) writes N bytes as fast as
+they are taken; ``/work/{id}?seconds=S`` answers after S seconds. The id is in the path so
 that aiodelay's INFO line (which names the path) says which request it is about.
 """
 
@@ -124,6 +126,19 @@ async def download(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def work(request: web.Request) -> web.Response:
+    """Work that takes ``seconds`` (a query parameter), then answers."""
+    rid = request.match_info["id"]
+    _watch_finish(request, rid)
+    report("started", id=rid, remote=request.remote)
+    try:
+        await asyncio.sleep(float(request.query["seconds"]))
+    except asyncio.CancelledError:
+        report("cancelled", id=rid)
+        raise
+    return web.Response(text="done")
+
+
 async def _ready(app: web.Application) -> None:
     report("ready")
 
@@ -143,6 +158,9 @@ async def create_app() -> web.Application:
             web.get("/hold/{id}", hold),
             web.get("/stream/{id}", stream),
             web.get("/download/{id}", download),
+            # The same download through nginx's /stream/ location (proxy_buffering off).
+            web.get("/stream/download/{id}", download),
+            web.get("/work/{id}", work),
         ]
     )
     return app

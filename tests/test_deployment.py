@@ -65,6 +65,14 @@ HTTP = """\
     }}
 """
 
+# The guide's warning: proxy_ignore_client_abort on, nginx keeps the upstream request open.
+IGNORING = HTTP.replace(
+    "$proxy_add_x_forwarded_for;\n        }}\n\n        location /stream/",
+    "$proxy_add_x_forwarded_for;\n            proxy_ignore_client_abort on;\n"
+    "        }}\n\n        location /stream/",
+)
+assert IGNORING != HTTP
+
 GUNICORN_ARGS = ["--graceful-timeout", str(deploy_app.GRACEFUL_TIMEOUT)]
 GUIDE = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
 
@@ -97,16 +105,22 @@ class Deployment:
         )
         return _parse(line)
 
-    async def request(self, kind: Kind) -> tuple[str, RawClient, dict[str, Any]]:
-        """A request to ``/{kind}/{id}`` from 127.0.0.2, through nginx, once its handler runs
-        (for a stream: once the first chunk reached the client)."""
+    async def send(self, path: str) -> tuple[str, RawClient, dict[str, Any]]:
+        """``GET path`` (``{id}`` in it replaced by a new request id) from 127.0.0.2, through
+        nginx; returns once its handler runs in a worker."""
         rid = str(next(_ids))
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", self.nginx.port, local_addr=(CLIENT, 0)
         )
         client = RawClient(reader, writer)
-        await client.get(f"/{kind}/{rid}")
+        await client.get(path.format(id=rid))
         started = await self.event("started", rid)
+        return rid, client, started
+
+    async def request(self, kind: Kind) -> tuple[str, RawClient, dict[str, Any]]:
+        """A request to ``/{kind}/{id}``, once its handler runs (for a stream: once the first
+        chunk reached the client)."""
+        rid, client, started = await self.send(f"/{kind}/{{id}}")
         if kind == "stream":
             await asyncio.wait_for(client.read_until(b"first chunk"), 10)
         return rid, client, started
@@ -130,7 +144,14 @@ def worker_class() -> str:
 
 
 @pytest.fixture
-async def deployment(tmp_path: Path, worker_class: str) -> AsyncIterator[Deployment]:
+def http_conf() -> str:
+    return HTTP
+
+
+@pytest.fixture
+async def deployment(
+    tmp_path: Path, worker_class: str, http_conf: str
+) -> AsyncIterator[Deployment]:
     async with gunicorn(
         "tests.deploy_app:serve",
         workers=2,
@@ -141,7 +162,7 @@ async def deployment(tmp_path: Path, worker_class: str) -> AsyncIterator[Deploym
         # Both workers' apps have started: a connection may go to either.
         await server.output.wait(lambda line: _event(line, "ready", None), "ready apps", count=2)
         port = free_port()
-        http = HTTP.format(upstream=f"127.0.0.1:{server.port}", listen=f"127.0.0.1:{port}")
+        http = http_conf.format(upstream=f"127.0.0.1:{server.port}", listen=f"127.0.0.1:{port}")
         async with nginx(tmp_path / "nginx", http, port=port) as proxy:
             yield Deployment(server, proxy)
 
@@ -200,6 +221,51 @@ async def test_drops_through_nginx_cancel_the_handlers_in_both_workers(
     for (kind, how), times in latencies.items():
         shown = ", ".join(f"{t * 1000:.2f}" for t in times)  # in the order they ran
         print(f"  {kind:6} {how}: {shown}")
+
+
+# 32 MiB: far more than the socket buffers between the worker and the client hold, far less
+# than nginx buffers to its temporary file (proxy_max_temp_file_size, 1 GiB by default).
+DOWNLOAD = 32 << 20
+
+
+async def test_with_proxy_buffering_a_download_completes_for_a_client_that_reads_nothing(
+    deployment: Deployment,
+) -> None:
+    # location / (proxy_buffering on, nginx's default): nginx takes the whole response into its
+    # buffers and a temporary file, so the handler ends as it would for a fast client, and
+    # the app cannot tell that the client has not read it.
+    rid, client, _ = await deployment.send(f"/download/{{id}}?size={DOWNLOAD}")
+    ended = await deployment.event("ended", rid)
+    assert (ended["kind"], ended["reason"]) == ("completed", None)
+    client.drop("RST")
+
+
+async def test_without_proxy_buffering_a_download_goes_at_the_clients_pace(
+    deployment: Deployment,
+) -> None:
+    # location /stream/ (proxy_buffering off): the handler waits in write() for the client,
+    # and is cancelled when it leaves. nginx closes its connection to the worker with response
+    # data unread: the worker sees an RST.
+    rid, client, _ = await deployment.send(f"/stream/download/{{id}}?size={DOWNLOAD}")
+    await asyncio.wait_for(client.read_until(b"\r\n\r\n"), 10)  # the head came through
+    client.drop("FIN")
+    ended = await deployment.event("ended", rid)
+    assert (ended["kind"], ended["reason"]) == ("cancelled", "RST")
+
+
+# The same drop (FIN, while the handler works for a second), with nginx as the guide
+# configures it and with proxy_ignore_client_abort on.
+IGNORE_CASES = [(HTTP, "cancelled"), (IGNORING, "completed")]
+
+
+@pytest.mark.parametrize(("http_conf", "expected"), IGNORE_CASES, ids=["default", "ignoring"])
+async def test_with_proxy_ignore_client_abort_the_handler_runs_on(
+    deployment: Deployment, expected: str
+) -> None:
+    rid, client, _ = await deployment.send("/work/{id}?seconds=1")
+    client.drop("FIN")
+    ended = await deployment.event("ended", rid)
+    assert ended["kind"] == expected, ended
 
 
 async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
