@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pytest
 
 from tests import deploy_app
-from tests._services import Gunicorn, Lines, Nginx, free_port, gunicorn, nginx
+from tests._services import Gunicorn, Lines, Nginx, free_port, gunicorn, nginx, require
 from tests.conftest import RawClient
 
 ROOT = Path(__file__).parent.parent
@@ -152,6 +152,7 @@ def http_conf() -> str:
 async def deployment(
     tmp_path: Path, worker_class: str, http_conf: str
 ) -> AsyncIterator[Deployment]:
+    require("nginx")  # skip (or fail in CI) before starting gunicorn for nothing
     async with gunicorn(
         "tests.deploy_app:serve",
         workers=2,
