@@ -8,8 +8,8 @@ The metric families, fed by an :func:`aiodelay.add_observer` observer:
 
 ``aiodelay_requests_total{route, outcome}``
     Each request once, when it ended, with its :class:`aiodelay.Outcome` kind: ``completed``,
-    ``cancelled``, ``ran_on``, ``truncated``, ``failed`` or ``timed_out``. ``truncated`` (the handler had
-    returned its response and the client left while it was written) is counted as
+    ``cancelled``, ``ran_on``, ``truncated``, ``failed`` or ``timed_out``. ``truncated`` (the
+    handler had returned its response and the client left while it was written) is counted as
     ``truncated`` only, never ``completed`` too. The outcome says what happened to the work,
     not the HTTP status: a 404 or a handler that raised an ``HTTPException`` is
     ``completed``; a handler that raised anything else (a 500) is ``failed``.

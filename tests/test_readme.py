@@ -14,7 +14,11 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
+pytest_plugins = ("pytester",)
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
@@ -182,3 +186,32 @@ async def test_example_logs_the_line_the_readme_shows_when_the_client_leaves() -
             proc.kill()
             await proc.wait()
     assert "Traceback" not in "".join(err)
+
+
+def _testing_example() -> dict[str, str]:
+    """The files of the README's *Testing your handlers* example, by the name in their first
+    line (``# app.py: ...``)."""
+    files = {}
+    for language, code in _fenced(_section("Testing your handlers")):
+        first = code.partition("\n")[0]
+        named = re.fullmatch(r"# (\S+\.(?:py|ini))\b.*", first)
+        if language in {"python", "ini"} and named:
+            files[named[1]] = code
+    assert set(files) == {"app.py", "test_app.py", "pytest.ini"}, files
+    return files
+
+
+def test_testing_your_handlers_example_passes_as_written(pytester: pytest.Pytester) -> None:
+    for name, code in _testing_example().items():
+        (pytester.path / name).write_text(code, encoding="utf-8")
+    # A fresh interpreter: the example imports its app.py, as a user's project does.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_testing_your_handlers_factory_is_async_as_gunicorn_needs() -> None:
+    # gunicorn's aiohttp worker takes an Application or an async factory: the Deployment
+    # section runs this create_app under gunicorn.
+    app = _testing_example()["app.py"]
+    assert "\nasync def create_app() -> web.Application:\n" in app
+    assert "gunicorn 'app:create_app' --worker-class aiohttp.GunicornWebWorker" in README

@@ -1,0 +1,346 @@
+"""The deployment guide (docs/deployment.md), run for real: nginx in front of gunicorn.
+
+gunicorn runs ``tests.deploy_app:serve`` with two ``aiohttp.GunicornWebWorker`` workers (and
+``GunicornUVLoopWebWorker`` ones); nginx (foreground, its own prefix) proxies to it with the
+guide's configuration: upstream ``keepalive``, ``X-Forwarded-For``, and ``proxy_buffering off``
+for ``/stream/``. The client
+connects from 127.0.0.2 while nginx connects to gunicorn from 127.0.0.1, so a log line that
+names 127.0.0.2 names the client, not nginx. The workers write what happens in them to their
+stderr (see ``tests/deploy_app.py``), which the test reads as it comes.
+
+Needs nginx (Debian: ``nginx-light``) and gunicorn (in the ``test`` extra): without them the
+tests are skipped, saying what to install; in CI (``CI`` set, as ``.ci/run`` does) they fail.
+
+Run with ``-s`` to see how long after the client's drop the handler was cancelled in the
+worker, through nginx (printed, not asserted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from tests import deploy_app
+from tests._services import Gunicorn, Lines, Nginx, free_port, gunicorn, nginx, require
+from tests.conftest import RawClient
+
+ROOT = Path(__file__).parent.parent
+CLIENT = "127.0.0.2"  # loopback too; nginx itself connects to gunicorn from 127.0.0.1
+
+# The body of nginx's http {} block, as the guide shows it.
+HTTP = """\
+    upstream app {{
+        server {upstream};
+        keepalive 8;
+    }}
+    server {{
+        listen {listen};
+
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+
+        location /stream/ {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+        }}
+    }}
+"""
+
+# The guide's warning: proxy_ignore_client_abort on, nginx keeps the upstream request open.
+IGNORING = HTTP.replace(
+    "$proxy_add_x_forwarded_for;\n        }}\n\n        location /stream/",
+    "$proxy_add_x_forwarded_for;\n            proxy_ignore_client_abort on;\n"
+    "        }}\n\n        location /stream/",
+)
+assert IGNORING != HTTP
+
+GUNICORN_ARGS = ["--graceful-timeout", str(deploy_app.GRACEFUL_TIMEOUT)]
+GUIDE = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+
+Kind = Literal["hold", "stream"]
+How = Literal["FIN", "RST"]
+_ids = itertools.count(1)
+
+
+@dataclass
+class Deployment:
+    gunicorn: Gunicorn
+    nginx: Nginx
+
+    @property
+    def app(self) -> Lines:
+        return self.gunicorn.output
+
+    async def event(self, event: str, rid: str, *, timeout: float = 10) -> dict[str, Any]:
+        """The worker's ``event`` line about request ``rid``."""
+        [line] = await self.app.wait(
+            lambda line: _event(line, event, rid), f"{event!r} of request {rid}", timeout=timeout
+        )
+        return _parse(line)
+
+    async def log(self, rid: str) -> dict[str, Any]:
+        """The aiodelay INFO line about request ``rid`` (its path ends with the id)."""
+        [line] = await self.app.wait(
+            lambda line: _event(line, "log", None) and f"/{rid} from " in line,
+            f"the INFO line of request {rid}",
+        )
+        return _parse(line)
+
+    async def send(self, path: str) -> tuple[str, RawClient, dict[str, Any]]:
+        """``GET path`` (``{id}`` in it replaced by a new request id) from 127.0.0.2, through
+        nginx; returns once its handler runs in a worker."""
+        rid = str(next(_ids))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.nginx.port, local_addr=(CLIENT, 0)
+        )
+        client = RawClient(reader, writer)
+        await client.get(path.format(id=rid))
+        started = await self.event("started", rid)
+        return rid, client, started
+
+    async def request(self, kind: Kind) -> tuple[str, RawClient, dict[str, Any]]:
+        """A request to ``/{kind}/{id}``, once its handler runs (for a stream: once the first
+        chunk reached the client)."""
+        rid, client, started = await self.send(f"/{kind}/{{id}}")
+        if kind == "stream":
+            await asyncio.wait_for(client.read_until(b"first chunk"), 10)
+        return rid, client, started
+
+
+def _parse(line: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(line.partition("deploy-app ")[2])
+    return data
+
+
+def _event(line: str, event: str, rid: str | None) -> bool:
+    if not line.startswith("deploy-app "):
+        return False
+    data = _parse(line)
+    return bool(data["event"] == event and (rid is None or data.get("id") == rid))
+
+
+@pytest.fixture
+def worker_class() -> str:
+    return "aiohttp.GunicornWebWorker"
+
+
+@pytest.fixture
+def http_conf() -> str:
+    return HTTP
+
+
+@pytest.fixture
+async def deployment(
+    tmp_path: Path, worker_class: str, http_conf: str
+) -> AsyncIterator[Deployment]:
+    require("nginx")  # skip (or fail in CI) before starting gunicorn for nothing
+    async with gunicorn(
+        "tests.deploy_app:serve",
+        workers=2,
+        worker_class=worker_class,
+        args=GUNICORN_ARGS,
+        cwd=ROOT,
+    ) as server:
+        # Both workers' apps have started: a connection may go to either.
+        await server.output.wait(lambda line: _event(line, "ready", None), "ready apps", count=2)
+        port = free_port()
+        http = http_conf.format(upstream=f"127.0.0.1:{server.port}", listen=f"127.0.0.1:{port}")
+        async with nginx(tmp_path / "nginx", http, port=port) as proxy:
+            yield Deployment(server, proxy)
+
+
+# Each drop: what the client requests and how it leaves.
+DROPS: list[tuple[Kind, How]] = [
+    ("hold", "FIN"),  # a held request, the client closes
+    ("hold", "RST"),  # a held request, the client resets
+    ("stream", "FIN"),  # a stream (proxy_buffering off) after its first chunk, closed
+    ("stream", "RST"),  # the same, reset
+]
+
+
+@pytest.mark.parametrize(
+    "worker_class", ["aiohttp.GunicornWebWorker", "aiohttp.GunicornUVLoopWebWorker"]
+)
+async def test_drops_through_nginx_cancel_the_handlers_in_both_workers(
+    deployment: Deployment,
+) -> None:
+    pids: dict[tuple[Kind, How], set[int]] = {drop: set() for drop in DROPS}
+    latencies: dict[tuple[Kind, How], list[float]] = {drop: [] for drop in DROPS}
+    # Which worker accepts a connection is the kernel's choice: drop each case at least three
+    # times, and on until both workers have had some (bounded).
+    for _ in range(40):
+        if len(set().union(*pids.values())) == 2 and len(latencies["hold", "FIN"]) >= 3:
+            break
+        for kind, how in DROPS:
+            rid, client, started = await deployment.request(kind)
+            assert started["remote"] == CLIENT  # the handler's request.remote, via XFF
+            dropped = time.monotonic()
+            client.drop(how)
+            cancelled = await deployment.event("cancelled", rid)
+            ended = await deployment.event("ended", rid)
+            finish = await deployment.event("finish", rid)
+            log = await deployment.log(rid)
+            assert cancelled["pid"] == started["pid"] == ended["pid"] == log["pid"]
+            # nginx closes its connection to the worker: the worker sees a FIN, whichever
+            # way the client left.
+            assert (ended["kind"], ended["reason"], ended["client"]) == ("cancelled", "FIN", CLIENT)
+            assert (finish["error"], finish["reason"]) == ("ConnectionLost", "FIN")
+            message = log["message"]
+            assert message.startswith(f"GET /{kind}/{rid} from {CLIENT} interrupted by FIN")
+            assert message.endswith(": cancelled")
+            pids[kind, how].add(started["pid"])
+            latencies[kind, how].append(cancelled["t"] - dropped)
+    else:
+        raise AssertionError(f"every request went to one worker: {pids}")
+    workers = set().union(*pids.values())
+    assert len(workers) == 2, workers
+    assert deployment.gunicorn.pid not in workers
+    served = collections.Counter(
+        _parse(line)["pid"] for line in deployment.app.lines if _event(line, "started", None)
+    )
+    print(f"\nrequests per worker: {dict(served)}")
+    print("client drop -> handler cancelled in the worker, through nginx (ms):")
+    for (kind, how), times in latencies.items():
+        shown = ", ".join(f"{t * 1000:.2f}" for t in times)  # in the order they ran
+        print(f"  {kind:6} {how}: {shown}")
+
+
+# 32 MiB: far more than the socket buffers between the worker and the client hold, far less
+# than nginx buffers to its temporary file (proxy_max_temp_file_size, 1 GiB by default).
+DOWNLOAD = 32 << 20
+
+
+async def test_with_proxy_buffering_a_download_completes_for_a_client_that_reads_nothing(
+    deployment: Deployment,
+) -> None:
+    # location / (proxy_buffering on, nginx's default): nginx takes the whole response into its
+    # buffers and a temporary file, so the handler ends as it would for a fast client, and
+    # the app cannot tell that the client has not read it.
+    rid, client, _ = await deployment.send(f"/download/{{id}}?size={DOWNLOAD}")
+    ended = await deployment.event("ended", rid)
+    assert (ended["kind"], ended["reason"]) == ("completed", None)
+    client.drop("RST")
+
+
+async def test_without_proxy_buffering_a_download_goes_at_the_clients_pace(
+    deployment: Deployment,
+) -> None:
+    # location /stream/ (proxy_buffering off): the handler waits in write() for the client,
+    # and is cancelled when it leaves. nginx closes its connection to the worker with response
+    # data unread: the worker sees an RST.
+    rid, client, _ = await deployment.send(f"/stream/download/{{id}}?size={DOWNLOAD}")
+    await asyncio.wait_for(client.read_until(b"\r\n\r\n"), 10)  # the head came through
+    client.drop("FIN")
+    ended = await deployment.event("ended", rid)
+    assert (ended["kind"], ended["reason"]) == ("cancelled", "RST")
+
+
+# The same drop (FIN, while the handler works for a second), with nginx as the guide
+# configures it and with proxy_ignore_client_abort on.
+IGNORE_CASES = [(HTTP, "cancelled"), (IGNORING, "completed")]
+
+
+@pytest.mark.parametrize(("http_conf", "expected"), IGNORE_CASES, ids=["default", "ignoring"])
+async def test_with_proxy_ignore_client_abort_the_handler_runs_on(
+    deployment: Deployment, expected: str
+) -> None:
+    rid, client, _ = await deployment.send("/work/{id}?seconds=1")
+    client.drop("FIN")
+    ended = await deployment.event("ended", rid)
+    assert ended["kind"] == expected, ended
+
+
+async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
+    deployment: Deployment,
+) -> None:
+    # A pending request in each worker (which worker takes a connection is the kernel's
+    # choice: open held requests, and streams, until both have some; bounded).
+    clients: list[RawClient] = []
+    pending: dict[str, int] = {}  # request id -> worker pid
+    for _ in range(40):
+        kind: Kind = "stream" if len(clients) % 2 else "hold"
+        rid, client, started = await deployment.request(kind)
+        clients.append(client)
+        pending[rid] = started["pid"]
+        if len(set(pending.values())) == 2:
+            break
+    assert len(set(pending.values())) == 2, f"every request went to one worker: {pending}"
+
+    stopping = time.monotonic()
+    deployment.gunicorn.proc.send_signal(signal.SIGTERM)
+    timeout = deploy_app.GRACEFUL_TIMEOUT + 5
+    for rid in pending:
+        ended = await deployment.event("ended", rid, timeout=timeout)
+        finish = await deployment.event("finish", rid, timeout=timeout)
+        # The server stopped the request: counted as interrupted, with reason "shutdown".
+        assert (ended["kind"], ended["reason"]) == ("failed", "shutdown"), ended
+        assert (finish["error"], finish["reason"]) == ("ConnectionLost", "shutdown"), finish
+        # ended by aiohttp's cancellation, before the arbiter's SIGKILL would have come
+        assert ended["t"] - stopping < deploy_app.GRACEFUL_TIMEOUT
+    assert await asyncio.wait_for(deployment.gunicorn.proc.wait(), timeout) == 0
+    for client in clients:
+        client.writer.transport.abort()
+    # Each worker ended by itself (a worker that the arbiter SIGKILLs says nothing, and
+    # gunicorn still exits 0: the exit status alone proves nothing).
+    output = "\n".join(deployment.app.lines)
+    for pid in set(pending.values()):
+        assert f"Worker exiting (pid: {pid})" in output, output
+    assert "Traceback" not in output, output
+    print(
+        "\nSIGTERM -> pending handlers ended with reason='shutdown' (s): "
+        + ", ".join(
+            f"{json.loads(line.partition(' ')[2])['t'] - stopping:.3f}"
+            for line in deployment.app.lines
+            if _event(line, "ended", None)
+        )
+    )
+
+
+async def test_given_an_app_the_worker_is_killed_before_pending_requests_end() -> None:
+    """The trap that ``serve()`` avoids: when the factory returns an app, the worker builds
+    the runner with ``shutdown_timeout`` = 95% of ``--graceful-timeout``; aiohttp waits that
+    twice for a pending handler, so the arbiter's SIGKILL comes first. The handler never
+    ends (no ``finally``, no ``notify_finish`` outcome), and gunicorn still exits 0."""
+    async with gunicorn(
+        "tests.deploy_app:create_app", workers=1, args=["--graceful-timeout", "1"], cwd=ROOT
+    ) as server:
+        [ready] = await server.output.wait(lambda line: _event(line, "ready", None), "ready app")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        client = RawClient(reader, writer)
+        await client.get("/hold/pending")
+        await server.output.wait(lambda line: _event(line, "started", "pending"), "started")
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.proc.wait(), 10) == 0
+        await server.output.finished()  # all of the output, the killed worker's included
+        client.writer.transport.abort()
+    output = server.output
+    events = [_parse(line)["event"] for line in output.lines if line.startswith("deploy-app ")]
+    assert events == ["ready", "started"], output.text()
+    assert f"Worker exiting (pid: {_parse(ready)['pid']})" not in output.text()
+
+
+def test_the_guide_shows_the_configuration_this_test_runs() -> None:
+    nginx_conf = HTTP.format(upstream="127.0.0.1:8000", listen="80")
+    assert nginx_conf in GUIDE
+    assert (
+        "gunicorn 'tests.deploy_app:serve' --worker-class aiohttp.GunicornWebWorker -w 2" in GUIDE
+    )
