@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.typedefs import Handler
 
 import aiodelay
@@ -170,6 +170,8 @@ async def test_handler_cancelled_when_client_leaves_while_reading_is_paused(
     tls: bool,
     drop: Drop,
 ) -> None:
+    if kind == "full-pipeline" and not hasattr(web_protocol, "MAX_MSG_QUEUE_SIZE"):
+        pytest.skip("this aiohttp reads pipelined requests without pausing: no blind spot")
     probe = Probe()
     finish: list[asyncio.Future[None]] = []
     served = await serve(
