@@ -59,6 +59,7 @@ class Book:
     """What one aiodelay installation keeps; the middleware is one (it subclasses this)."""
 
     __slots__ = (
+        "chains",
         "counters",
         "deadline",
         "observers",
@@ -79,6 +80,8 @@ class Book:
         #: Whether any request may have a deadline: None until the routes are known.
         self.timed: bool | None = None if seconds is None else True
         self.counters = Counters()
+        #: The installations of each route's requests (see ``books_of``).
+        self.chains: dict[object, tuple[Book, ...]] = {}
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
         self.orphans: set[Running] = set()
@@ -113,14 +116,26 @@ def installed_on(app: web.Application) -> Book:
 def books_of(request: web.BaseRequest, watching: Book) -> tuple[Book, ...]:
     """The installations a request is recorded in: ``watching`` (the outermost, whose
     middleware watches the connection) and those of the apps it was routed through, outermost
-    first. The last one's policy is the request's default."""
-    books = [watching]
-    apps = request.match_info.apps if isinstance(request, web.Request) else ()
-    for app in apps:
-        book = _book_of(app)
-        if book is not None and book not in books:
-            books.append(book)
-    return tuple(books)
+    first. The last one's policy is the request's default.
+
+    Kept per route by ``watching`` (a route's apps do not change once the app runs); a
+    request that matched no route has a route object of its own, and is not kept."""
+    if not isinstance(request, web.Request):
+        return (watching,)
+    match_info = request.match_info
+    route = match_info.route
+    chains = watching.chains
+    books = chains.get(route)
+    if books is None:
+        found = [watching]
+        for app in match_info.apps:
+            book = _book_of(app)
+            if book is not None and book not in found:
+                found.append(book)
+        books = tuple(found)
+        if isinstance(route, web.ResourceRoute):
+            chains[route] = books
+    return books
 
 
 def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[], None]:

@@ -256,8 +256,6 @@ class Lifetime:
         "grace",
         "lost",
         "lost_at",
-        "method",
-        "path",
         "policy",
         "request",
         "settled",
@@ -286,9 +284,6 @@ class Lifetime:
         #: Set once the request's deadline passed first.
         self.timed_out: DeadlineExceeded | None = None
         self.conn = conn
-        #: For error lines about its timers and tasks (the raw path: no decoding per drop).
-        self.method = request.method
-        self.path = request.raw_path
         self.lost: ConnectionLost | None = None
         self.lost_at: float | None = None
         self.ended = False
@@ -306,8 +301,9 @@ class Lifetime:
 
     # -- what the middleware and the Watch call ------------------------------------------
 
-    def disconnected(self, lost: ConnectionLost) -> None:
-        """The client left (called by the connection's Watch, or by the middleware).
+    def disconnected(self, lost: ConnectionLost, *, in_task: bool = False) -> None:
+        """The client left (called by the connection's Watch, or, ``in_task``, by the
+        middleware in the request's own task).
 
         In this order: pending completion futures fail; then, under the cancel policy,
         request-scoped timers and tasks are cancelled and the handler is cancelled at its
@@ -339,7 +335,7 @@ class Lifetime:
                     self.grace, self._stop, CANCEL_MESSAGE
                 )
             else:
-                self._stop(CANCEL_MESSAGE)
+                self._stop(CANCEL_MESSAGE, in_task)
                 return
         # The handler runs on for now: shielded, in a shield() section, in its grace, or a
         # WebSocket. Its timers and tasks go when it ends; at app cleanup it is cancelled.
@@ -356,13 +352,14 @@ class Lifetime:
         if self.shield_depth == 0:
             self._stop(DEADLINE_MESSAGE)
 
-    def _stop(self, message: str) -> None:
-        """Cancel what the request owns and the handler itself (at its current await)."""
+    def _stop(self, message: str, in_task: bool = False) -> None:
+        """Cancel what the request owns and the handler itself (at its current await), unless
+        called from the request's own task (the middleware then raises by itself)."""
         task = self.task
         if task is None:
             return  # it ended meanwhile (a grace that was not needed)
         self.release(message)
-        if task is not asyncio.current_task():  # the middleware handles its own task
+        if not in_task:
             self._cancel_requested = True
             task.cancel(message)
 
@@ -502,12 +499,17 @@ class Lifetime:
             fail(future, self.error)
         return future
 
+    def where(self) -> str:
+        """ "METHOD /path" of the request, for error lines (the raw path: nothing decoded)."""
+        request = self.request
+        return "an ended request" if request is None else f"{request.method} {request.raw_path}"
+
     def owned(self, what: str) -> Owned:
         """What the request owns (timers, tasks, threads), for starting one more."""
         self._check_open(what)
         owned = self._owned
         if owned is None:
-            owned = self._owned = Owned(f"{self.method} {self.path}", self.books[0].threads)
+            owned = self._owned = Owned(self.where(), self.books[0].threads)
         return owned
 
     def _check_open(self, what: str) -> None:

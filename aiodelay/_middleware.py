@@ -20,7 +20,15 @@ from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
 from ._observe import OutcomeKind
 from ._policy import Policy, deadline_of, marks_a_deadline, policy_of
 from ._stats import Stats
-from ._watch import Watch, closing_reason, cut, install_watch, sent_as, status_line_sent
+from ._watch import (
+    Watch,
+    access_logged,
+    closing_reason,
+    cut,
+    install_watch,
+    sent_as,
+    status_line_sent,
+)
 
 __all__ = (
     "Middleware",
@@ -109,7 +117,7 @@ class Middleware(Book):
                 started(self.observers, request)
             if gone is not None:
                 gone_life = conn.make_life()
-                gone_life.disconnected(gone)
+                gone_life.disconnected(gone, in_task=True)
                 if gone_life.policy is Policy.CANCEL:
                     # Do not start work for a client that is gone.
                     raise asyncio.CancelledError(CANCEL_MESSAGE)
@@ -155,6 +163,10 @@ class Middleware(Book):
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
                 stopped: OutcomeKind = "failed" if life.lost.reason == "shutdown" else "cancelled"
+                if not access_logged(request):
+                    # Nothing to log, nothing to send: the CancelledError goes on to aiohttp,
+                    # which ends the request as it does its own handler_cancellation.
+                    return stopped, None
                 return stopped, sent_as(request, exc=exc)
             if (
                 life is not None
@@ -178,7 +190,7 @@ class Middleware(Book):
                 # Our client left and the handler tripped over it (a write or a body read
                 # failed) before or instead of being cancelled. As quiet as a cancellation.
                 life = conn.make_life()
-                life.disconnected(lost)
+                life.disconnected(lost, in_task=True)
                 kind: OutcomeKind = "cancelled" if life.policy is Policy.CANCEL else "ran_on"
                 return kind, sent_as(request, exc=exc)
         # Not about our client: the handler's own error (an upstream refused, a bug).

@@ -50,9 +50,8 @@ async def shield(aw: Awaitable[_T]) -> _T:
             # lost: it is logged, and it is the CancelledError's __cause__.
             logger.error(
                 "aiodelay.shield(): the section raised after the client left or the deadline "
-                "passed, in %s %s",
-                life.method,
-                life.path,
+                "passed, in %s",
+                life.where(),
                 exc_info=exc,
             )
             raise asyncio.CancelledError(stop) from exc

@@ -46,6 +46,7 @@ __all__ = (
     "Hangups",
     "Listener",
     "Watch",
+    "access_logged",
     "bytes_written",
     "closing_reason",
     "cut",
@@ -117,7 +118,9 @@ class Watch(asyncio.Protocol):
         self._hung_up = False  # closed already
         self.release()  # while the socket is still open: its fd may be reused once closed
         proto = self._proto
-        if exc is None:
+        if self.lost is not None:
+            pass  # seen already (a FIN, mostly): nothing new to report
+        elif exc is None:
             # An orderly close. Without a FIN seen first it is either aiohttp closing the
             # connection itself, or a TLS peer's close_notify (Python 3.10's SSL transport
             # reports that without eof_received).
@@ -331,6 +334,16 @@ def cut(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def access_logged(request: web.BaseRequest) -> bool:
+    """Whether aiohttp writes an access log line for the request (its access logger is on)."""
+    proto = request.protocol
+    enabled: bool | None = getattr(proto, "_logging_enabled", None)
+    if enabled is None:  # aiohttp < 3.11
+        logger = getattr(proto, "access_logger", None)
+        return logger is not None and bool(getattr(logger, "enabled", True))
+    return enabled
 
 
 def status_line_sent(request: web.BaseRequest) -> bool:
