@@ -68,6 +68,7 @@ import math
 import os
 import platform
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -86,6 +87,9 @@ from _serve import pin_to_cpu, raise_fd_limit, read_rss, two_cpus
 
 KINDS = ("aiohttp", "aiodelay", "aiodelay-log", "twisted")
 CLOSES = ("FIN", "RST")
+MODES = ("paced", "burst")
+#: The event loop (reactor) each kind's server said it runs, for the report.
+LOOPS: dict[str, str] = {}
 #: The listen backlog of every server (aiohttp's default is 128, Twisted's 50): a backlog
 #: that overflows while the storm's connections are opened makes the client retry SYNs after
 #: a second, which only slows the setup, but it is set alike for all.
@@ -331,6 +335,7 @@ class Server:
         try:
             _, port, self.loop_name = self.expect("PORT").split()
             self.port = int(port)
+            LOOPS[self.kind] = self.loop_name
         except BaseException:
             self._stop()
             raise
@@ -407,6 +412,8 @@ class Server:
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
+            with contextlib.suppress(OSError):  # never leave a server stopped by paused()
+                os.kill(proc.pid, signal.SIGCONT)
             assert proc.stdin is not None
             assert proc.stdout is not None
             with contextlib.suppress(OSError):
@@ -531,9 +538,10 @@ class Storm:
 
     kind: str
     close: str
+    mode: str  # paced or burst
     latencies: list[float]
     closing: float  # seconds the client took to close all its sockets
-    drained: float  # first close -> last cancellation, seconds
+    drained: float  # first close (burst: the server's resumption) -> last cancellation, s
     cpu: float  # server CPU seconds from just before the first close until it was idle again
     waited: float  # seconds the server waited for its CPU meanwhile (other processes ran)
     rss_per_request: float
@@ -541,7 +549,31 @@ class Storm:
     notes: list[str] = field(default_factory=list)
 
 
-def run_storm(kind: str, close: str, args: argparse.Namespace, cpu: int | None) -> Storm:
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+@contextlib.contextmanager
+def paused(pid: int, timeout: float) -> Iterator[list[float]]:
+    """The server process stopped (SIGSTOP) for the body; yields a list that holds, after
+    the body, the ``time.monotonic()`` just before it was let go on (SIGCONT)."""
+    resumed: list[float] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while process_state(pid) not in "Tt":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {pid} did not stop on SIGSTOP")
+            time.sleep(0.001)
+        yield resumed
+    finally:
+        resumed.append(time.monotonic())
+        os.kill(pid, signal.SIGCONT)
+
+
+def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: int | None) -> Storm:
     count: int = args.count
     with Server(kind, args, cpu) as server:
         warm = range(count, count + WARMUP)
@@ -552,24 +584,40 @@ def run_storm(kind: str, close: str, args: argparse.Namespace, cpu: int | None) 
         ids = range(count)
         socks = hold(server, ids, args.timeout)
         rss_held, _ = server.memory()
-        cpu_before, wait_before = sched(server.pid)
-        closed_at, ended = close_all(socks, close)
+        if mode == "paced":
+            cpu_before, wait_before = sched(server.pid)
+            closed_at, ended = close_all(socks, close)
+            start = closed_at[0]
+        else:
+            with paused(server.pid, args.timeout) as resumed:
+                closed_at, ended = close_all(socks, close)
+                cpu_before, wait_before = sched(server.pid)
+            start = resumed[0]
         server.expect("CANCELLED")
         cpu_after, wait_after = settle(server.pid, min(args.timeout, 5.0))
         report = server.report()
-        lat = latencies(report, ids, closed_at)
+        # burst: every close is in the kernel before the server runs again; each request's
+        # latency is from that moment.
+        lat = latencies(report, ids, closed_at if mode == "paced" else [start] * count)
         last_cancel = max(report["cancelled"][str(i)] for i in ids)
         storm = Storm(
             kind=kind,
             close=close,
+            mode=mode,
             latencies=sorted(lat),
             closing=ended - closed_at[0],
-            drained=last_cancel - closed_at[0],
+            drained=last_cancel - start,
             cpu=cpu_after - cpu_before,
             waited=wait_after - wait_before,
             rss_per_request=(rss_held - rss_idle) / count,
             load=os.getloadavg()[0],
         )
+        if storm.waited > 0.1 * storm.drained:
+            share = storm.waited / storm.drained
+            storm.notes.append(
+                f"the server waited for its CPU {share:.0%} of the storm's time: other processes "
+                "took it"
+            )
         expected = count + WARMUP
         if "aiodelay_cancelled" in report and report["aiodelay_cancelled"] != expected:
             storm.notes.append(
@@ -681,16 +729,19 @@ def machine() -> Iterator[str]:
     )
 
 
-def print_storms(storms: list[Storm], kinds: Sequence[str], closes: Sequence[str]) -> None:
+def print_storms(
+    storms: list[Storm], kinds: Sequence[str], closes: Sequence[str], modes: Sequence[str]
+) -> None:
     print(
-        "\nstorm: client close -> handler saw it (ms); p99 ratio to aiohttp's; median across "
-        "repeats when --repeat > 1"
+        "\nstorm: client close (burst: the server let go on) -> handler saw it (ms); p99 ratio "
+        "to aiohttp's; medians across repeats when --repeat > 1"
     )
-    print(f"{'':20s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  {'p99/aiohttp':>11s}  runs")
-    for close in closes:
+    print(f"{'':26s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  {'p99/aiohttp':>11s}  runs")
+    groups = [(mode, close) for mode in modes for close in closes]
+    for mode, close in groups:
         base = None
         for kind in kinds:
-            runs = [s for s in storms if s.kind == kind and s.close == close]
+            runs = [s for s in storms if (s.kind, s.close, s.mode) == (kind, close, mode)]
             if not runs:
                 continue
             cells = "".join(
@@ -702,17 +753,17 @@ def print_storms(storms: list[Storm], kinds: Sequence[str], closes: Sequence[str
                 base = p99
             ratio = f"{p99 / base:10.2f}x" if base else f"{'':11s}"
             each = ", ".join(f"{percentile(s.latencies, 99) * 1e3:.1f}" for s in runs)
-            print(f"{kind:13s} {close:5s} {cells}  {ratio}  p99s {each}")
+            print(f"{kind:13s} {mode:6s} {close:4s}{cells}  {ratio}  p99s {each}")
     print(
         "\nwhat a drop cost the server (CPU time from the first close until idle, per drop; "
         "little disturbed by other processes) and the storms' conditions (medians)"
     )
-    print(f"{'':20s}{'cpu us/drop':>12s}{'vs aiohttp':>11s}{'client closing ms':>19s}"
+    print(f"{'':26s}{'cpu us/drop':>12s}{'vs aiohttp':>11s}{'client closing ms':>19s}"
           f"{'server waited ms':>18s}")  # fmt: skip
-    for close in closes:
+    for mode, close in groups:
         base = None
         for kind in kinds:
-            runs = [s for s in storms if s.kind == kind and s.close == close]
+            runs = [s for s in storms if (s.kind, s.close, s.mode) == (kind, close, mode)]
             if not runs:
                 continue
             per_drop = statistics.median(s.cpu / len(s.latencies) for s in runs)
@@ -722,7 +773,7 @@ def print_storms(storms: list[Storm], kinds: Sequence[str], closes: Sequence[str
             closing = statistics.median(s.closing for s in runs)
             waited = statistics.median(s.waited for s in runs)
             print(
-                f"{kind:13s} {close:5s} {per_drop * 1e6:12.1f}{ratio}{closing * 1e3:19.1f}"
+                f"{kind:13s} {mode:6s} {close:4s}{per_drop * 1e6:12.1f}{ratio}{closing * 1e3:19.1f}"
                 f"{waited * 1e3:18.1f}"
             )
     print("\nmemory per held request (RSS, from the storms' servers; KB = 1000 B)")
@@ -743,7 +794,7 @@ def print_storm(storm: Storm) -> None:
     lat = storm.latencies
     count = len(lat)
     print(
-        f"{storm.kind:13s} {storm.close:5s}{ms(lat, (50, 90, 99, 100))}"
+        f"{storm.kind:13s} {storm.mode:6s} {storm.close:4s}{ms(lat, (50, 90, 99, 100))}"
         f"  closing {storm.closing * 1e3:6.1f} ms ({storm.closing / count * 1e6:5.1f} us/close)"
         f"  drained {storm.drained * 1e3:6.1f} ms  server cpu {storm.cpu / count * 1e6:5.1f} "
         f"us/drop, waited {storm.waited * 1e3:6.1f} ms  rss {storm.rss_per_request / 1e3:5.2f} "
@@ -751,13 +802,14 @@ def print_storm(storm: Storm) -> None:
         flush=True,
     )
     for note in storm.notes:
-        print(f"{'':20s}note: {note}", flush=True)
+        print(f"{'':26s}note: {note}", flush=True)
 
 
 def measure(args: argparse.Namespace) -> int:
     # aiohttp first: the others' ratios are to it (the order of the storms rotates anyway).
     kinds = [kind for kind in KINDS if kind in args.kinds]
     closes: list[str] = args.closes
+    modes: list[str] = args.storms
     if "twisted" in kinds and version("twisted") == "not installed":
         print("note: Twisted is not installed, skipping the twisted kind "
               "(pip install -e '.[bench]')")  # fmt: skip
@@ -784,7 +836,8 @@ def measure(args: argparse.Namespace) -> int:
     print(f"pinning: {pinning}; nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     loop_name = "uvloop" if args.uvloop else "asyncio"
     print(
-        f"settings: {args.count} requests per storm, closes {','.join(closes)}, "
+        f"settings: {args.count} requests per storm, storms {','.join(modes)}, closes "
+        f"{','.join(closes)}, "
         f"repeat {args.repeat}, {args.rounds} single drops per close, aiohttp kinds on "
         f"{loop_name}, listen backlog {BACKLOG}, warm-up {WARMUP} held+dropped, timeout "
         f"{args.timeout:g} s"
@@ -793,18 +846,19 @@ def measure(args: argparse.Namespace) -> int:
     print(f"aiodelay-log: INFO lines to the server's stderr, redirected to {log_sink}")
 
     print(
-        f"\n{'storms':20s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  (ms, client close -> "
+        f"\n{'storms':26s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  (ms, client close -> "
         "handler saw it)"
     )
     storms: list[Storm] = []
     for repeat in range(args.repeat):
         order = kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]
-        for close in closes:
-            for kind in order:
-                storm = run_storm(kind, close, args, server_cpu)
-                storms.append(storm)
-                print_storm(storm)
-    print_storms(storms, kinds, closes)
+        for mode in modes:
+            for close in closes:
+                for kind in order:
+                    storm = run_storm(kind, close, mode, args, server_cpu)
+                    storms.append(storm)
+                    print_storm(storm)
+    print_storms(storms, kinds, closes, modes)
 
     if args.tracemalloc:
         print("\nmemory per held request (tracemalloc, servers of their own)")
@@ -826,6 +880,7 @@ def measure(args: argparse.Namespace) -> int:
 
     loads = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nload average at the end: {loads}")
+    print("servers' event loops: " + ", ".join(f"{kind} {loop}" for kind, loop in LOOPS.items()))
     return 0
 
 
@@ -860,6 +915,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=comma_list(CLOSES),
         default=list(CLOSES),
         help="how clients leave: FIN (close), RST (SO_LINGER 0) (default FIN,RST)",
+    )
+    parser.add_argument(
+        "--storms",
+        type=comma_list(MODES),
+        default=list(MODES),
+        help="paced: latency from each client's own close while the server runs; burst: the "
+        "server is stopped while the client closes, latency from when it runs again "
+        "(default paced,burst)",
     )
     parser.add_argument("--uvloop", action="store_true", help="aiohttp servers on uvloop")
     parser.add_argument(
