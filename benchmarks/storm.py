@@ -446,21 +446,19 @@ def request_line(i: int) -> bytes:
 
 
 async def open_held(port: int, ids: Sequence[int]) -> list[socket.socket]:
-    """One connection per id, each with its ``GET /hold/<id>`` sent."""
+    """One connection per id, in the order of ``ids``, each with its ``GET /hold/<id>`` sent."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(CONNECTING)
-    socks: list[socket.socket] = []
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in ids]
 
-    async def one(i: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        socks.append(sock)
+    async def one(sock: socket.socket, i: int) -> None:
         sock.setblocking(False)
         async with gate:
             await loop.sock_connect(sock, ("127.0.0.1", port))
             await loop.sock_sendall(sock, request_line(i))
 
     try:
-        await asyncio.gather(*(one(i) for i in ids))
+        await asyncio.gather(*(one(sock, i) for sock, i in zip(socks, ids, strict=True)))
     except BaseException:
         for sock in socks:
             sock.close()
