@@ -24,7 +24,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -176,17 +176,19 @@ async def gunicorn(
     worker_class: str = "aiohttp.GunicornWebWorker",
     args: Sequence[str] = (),
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
     start_timeout: float = 30,
 ) -> AsyncIterator[Gunicorn]:
     """``gunicorn APP --worker-class WORKER_CLASS -w WORKERS --bind 127.0.0.1:0 ARGS``, running
-    until the block ends (then SIGINT: a quick stop). Yields once the arbiter listens and every
-    worker has booted; its output (stdout and stderr) is in ``.output``."""
+    until the block ends (then SIGINT: a quick stop), with ``env`` (None: this process's
+    environment). Yields once the arbiter listens and every worker has booted; its output
+    (stdout and stderr) is in ``.output``."""
     python = require("gunicorn")
     argv = [python, "-m", "gunicorn", app, "--worker-class", worker_class]
     argv += ["-w", str(workers), "--bind", "127.0.0.1:0", *args]
     if _gunicorn_version() >= (25, 1):
         argv.append("--no-control-socket")  # else it makes ~/.gunicorn/gunicorn.ctl
-    proc, output = await _spawn("gunicorn", argv, cwd=cwd)
+    proc, output = await _spawn("gunicorn", argv, cwd=cwd, env=env)
     try:
         [listening] = await output.wait(
             lambda line: "Listening at: " in line, "'Listening at'", timeout=start_timeout

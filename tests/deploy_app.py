@@ -15,6 +15,11 @@ sends a first chunk of a chunked response, then holds the same way. ``/download/
 (and ``/stream/download/{id}``, for nginx's unbuffered location) writes N bytes as fast as
 they are taken; ``/work/{id}?seconds=S`` answers after S seconds. The id is in the path so
 that aiodelay's INFO line (which names the path) says which request it is about.
+
+``serve_metrics`` is ``serve`` with ``aiodelay.prometheus.setup(app)`` (``GET /metrics``),
+run with ``PROMETHEUS_MULTIPROC_DIR`` set and ``tests/gunicorn.conf.py``'s hooks. Its
+metrics observer is added before the witness, so a worker's ``ended`` line comes after the
+request was counted in the directory's files.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from aiohttp import web
 from aiohttp_remotes import XForwardedRelaxed
 
 import aiodelay
+import aiodelay.prometheus
 
 # gunicorn --graceful-timeout GRACEFUL_TIMEOUT: the arbiter SIGKILLs the workers that still run
 # GRACEFUL_TIMEOUT seconds after it sent them SIGTERM. A worker notices SIGTERM within 1 s and
@@ -143,14 +149,17 @@ async def _ready(app: web.Application) -> None:
     report("ready")
 
 
-async def create_app() -> web.Application:
-    """The app (an async factory, as gunicorn's aiohttp worker needs)."""
+async def create_app(*, metrics: bool = False) -> web.Application:
+    """The app (an async factory, as gunicorn's aiohttp worker needs); ``metrics``: with
+    aiodelay's Prometheus metrics at ``/metrics``."""
     logger = logging.getLogger("aiodelay")
     logger.setLevel(logging.INFO)
     logger.addHandler(_LogLines())
     app = web.Application()
     aiodelay.setup(app)  # outermost: it sees the client through the middleware below
     await XForwardedRelaxed().setup(app)
+    if metrics:
+        aiodelay.prometheus.setup(app)  # its observer first: counted, then reported
     aiodelay.add_observer(app, _Witness())
     app.on_startup.append(_ready)
     app.add_routes(
@@ -170,4 +179,13 @@ async def serve() -> web.AppRunner:
     """What gunicorn runs: the app in a runner whose ``shutdown_timeout`` fits in gunicorn's
     ``--graceful-timeout`` (given an app, the worker would use 95% of it, and aiohttp waits
     that twice: the arbiter's SIGKILL would come first)."""
-    return web.AppRunner(await create_app(), shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+    return _runner(await create_app())
+
+
+async def serve_metrics() -> web.AppRunner:
+    """``serve()``, with ``aiodelay.prometheus.setup(app)``."""
+    return _runner(await create_app(metrics=True))
+
+
+def _runner(app: web.Application) -> web.AppRunner:
+    return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)

@@ -8,6 +8,10 @@ connects from 127.0.0.2 while nginx connects to gunicorn from 127.0.0.1, so a lo
 names 127.0.0.2 names the client, not nginx. The workers write what happens in them to their
 stderr (see ``tests/deploy_app.py``), which the test reads as it comes.
 
+With ``tests.deploy_app:serve_metrics``, ``PROMETHEUS_MULTIPROC_DIR`` and the hooks of
+``tests/gunicorn.conf.py``, every scrape of ``/metrics``, whichever worker answers it, shows the
+sum over both workers.
+
 Needs nginx (Debian: ``nginx-light``) and gunicorn (in the ``test`` extra): without them the
 tests are skipped, saying what to install; in CI (``CI`` set, as ``.ci/run`` does) they fail.
 
@@ -19,16 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
+import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import deploy_app
 from tests._services import Gunicorn, Lines, Nginx, free_port, gunicorn, nginx, require
@@ -75,6 +83,10 @@ assert IGNORING != HTTP
 
 GUNICORN_ARGS = ["--graceful-timeout", str(deploy_app.GRACEFUL_TIMEOUT)]
 GUIDE = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+# gunicorn's hooks for prometheus-client's multiprocess mode, as the guide shows them.
+GUNICORN_CONF = ROOT / "tests" / "gunicorn.conf.py"
+GUNICORN_CONF_ARG = "tests/gunicorn.conf.py"  # gunicorn runs in ROOT
 
 Kind = Literal["hold", "stream"]
 How = Literal["FIN", "RST"]
@@ -148,24 +160,42 @@ def http_conf() -> str:
     return HTTP
 
 
-@pytest.fixture
-async def deployment(
-    tmp_path: Path, worker_class: str, http_conf: str
+@contextlib.asynccontextmanager
+async def _deploy(
+    prefix: Path,
+    *,
+    app: str = "tests.deploy_app:serve",
+    worker_class: str = "aiohttp.GunicornWebWorker",
+    http_conf: str = HTTP,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Deployment]:
+    """gunicorn running ``app`` with two workers, behind nginx (its files under ``prefix``)."""
     require("nginx")  # skip (or fail in CI) before starting gunicorn for nothing
     async with gunicorn(
-        "tests.deploy_app:serve",
+        app,
         workers=2,
         worker_class=worker_class,
-        args=GUNICORN_ARGS,
+        args=[*GUNICORN_ARGS, *args],
         cwd=ROOT,
+        env=env,
     ) as server:
         # Both workers' apps have started: a connection may go to either.
         await server.output.wait(lambda line: _event(line, "ready", None), "ready apps", count=2)
         port = free_port()
         http = http_conf.format(upstream=f"127.0.0.1:{server.port}", listen=f"127.0.0.1:{port}")
-        async with nginx(tmp_path / "nginx", http, port=port) as proxy:
+        async with nginx(prefix, http, port=port) as proxy:
             yield Deployment(server, proxy)
+
+
+@pytest.fixture
+async def deployment(
+    tmp_path: Path, worker_class: str, http_conf: str
+) -> AsyncIterator[Deployment]:
+    async with _deploy(
+        tmp_path / "nginx", worker_class=worker_class, http_conf=http_conf
+    ) as deployed:
+        yield deployed
 
 
 # Each drop: what the client requests and how it leaves.
@@ -344,3 +374,138 @@ def test_the_guide_shows_the_configuration_this_test_runs() -> None:
     assert (
         "gunicorn 'tests.deploy_app:serve' --worker-class aiohttp.GunicornWebWorker -w 2" in GUIDE
     )
+
+
+def test_the_guide_and_the_readme_show_the_gunicorn_conf_this_test_runs() -> None:
+    block = f"```python\n{GUNICORN_CONF.read_text(encoding='utf-8')}```\n"
+    assert block in GUIDE
+    assert block in README
+    assert "gunicorn -c gunicorn.conf.py 'myapp:serve'" in GUIDE
+    assert (
+        "PROMETHEUS_MULTIPROC_DIR=DIR gunicorn 'tests.deploy_app:serve_metrics' --worker-class"
+        " aiohttp.GunicornWebWorker -w 2 --bind 127.0.0.1:0 --graceful-timeout 5"
+        f" -c {GUNICORN_CONF_ARG}" in GUIDE
+    )
+
+
+# -- Prometheus metrics: both workers, one directory, every scrape the sum ------------------
+
+# A series: its name and its labels, sorted.
+Series = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _metrics(text: str) -> dict[Series, float]:
+    """The ``aiodelay_`` samples of an exposition, but the histogram's buckets and ``_sum``
+    (which depend on timing)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("aiodelay_") and not sample.name.endswith(("_bucket", "_sum"))
+    }
+
+
+def _expected(
+    sent: collections.Counter[tuple[str, str]], *, live: bool = True
+) -> dict[Series, float]:
+    """What a scrape shows after the requests ``sent`` ((route, outcome) -> count; the drops
+    all seen as a FIN from nginx); ``live``: with the in-flight gauge (the workers run)."""
+    expected: dict[Series, float] = {}
+    for (route, outcome), count in sent.items():
+        expected["aiodelay_requests_total", (("outcome", outcome), ("route", route))] = count
+        if outcome == "cancelled":
+            expected["aiodelay_disconnects_total", (("reason", "FIN"), ("route", route))] = count
+    if live:
+        expected["aiodelay_requests_in_flight", ()] = 0
+    cancelled = sum(count for (_, outcome), count in sent.items() if outcome == "cancelled")
+    expected["aiodelay_cancel_latency_seconds_count", ()] = cancelled
+    return expected
+
+
+async def test_metrics_of_both_workers_add_up_in_every_scrape(tmp_path: Path) -> None:
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    # A previous run's file: gunicorn.conf.py's on_starting must remove it before the workers
+    # start (it would be added in, and break the scrapes).
+    leftover = directory / "counter_1.db"
+    leftover.write_bytes(b"a previous run")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    async with _deploy(
+        tmp_path / "nginx",
+        app="tests.deploy_app:serve_metrics",
+        args=["-c", GUNICORN_CONF_ARG],
+        env=env,
+    ) as deployment:
+        assert not leftover.exists()
+        sent: collections.Counter[tuple[str, str]] = collections.Counter()
+        served: dict[str, set[int]] = {"completed": set(), "dropped": set()}
+        split: collections.Counter[int] = collections.Counter()  # requests per worker
+        # Completed requests and drops through nginx, until both workers have served some of
+        # each (which worker takes a connection is the kernel's choice; bounded).
+        for _ in range(20):
+            if all(len(pids) == 2 for pids in served.values()):
+                break
+            for kind, how in DROPS:
+                rid, client, started = await deployment.send("/work/{id}?seconds=0")
+                assert await asyncio.wait_for(client.read_response(), 10) == (200, b"done")
+                await client.aclose()
+                ended = await deployment.event("ended", rid)
+                assert (ended["kind"], ended["pid"]) == ("completed", started["pid"])
+                sent["/work/{id}", "completed"] += 1
+                served["completed"].add(started["pid"])
+                split[started["pid"]] += 1
+                rid, client, started = await deployment.request(kind)
+                client.drop(how)
+                ended = await deployment.event("ended", rid)
+                assert (ended["kind"], ended["reason"]) == ("cancelled", "FIN"), ended
+                sent[f"/{kind}/{{id}}", "cancelled"] += 1
+                served["dropped"].add(started["pid"])
+                split[started["pid"]] += 1
+        else:
+            raise AssertionError(f"every request went to one worker: {served}")
+        workers = served["completed"]
+        assert workers == served["dropped"]
+        assert deployment.gunicorn.pid not in workers
+        expected = _expected(sent)
+
+        # Scrapes, the first through nginx (whose pooled upstream connection ties it to one
+        # worker), then each on a new connection straight to gunicorn (the kernel picks the
+        # worker), until each worker has answered two; bounded. Each one shows the sum over
+        # both workers, and not itself (the /metrics route is not counted). Which worker
+        # answered a scrape: its witness's line.
+        answered: list[int] = []
+        for n in range(1, 101):
+            port = deployment.nginx.port if n == 1 else deployment.gunicorn.port
+            client = await RawClient.connect(port)
+            await client.get("/metrics", close=True)
+            status, body = await asyncio.wait_for(client.read_response(), 10)
+            await client.aclose()
+            assert status == 200, body
+            found = await deployment.app.wait(
+                lambda line: _event(line, "ended", "metrics"), f"scrape {n}'s end", count=n
+            )
+            answered.append(_parse(found[-1])["pid"])
+            assert _metrics(body.decode()) == expected, (answered[-1], body.decode())
+            if all(answered.count(pid) >= 2 for pid in workers):
+                break
+        else:
+            raise AssertionError(f"every scrape went to one worker: {answered}")
+        assert set(answered) == workers
+        print(f"\nsent: {dict(sent)}, per worker: {dict(split)}; scrapes answered by: {answered}")
+        print("\n".join(line for line in body.decode().splitlines() if "aiodelay_" in line))
+
+        # A graceful stop: both workers exit by themselves, and gunicorn's child_exit hook
+        # marks them dead (their in-flight files go; their counters stay).
+        deployment.gunicorn.proc.send_signal(signal.SIGTERM)
+        timeout = deploy_app.GRACEFUL_TIMEOUT + 5
+        assert await asyncio.wait_for(deployment.gunicorn.proc.wait(), timeout) == 0
+    output = "\n".join(deployment.app.lines)
+    for pid in workers:
+        assert f"Worker exiting (pid: {pid})" in output, output
+    assert "Traceback" not in output, output
+    files = sorted(path.name for path in directory.iterdir())
+    assert {f"counter_{pid}.db" for pid in workers} <= set(files), files
+    assert not [name for name in files if name.startswith("gauge_live")], files
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    assert _metrics(generate_latest(registry).decode()) == _expected(sent, live=False)
