@@ -109,23 +109,10 @@ class Watch(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
-        if keep_open:
-            return keep_open
-        # aiohttp answers a FIN by closing: the client can no longer get a response.
-        self._lose(ConnectionLost("FIN"))
-        listener = self.listener
-        if listener is not None and listener.busy():
-            # The handler's cancellation comes first: the close that aiohttp asks for (its
-            # teardown of the connection) happens on the loop's next turn, so that in a storm
-            # of drops every handler is cancelled before any connection is torn down.
-            asyncio.get_running_loop().call_soon(self._close)
-            return True
+        if not keep_open:
+            # aiohttp answers a FIN by closing: the client can no longer get a response.
+            self._lose(ConnectionLost("FIN"))
         return keep_open
-
-    def _close(self) -> None:
-        transport = self._proto.transport
-        if transport is not None:
-            transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._hung_up = False  # closed already
