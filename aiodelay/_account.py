@@ -62,6 +62,7 @@ class Book:
         "chains",
         "counters",
         "deadline",
+        "limits",
         "observers",
         "orphans",
         "policy",
@@ -77,6 +78,8 @@ class Book:
         seconds = check_seconds(deadline, "deadline", allow_none=True)
         #: The default deadline of the app's routes (answered with 504), or None.
         self.deadline: Limit = None if seconds is None else (seconds, 504)
+        #: The deadline of each route, kept once looked up (a route's mark does not change).
+        self.limits: dict[object, Limit] = {}
         #: Whether any request may have a deadline: None until the routes are known.
         self.timed: bool | None = None if seconds is None else True
         self.counters = Counters()

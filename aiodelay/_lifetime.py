@@ -22,7 +22,7 @@ from ._errors import ConnectionLost, DeadlineExceeded
 from ._observe import OutcomeKind
 from ._owned import Owned
 from ._policy import Policy, grace_of, policy_of
-from ._watch import Watch, bytes_written, log_length, response_written
+from ._watch import Watch, bytes_written, log_length, response_written, still_writing
 
 __all__ = (
     "CANCEL_MESSAGE",
@@ -220,11 +220,20 @@ def _written(
     )
 
 
-def _cut_short(book: Book, request: web.Request, lost: ConnectionLost, started_at: float) -> None:
-    """A request counted completed whose client left while aiohttp wrote its response, now
-    that its connection is closed."""
+#: How many turns of the loop a closed connection's request may take aiohttp to finish.
+_TURNS = 100
+
+
+def _cut_short(
+    book: Book, request: web.Request, lost: ConnectionLost, started_at: float, turns: int = 0
+) -> None:
+    """A request counted completed whose client left while aiohttp wrote its response, once
+    its connection is closed and aiohttp is done with it."""
     if response_written(request):
         return  # all of it went out after all
+    if still_writing(request) and turns < _TURNS:
+        asyncio.get_running_loop().call_soon(_cut_short, book, request, lost, started_at, turns + 1)
+        return
     record(
         books_of(request, book),
         request,

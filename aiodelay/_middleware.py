@@ -21,11 +21,13 @@ from ._observe import OutcomeKind
 from ._policy import Policy, deadline_of, marks_a_deadline, policy_of
 from ._stats import Stats
 from ._watch import (
+    EMPTY_PAYLOAD,
     Watch,
     access_logged,
     closing_reason,
     cut,
     install_watch,
+    payload_of,
     sent_as,
     status_line_sent,
 )
@@ -47,6 +49,8 @@ _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
 )
 _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
+
+_UNKNOWN: Any = object()
 
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
@@ -108,7 +112,7 @@ class Middleware(Book):
         result: Any = None
         # aiohttp may pause reading for this request (an upload not all here yet, a full
         # pipelining queue): then only the kernel can tell that the client left.
-        held = w is not None and (request.body_exists or bool(w.queued))
+        held = w is not None and (payload_of(request) is not EMPTY_PAYLOAD or bool(w.queued))
         if held and w is not None:
             w.hold(request)
         timer = None if self.timed is False else self._arm(request, conn, task)
@@ -208,9 +212,14 @@ class Middleware(Book):
             self.timed = _has_deadlines(request.app, self)
             if not self.timed:
                 return None
-        inner = books_of(request, self)[-1]
-        handler = request.match_info.handler
-        limit = deadline_of(handler, inner.deadline, policy_of(handler, inner.policy))
+        route = request.match_info.route
+        limit = self.limits.get(route, _UNKNOWN)
+        if limit is _UNKNOWN:
+            inner = books_of(request, self)[-1]
+            handler = route.handler
+            limit = deadline_of(handler, inner.deadline, policy_of(handler, inner.policy))
+            if isinstance(route, web.ResourceRoute):  # a route of the app: kept (as books_of)
+                self.limits[route] = limit
         if limit is None:
             return None
         seconds, status = limit

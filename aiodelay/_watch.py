@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import select
 import weakref
 from collections.abc import Sized
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
+from aiohttp import streams, web
 
 from ._errors import ConnectionLost
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
 __all__ = (
+    "EMPTY_PAYLOAD",
     "Hangups",
     "Listener",
     "Watch",
@@ -53,10 +55,12 @@ __all__ = (
     "install_watch",
     "installed_watch",
     "log_length",
+    "payload_of",
     "response_written",
     "same_message",
     "sent_as",
     "status_line_sent",
+    "still_writing",
 )
 
 
@@ -271,6 +275,12 @@ def _hangups_of(loop: asyncio.AbstractEventLoop) -> Hangups | None:
     return hangups
 
 
+#: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
+#: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
+payload_of = operator.attrgetter("_payload")
+EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
+
+
 def install_watch(request: web.BaseRequest, transport: asyncio.BaseTransport) -> Watch:
     """Put a :class:`Watch` (with no ``listener`` yet) between ``transport`` and aiohttp.
 
@@ -334,6 +344,12 @@ def cut(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def still_writing(request: web.BaseRequest) -> bool:
+    """Whether aiohttp is still handling the request (its response not yet finished or
+    failed): on a closed connection, that is a matter of a few turns of the loop."""
+    return bool(request.protocol._request_in_progress)
 
 
 def access_logged(request: web.BaseRequest) -> bool:
