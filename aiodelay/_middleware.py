@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import inspect
 import logging
@@ -51,6 +52,7 @@ _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
 
 _UNKNOWN: Any = object()
+_NO_CONTEXT = contextvars.Context()
 
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
@@ -223,7 +225,10 @@ class Middleware(Book):
         if limit is None:
             return None
         seconds, status = limit
-        return _get_running_loop().call_later(seconds, conn.deadline_passed, task, seconds, status)
+        # The callback needs none of the request's context variables: no copy of them.
+        return _get_running_loop().call_later(
+            seconds, conn.deadline_passed, task, seconds, status, context=_NO_CONTEXT
+        )
 
     def _abandon(self, life: Lifetime) -> None:
         """A cancellation that is not the disconnect's (shutdown, outer timeout) ends it.
