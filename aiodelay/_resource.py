@@ -328,8 +328,9 @@ class Resource:
     """A Twisted-style resource: subclass it and define ``render_GET``, ``render_POST``, ...
 
     ``await resource.render(request)`` dispatches on the method: ``render_<METHOD>`` is called with
-    a :class:`ResourceRequest`; ``HEAD`` falls back to ``render_GET`` and sends no body; a method
-    without a render method gets ``405 Method Not Allowed`` with an ``Allow`` header.
+    a :class:`~aiodelay._resource.ResourceRequest`; ``HEAD`` falls back to ``render_GET`` and
+    sends no body; a method without a render method gets ``405 Method Not Allowed`` with an
+    ``Allow`` header.
     Register ``resource.render`` (a coroutine function) as the aiohttp handler.
     """
 

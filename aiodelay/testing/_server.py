@@ -25,8 +25,8 @@ _WAITS = ("ended", "seen")
 class LiveServer:
     """An app served on ``127.0.0.1`` by a real ``web.AppRunner``, observed by aiodelay.
 
-    Made by the :func:`aiodelay_server` fixture; closed when the test ends. Any HTTP client
-    can talk to :attr:`url`; :meth:`drop` is the client that leaves.
+    Made by the ``aiodelay_server`` fixture; closed when the test ends. Any HTTP client
+    can talk to ``url``; :meth:`drop` is the client that leaves.
     """
 
     def __init__(self, app: web.Application, runner: web.AppRunner, port: int) -> None:
@@ -112,7 +112,7 @@ class LiveServer:
 
 
 class AiodelayServer(Protocol):
-    """The type of the :func:`aiodelay_server` fixture, for annotating tests."""
+    """The type of the ``aiodelay_server`` fixture, for annotating tests."""
 
     def __call__(
         self,
