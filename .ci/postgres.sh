@@ -28,10 +28,11 @@ bindir() {
     echo "$found"
 }
 
-# As root, run the server's commands as the postgres user (Debian's package makes it).
+# As root, run the server's commands as the postgres user (Debian's package makes it), from /:
+# the postgres user may not be allowed into the caller's directory.
 as_owner() {
     if ((EUID == 0)); then
-        runuser -u postgres -- "$@"
+        (cd / && runuser -u postgres -- "$@")
     else
         "$@"
     fi
