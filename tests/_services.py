@@ -45,8 +45,18 @@ def missing(message: str) -> NoReturn:
 
 
 def require(tool: str) -> str:
-    """The path of ``tool`` (``"nginx"``) or ``sys.executable`` for ``"gunicorn"`` (run as
-    ``python -m gunicorn``, so it is the virtualenv's); skip or fail if it is missing."""
+    """The path of ``tool`` (``"nginx"``), ``sys.executable`` for ``"gunicorn"`` (run as
+    ``python -m gunicorn``, so it is the virtualenv's) or the DSN of a PostgreSQL server for
+    ``"postgresql"`` (``$AIODELAY_TEST_PG_DSN``); skip or fail if it is missing."""
+    if tool == "postgresql":
+        dsn = os.environ.get("AIODELAY_TEST_PG_DSN")
+        if not dsn:
+            missing(
+                "AIODELAY_TEST_PG_DSN is not set: this test needs a real PostgreSQL (Debian: "
+                'apt-get install -y postgresql, then eval "$(.ci/postgres.sh start)" for a '
+                "throwaway cluster; .ci/run does both)"
+            )
+        return dsn
     if tool == "gunicorn":
         if importlib.util.find_spec("gunicorn") is None:
             missing("gunicorn is not installed: pip install -e '.[test]' (or pip install gunicorn)")
