@@ -387,17 +387,28 @@ def _prepared(
         if mine(value):
             return value  # type: ignore[return-value]
     # The first frame is the middleware's own, still running: reading its f_locals would keep
-    # the exception (and through it every frame) in a reference cycle.
+    # the exception (and through it every frame) in a reference cycle. The frames after it
+    # have ended; reading f_locals stores a snapshot of their locals on them (before Python
+    # 3.13), so each is cleared once read: the exception ends here, nobody reads them again.
     tb = tb.tb_next if tb is not None else None
+    found: web.StreamResponse | None = None
     while tb is not None:
-        for value in tb.tb_frame.f_locals.values():
-            if mine(value):
-                return value  # type: ignore[no-any-return]
-            for attribute in getattr(value, "__dict__", {}).values():
-                if mine(attribute):
-                    return attribute  # type: ignore[no-any-return]
+        frame = tb.tb_frame
+        if found is None:
+            for value in frame.f_locals.values():
+                if mine(value):
+                    found = value
+                    break
+                for attribute in getattr(value, "__dict__", {}).values():
+                    if mine(attribute):
+                        found = attribute
+                        break
+                if found is not None:
+                    break
+        with contextlib.suppress(RuntimeError):  # a frame that still runs is left alone
+            frame.clear()
         tb = tb.tb_next
-    return None
+    return found
 
 
 def sent_as(
