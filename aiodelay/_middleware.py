@@ -52,6 +52,9 @@ _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
 
 _UNKNOWN: Any = object()
+#: Hand a cancellation on to aiohttp when nothing is to be logged: from Python 3.11 on (on
+#: 3.10 the cancelled task is left in a reference cycle; a 499 response is returned instead).
+_HAND_ON = sys.version_info >= (3, 11)
 _NO_CONTEXT = contextvars.Context()
 
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
@@ -169,7 +172,7 @@ class Middleware(Book):
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
                 stopped: OutcomeKind = "failed" if life.lost.reason == "shutdown" else "cancelled"
-                if not access_logged(request):
+                if _HAND_ON and not access_logged(request):
                     # Nothing to log, nothing to send: the CancelledError goes on to aiohttp,
                     # which ends the request as it does its own handler_cancellation.
                     return stopped, None
