@@ -66,6 +66,7 @@ class Book:
         "observers",
         "orphans",
         "policy",
+        "remotes",
         "shutting_down",
         "threads",
         "timed",
@@ -85,6 +86,8 @@ class Book:
         self.counters = Counters()
         #: The installations of each route's requests (see ``books_of``).
         self.chains: dict[object, tuple[Book, ...]] = {}
+        #: The aiohttp-remotes middlewares on each route's way (see ``trusted_remote``).
+        self.remotes: dict[object, tuple[Any, ...]] = {}
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
         self.orphans: set[Running] = set()
@@ -201,7 +204,7 @@ def record(
     logged = (disconnected or timed_out) and logger.isEnabledFor(logging.INFO)
     if not (observed or logged):
         return
-    client = trusted_remote(request)
+    client = trusted_remote(request, books[0].remotes)
     ended_at = monotonic()
     if logged and timed_out:
         logger.info(

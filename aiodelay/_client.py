@@ -24,16 +24,28 @@ __all__ = ("trusted_remote",)
 _REMOTES = "aiohttp_remotes"
 
 
-def trusted_remote(request: web.BaseRequest) -> str | None:
+def trusted_remote(request: web.BaseRequest, known: dict[object, tuple[Any, ...]]) -> str | None:
     """The client address that the request's apps trust: ``request.remote`` as seen through
-    the aiohttp-remotes middlewares of the apps it was routed through, if any."""
-    current = request
-    if isinstance(request, web.Request):
-        for app in request.match_info.apps:
-            for middleware in app.middlewares:
-                owner = getattr(middleware, "__self__", None)
-                if owner is not None and type(owner).__module__.startswith(_REMOTES):
-                    current = _through(middleware, current)
+    the aiohttp-remotes middlewares of the apps it was routed through, if any.
+
+    ``known`` keeps each route's aiohttp-remotes middlewares once they were looked for (a
+    route's apps and their middlewares do not change once the app runs)."""
+    if not isinstance(request, web.Request):
+        return request.remote
+    route = request.match_info.route
+    remotes = known.get(route)
+    if remotes is None:
+        remotes = tuple(
+            middleware
+            for app in request.match_info.apps
+            for middleware in app.middlewares
+            if type(getattr(middleware, "__self__", None)).__module__.startswith(_REMOTES)
+        )
+        if isinstance(route, web.ResourceRoute):  # a route of the app (not a 404's)
+            known[route] = remotes
+    current: web.BaseRequest = request
+    for middleware in remotes:
+        current = _through(middleware, current)
     return current.remote
 
 

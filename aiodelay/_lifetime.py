@@ -10,6 +10,7 @@ asked: no future until ``notify_finish`` is called, no list until a timer or tas
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import sys
 from time import monotonic
@@ -44,6 +45,8 @@ _HAS_UNCANCEL = sys.version_info >= (3, 11)
 CANCEL_MESSAGE = "aiodelay: the client left"
 #: The message of the CancelledError that a deadline raises in a handler.
 DEADLINE_MESSAGE = "aiodelay: the request's deadline passed"
+
+_NO_CONTEXT = contextvars.Context()
 
 #: What ``aiodelay.shield()`` looks through to learn which request the task it runs in
 #: serves (nothing per request: a connection is added once, when aiodelay first sees it):
@@ -156,7 +159,8 @@ class Connection:
             life.end(response)
         if kind == "completed" and lost is None:
             task.add_done_callback(
-                functools.partial(_written, books, request, self.started_at, life, self.watch)
+                functools.partial(_written, books, request, self.started_at, life, self.watch),
+                context=_NO_CONTEXT,  # needs none of the request's context variables
             )
             return
         if life is not None:
