@@ -314,9 +314,18 @@ async def test_with_proxy_ignore_client_abort_the_handler_runs_on(
 async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
     deployment: Deployment,
 ) -> None:
-    # A pending request in each worker (which worker takes a connection is the kernel's
-    # choice: open held requests, and streams, until both have some; bounded).
+    # Pending requests, in each worker if the kernel lets us (which worker accepts a connection
+    # is its choice, and a worker woken first may take them all: seen in CI, 40 of 40), so
+    # open held requests and streams until both have some, bounded; one worker is enough.
     clients: list[RawClient] = []
+    try:
+        await _stop_with_pending_requests(deployment, clients)
+    finally:
+        for client in clients:
+            client.writer.transport.abort()
+
+
+async def _stop_with_pending_requests(deployment: Deployment, clients: list[RawClient]) -> None:
     pending: dict[str, int] = {}  # request id -> worker pid
     for _ in range(40):
         kind: Kind = "stream" if len(clients) % 2 else "hold"
@@ -325,7 +334,6 @@ async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
         pending[rid] = started["pid"]
         if len(set(pending.values())) == 2:
             break
-    assert len(set(pending.values())) == 2, f"every request went to one worker: {pending}"
 
     stopping = time.monotonic()
     deployment.gunicorn.proc.send_signal(signal.SIGTERM)
@@ -339,8 +347,6 @@ async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
         # ended by aiohttp's cancellation, before the arbiter's SIGKILL would have come
         assert ended["t"] - stopping < deploy_app.GRACEFUL_TIMEOUT
     assert await asyncio.wait_for(deployment.gunicorn.proc.wait(), timeout) == 0
-    for client in clients:
-        client.writer.transport.abort()
     # Each worker ended by itself (a worker that the arbiter SIGKILLs says nothing, and
     # gunicorn still exits 0: the exit status alone proves nothing).
     output = "\n".join(deployment.app.lines)
