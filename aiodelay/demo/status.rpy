@@ -198,26 +198,33 @@ def rows(interrupted):
 
 # This page's own requests, in flight and completed.  Kept in the script, so an edit of this
 # file (which reloads it) starts them again from 0.
-own = {"in_flight": 0, "completed": 0}
+# This page's own requests: the notify_finish futures of those not yet seen ended, and how
+# many ended complete. A future is done at the moment aiodelay counts its request (its
+# callbacks come later): looking at done() keeps the two in step for every poll. Kept in the
+# script, so an edit of this file (which reloads it) starts them again from 0.
+own = {"pending": set(), "completed": 0}
 
 
-def _ended(finished):
-    own["in_flight"] -= 1
-    if not finished.cancelled() and finished.exception() is None:
-        own["completed"] += 1
+def _own_counts():
+    pending = own["pending"]
+    for finished in [future for future in pending if future.done()]:
+        pending.discard(finished)
+        if not finished.cancelled() and finished.exception() is None:
+            own["completed"] += 1
+    return {"in_flight": len(pending), "completed": own["completed"]}
 
 
 async def resource(request: web.Request) -> web.Response:
-    own["in_flight"] += 1
-    aiodelay.notify_finish(request).add_done_callback(_ended)
+    own["pending"].add(aiodelay.notify_finish(request))
     history = history_of(request.app)
     interrupted = history.rows()
     per_second = history.per_second()
     if "json" in request.query:
         counters = dataclasses.asdict(aiodelay.stats(request.app))
-        for name, count in own.items():
+        mine = _own_counts()
+        for name, count in mine.items():
             counters[name] -= count
-        counters["left_out"] = own["in_flight"] + own["completed"]
+        counters["left_out"] = mine["in_flight"] + mine["completed"]
         counters["interrupted"] = [item.as_json() for item in interrupted]
         counters["per_second"] = per_second
         counters["chart"] = chart(per_second)
