@@ -80,7 +80,7 @@ class Book:
         #: The default deadline of the app's routes (answered with 504), or None.
         self.deadline: Limit = None if seconds is None else (seconds, 504)
         #: The deadline of each route, kept once looked up (a route's mark does not change).
-        self.limits: dict[object, Limit] = {}
+        self.limits: dict[object, tuple[Limit, bool]] = {}
         #: Whether any request may have a deadline: None until the routes are known.
         self.timed: bool | None = None if seconds is None else True
         self.counters = Counters()

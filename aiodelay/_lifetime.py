@@ -166,7 +166,9 @@ class Connection:
         if life is not None:
             life.settle(None)
         if kind == "timed_out" and life is not None and life.timed_out is not None:
-            if response is not None and response.status == life.timed_out.status:
+            if life.answered_anyway:
+                note = "the handler caught the cancellation and answered itself"
+            elif response is not None and response.status == life.timed_out.status:
                 note = f"cancelled, answered {response.status}"
             else:
                 note = "cancelled, its response cut short"
@@ -259,9 +261,11 @@ class Lifetime:
 
     __slots__ = (
         "_cancel_requested",
+        "_grace_spent",
         "_grace_timer",
         "_owned",
         "_waiters",
+        "answered_anyway",
         "books",
         "conn",
         "ended",
@@ -294,8 +298,11 @@ class Lifetime:
         #: Seconds a cancellable handler may run on after its client left (@aiodelay.grace).
         self.grace = grace_of(handler)
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._grace_spent = False
         #: Set once the request's deadline passed first.
         self.timed_out: DeadlineExceeded | None = None
+        #: The handler caught the deadline's cancellation and returned a response all the same.
+        self.answered_anyway = False
         self.conn = conn
         self.lost: ConnectionLost | None = None
         self.lost_at: float | None = None
@@ -341,13 +348,14 @@ class Lifetime:
             # aiohttp ends a WebSocket handler's receive loop itself; cancelling it instead
             # would change how WebSocket handlers end.
             self.websocket = True
-        elif self.policy is Policy.CANCEL and self.shield_depth == 0:
+        elif self.policy is Policy.CANCEL:
             if self.grace is not None:
-                # It may run on this much longer: cancelled then if it has not ended.
+                # It may run on this much longer (counted from now, also in a shield()
+                # section): cancelled then, or when the section ends, if it has not ended.
                 self._grace_timer = asyncio.get_running_loop().call_later(
-                    self.grace, self._stop, CANCEL_MESSAGE
+                    self.grace, self._grace_over
                 )
-            else:
+            elif self.shield_depth == 0:
                 self._stop(CANCEL_MESSAGE, in_task)
                 return
         # The handler runs on for now: shielded, in a shield() section, in its grace, or a
@@ -399,8 +407,8 @@ class Lifetime:
     def section_ended(self) -> str | None:
         """An ``aiodelay.shield()`` section ended. If it was the outermost and a stop waited
         for it (a deadline, or a disconnect under the cancel policy), what the request owns
-        is cancelled and the message of the CancelledError to raise now is returned; a
-        disconnect with a grace arms the grace instead."""
+        is cancelled and the message of the CancelledError to raise now is returned (for a
+        disconnect with a grace, only once that grace is over)."""
         if self.shield_depth:
             return None
         if self.timed_out is not None:
@@ -408,14 +416,18 @@ class Lifetime:
             return DEADLINE_MESSAGE
         if self.lost is None or self.policy is not Policy.CANCEL:
             return None
-        if self.grace is None:
+        if self.grace is None or self._grace_spent:
             self.release()
             return CANCEL_MESSAGE
-        if self._grace_timer is None:
-            self._grace_timer = asyncio.get_running_loop().call_later(
-                self.grace, self._stop, CANCEL_MESSAGE
-            )
-        return None
+        return None  # its grace, armed when the client left, is still running
+
+    def _grace_over(self) -> None:
+        """The grace after the client left is over: stop the handler, or, in a ``shield()``
+        section, as soon as the section ends."""
+        self._grace_timer = None
+        self._grace_spent = True
+        if self.shield_depth == 0:
+            self._stop(CANCEL_MESSAGE)
 
     def end(self, response: web.StreamResponse | None) -> None:
         """The handler is done: take back an undelivered cancellation, cancel what the

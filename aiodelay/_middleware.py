@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from time import monotonic
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from ._account import Book, book_key, books_of, installed_on, started
@@ -138,6 +138,11 @@ class Middleware(Book):
                 # The handler ran on to its end for a client that is gone: aiohttp logs what
                 # went out (499 if nothing), and sends nothing more.
                 kind, result = "ran_on", sent_as(request, result)
+            elif life is not None and life.timed_out is not None:
+                # Its deadline passed, and it caught the cancellation and answered: the
+                # answer goes out, the request counts as timed out.
+                kind = "timed_out"
+                life.answered_anyway = True
         except BaseException as exc:
             kind, result = self._after(conn, request, exc)
             if result is None:
@@ -218,15 +223,19 @@ class Middleware(Book):
             if not self.timed:
                 return None
         route = request.match_info.route
-        limit = self.limits.get(route, _UNKNOWN)
-        if limit is _UNKNOWN:
+        known = self.limits.get(route, _UNKNOWN)
+        if known is _UNKNOWN:
             inner = books_of(request, self)[-1]
             handler = route.handler
             limit = deadline_of(handler, inner.deadline, policy_of(handler, inner.policy))
+            known = (limit, limit is not None and limit is inner.deadline)
             if isinstance(route, web.ResourceRoute):  # a route of the app: kept (as books_of)
-                self.limits[route] = limit
+                self.limits[route] = known
+        limit, by_default = known
         if limit is None:
             return None
+        if by_default and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            return None  # the app's default deadline is not for a WebSocket's whole life
         seconds, status = limit
         # The callback needs none of the request's context variables: no copy of them.
         return _get_running_loop().call_later(
@@ -361,8 +370,9 @@ def middleware(
 
     Put it first so that it also cancels the middlewares after it. Unlike :func:`setup`, it
     has no app lifecycle hooks: at server shutdown, ``notify_finish`` futures of stopped
-    requests are cancelled rather than failed with ``reason="shutdown"``, and shielded
-    handlers still running after their client left are not cancelled at cleanup.
+    requests are cancelled rather than failed with ``reason="shutdown"``, shielded handlers
+    still running after their client left are not cancelled at cleanup, and cleanup does not
+    wait for ``aiodelay.to_thread`` functions still running.
     """
     return Middleware(policy=policy, deadline=deadline)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -36,15 +37,19 @@ _local = threading.local()
 class ThreadJob:
     """One call of ``aiodelay.to_thread``: its stop flag and its end, seen from the loop."""
 
-    __slots__ = ("done", "func", "reason", "where")
+    __slots__ = ("done", "func", "lock", "reason", "state", "where")
 
     def __init__(self, func: Callable[..., Any], where: str) -> None:
         self.func = func
         self.where = where
         #: Set (with a reason) when the request no longer wants the result.
         self.reason: str | None = None
-        #: Resolved on the loop once the function has returned or raised in its thread.
+        #: Resolved on the loop once the function has returned or raised in its thread, or
+        #: once it is certain never to run (given up while it waited for a worker).
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: "queued", then "running" (the thread took it) or "given up" (the loop did first).
+        self.state = "queued"
+        self.lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<thread job {getattr(self.func, '__qualname__', self.func)!r} of {self.where}>"
@@ -70,6 +75,10 @@ def _in_thread(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
+    with job.lock:
+        if job.state != "queued":
+            return None  # given up while it waited for a worker: nothing to do, nobody waits
+        job.state = "running"
     _local.job = job
     try:
         return context.run(job.func, *args, **kwargs)
@@ -166,4 +175,22 @@ class Owned:
 
         job.done.add_done_callback(ended)
         context = contextvars.copy_context()
-        return loop.run_in_executor(None, _in_thread, job, loop, context, args, kwargs)
+        result = loop.run_in_executor(None, _in_thread, job, loop, context, args, kwargs)
+        result.add_done_callback(functools.partial(_awaited, job))
+        return result
+
+
+def _awaited(job: ThreadJob, result: asyncio.Future[Any]) -> None:
+    """The await of a ``to_thread`` call ended. Cancelled (its request stopped, or the code
+    awaiting it gave up, say an ``asyncio.timeout``): the function is told to stop, and if no
+    worker has taken it yet, it never will."""
+    if not result.cancelled():
+        return
+    if job.reason is None:
+        job.reason = "aiodelay: the code awaiting this thread's result was cancelled"
+    with job.lock:
+        given_up = job.state == "queued"
+        if given_up:
+            job.state = "given up"
+    if given_up:
+        _finished(job.done)

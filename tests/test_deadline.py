@@ -7,6 +7,7 @@ after 0.3 s, not after the handler's 5 s), with room for a loaded machine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -491,3 +492,204 @@ async def test_the_plugin_reports_a_deadline(aiodelay_server: AiodelayServer) ->
 def test_bad_configuration_is_refused(call: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         call()
+
+
+# -- regressions found in review ---------------------------------------------------------------
+
+
+async def test_a_thread_job_given_up_before_a_worker_took_it_is_not_waited_for(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job still queued behind a busy executor when its request is cancelled never runs:
+    cleanup does not wait for it, nor says it was left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    caplog.set_level(logging.WARNING, logger="aiodelay")
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(executor)
+    busy = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+    probe = Probe()
+
+    def occupy() -> None:
+        busy.set()
+        release.wait(10)
+
+    def queued() -> None:
+        ran.append("queued job ran")
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, aiodelay.to_thread(request, queued))
+        return web.Response()
+
+    blocker = loop.run_in_executor(None, occupy)
+    assert busy.wait(5)  # the one worker is taken
+    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
+    client = await served.get("/")
+    await probe.wait_started()
+    client.drop("FIN")
+    await probe.wait_ended()
+    book = served.app[aiodelay_key()]
+    assert book.threads == set()  # given up: nothing left to wait for
+    release.set()
+    await blocker
+    started = time.monotonic()
+    await served.runner.cleanup()
+    assert time.monotonic() - started < 1
+    assert ran == []
+    assert [r for r in caplog.records if r.name == "aiodelay"] == []
+    executor.shutdown(wait=True)
+
+
+async def test_check_cancelled_raises_once_the_awaiting_code_gave_up(serve: Serve) -> None:
+    """An asyncio.timeout around the await gives up on the thread: it is told to stop then,
+    not only when its request ends."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+
+    def work() -> None:
+        try:
+            for _ in range(6000):  # 30 s at most
+                aiodelay.check_cancelled()
+                time.sleep(0.005)
+        finally:
+            loop.call_soon_threadsafe(stopped.set)
+
+    async def handler(request: web.Request) -> web.Response:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(aiodelay.to_thread(request, work), 0.1)
+        # Still in the request: the thread must stop now, not when the request ends.
+        await asyncio.wait_for(stopped.wait(), 2)
+        return web.Response(text="stopped")
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.connect()
+    assert (await _get(client, "/"))[:2] == (200, b"stopped")
+
+
+async def test_the_end_of_a_grace_waits_for_a_shield_section(serve: Serve) -> None:
+    """A handler in its grace enters a shield() section (the write the grace is for) that
+    outlasts the grace: the section runs to its end, then the handler is cancelled."""
+    events: list[str] = []
+    probe = Probe()
+    release = asyncio.Event()
+
+    @aiodelay.grace(0.2)
+    async def handler(request: web.Request) -> web.Response:
+        async def work() -> None:
+            async def commit() -> None:
+                await release.wait()  # set by the test once the grace is over
+                events.append("committed")
+
+            await aiodelay.shield(commit())
+            events.append("after the section")
+
+        await probe.run(request, work())
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await probe.wait_started()
+    assert probe.request is not None
+    finish = aiodelay.notify_finish(probe.request)
+    client.drop("FIN")
+    with contextlib.suppress(aiodelay.ConnectionLost):
+        await asyncio.wait_for(finish, 5)  # the client left: the grace runs
+    # The grace is a span of time: the test lets it pass (a timer, not a wait for an event).
+    grace_over = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.3, grace_over.set_result, None)
+    await grace_over
+    release.set()
+    await probe.wait_ended()
+    assert events == ["committed"]
+    assert probe.cancelled
+
+
+async def test_an_app_default_deadline_leaves_websockets_alone(serve: Serve) -> None:
+    import aiohttp
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse()
+        await socket_.prepare(request)
+        async for message in socket_:
+            await socket_.send_str(message.data)
+        return socket_
+
+    served = await serve(_app(web.get("/ws", ws), deadline=0.2))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{served.port}/ws") as connection,
+    ):
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:  # past the default deadline
+            await connection.send_str("ping")
+            assert (await connection.receive_str()) == "ping"
+    assert aiodelay.stats(served.app).timed_out == 0
+
+
+async def test_a_handler_that_catches_the_deadline_and_answers_counts_as_timed_out(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiodelay")
+
+    @aiodelay.deadline(0.1)
+    async def stubborn(request: web.Request) -> web.Response:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return web.Response(text="answered anyway")
+        return web.Response()
+
+    served = await serve(_app(web.get("/", stubborn)))
+    client = await served.connect()
+    assert (await _get(client, "/"))[:2] == (200, b"answered anyway")
+    assert aiodelay.stats(served.app).timed_out == 1
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert line.endswith("the handler caught the cancellation and answered itself")
+
+
+async def test_a_client_leaving_after_the_deadline_while_a_shield_section_runs(
+    serve: Serve,
+) -> None:
+    """The deadline came first; the client leaves during the shield section that delays the
+    cancellation: counted once, as timed out."""
+    lost: list[str] = []
+    probe = Probe()
+    release = asyncio.Event()
+
+    class Lost:
+        def request_started(self, request: web.BaseRequest) -> None:
+            pass
+
+        def request_lost(self, request: web.BaseRequest, why: aiodelay.ConnectionLost) -> None:
+            lost.append(why.reason)
+
+        def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+            pass
+
+    @aiodelay.deadline(0.1)
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, aiodelay.shield(release.wait()))
+        return web.Response()
+
+    app = _app(web.get("/", handler))
+    aiodelay.add_observer(app, Lost())
+    served = await serve(app)
+    client = await served.get("/")
+    await probe.wait_started()
+    assert probe.request is not None
+    with pytest.raises(aiodelay.DeadlineExceeded):
+        await asyncio.wait_for(aiodelay.notify_finish(probe.request), 5)  # it passed
+    client.drop("RST")
+    # The RST reaches the server's loop before this round trip on a new connection ends.
+    other = await served.connect()
+    await other.send(b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await other.read_response())[0] == 404
+    release.set()
+    await probe.wait_ended()
+    assert probe.cancelled
+    stats = aiodelay.stats(served.app)
+    assert (stats.timed_out, stats.disconnected) == (1, 0)
+    assert lost == []
