@@ -117,9 +117,11 @@ class Middleware(Book):
         result: Any = None
         # aiohttp may pause reading for this request (an upload not all here yet, a full
         # pipelining queue): then only the kernel can tell that the client left.
-        held = w is not None and (payload_of(request) is not EMPTY_PAYLOAD or bool(w.queued))
-        if held and w is not None:
-            w.hold(request)
+        held = (
+            w if w is not None and (payload_of(request) is not EMPTY_PAYLOAD or w.queued) else None
+        )
+        if held is not None:
+            held.hold(request)
         timer = None if self.timed is False else self._arm(request, conn, task)
         try:
             if self.observers:
@@ -150,8 +152,8 @@ class Middleware(Book):
         finally:
             if timer is not None:
                 timer.cancel()
-            if held and w is not None:
-                w.release()
+            if held is not None:
+                held.release()
             conn.task = None
             if conn.life is None and not self.observers:
                 conn.response = result  # settled if its client leaves before it is written
