@@ -66,6 +66,7 @@ class Book:
         "observers",
         "orphans",
         "policy",
+        "quick",
         "remotes",
         "shutting_down",
         "threads",
@@ -88,6 +89,8 @@ class Book:
         self.chains: dict[object, tuple[Book, ...]] = {}
         #: The aiohttp-remotes middlewares on each route's way (see ``trusted_remote``).
         self.remotes: dict[object, tuple[Any, ...]] = {}
+        #: Whether a drop can stop each route's handler with no Lifetime (``stop_quickly``).
+        self.quick: dict[object, bool] = {}
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
         self.orphans: set[Running] = set()
@@ -194,12 +197,14 @@ def record(
     request's deadline.
     """
     disconnected = lost is not None
+    observed = False
     for book in books:
         counters = book.counters
         if recount:
             counters.completed -= 1
         counters.count(kind, disconnected)
-    observed = any(book.observers for book in books)
+        if book.observers:
+            observed = True
     timed_out = kind == "timed_out"
     logged = (disconnected or timed_out) and logger.isEnabledFor(logging.INFO)
     if not (observed or logged):

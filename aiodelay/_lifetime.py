@@ -76,9 +76,12 @@ class Connection:
     __slots__ = (
         "book",
         "life",
+        "lost",
+        "lost_at",
         "request",
         "response",
         "started_at",
+        "stopping",
         "task",
         "unsettled",
         "watch",
@@ -94,6 +97,12 @@ class Connection:
         self.task: asyncio.Task[Any] | None = None
         self.started_at = 0.0
         self.life: Lifetime | None = None
+        #: The client of the request in flight left, and its handler was cancelled without a
+        #: Lifetime (see :meth:`stop_quickly`); cleared when the request is recorded.
+        self.lost: ConnectionLost | None = None
+        self.lost_at = 0.0
+        #: That cancellation has not reached the handler yet.
+        self.stopping = False
         #: A request counted completed whose client left before its response was written:
         #: (request, how the client left, when the request started), settled at the close.
         self.unsettled: tuple[web.Request, ConnectionLost, float] | None = None
@@ -113,6 +122,14 @@ class Connection:
             for inner in books[1:]:  # the watching book counted the start already
                 inner.counters.started += 1
             life = self.life = Lifetime(request, task, books, self)
+            if self.lost is not None:
+                # Stopped quickly already: the Lifetime takes over what that did.
+                life.lost, life.lost_at, life._cancel_requested = (
+                    self.lost,
+                    self.lost_at,
+                    self.stopping,
+                )
+                self.lost, self.stopping = None, False
         return life
 
     def deadline_passed(self, task: asyncio.Task[Any], seconds: float, status: int) -> None:
@@ -120,21 +137,71 @@ class Connection:
         if self.task is task:
             self.make_life().deadline_passed(DeadlineExceeded(seconds, status))
 
-    def disconnected(self, lost: ConnectionLost) -> None:
+    def disconnected(self, lost: ConnectionLost) -> bool:
         if self.task is not None:
-            self.make_life().disconnected(lost)
-            return
+            if self.life is None and self.stop_quickly(lost):
+                return True
+            return self.make_life().disconnected(lost)
         response, self.response = self.response, None
         if response is not None:
             log_length(response)  # aiohttp logs 0 bytes for a response whose write failed
         request, self.request = self.request, None
         if request is None or response_written(request):
-            return
+            return False
         if self.watch is not None and self.watch.is_websocket():
-            return  # its handler's end was recorded; the handshake response was complete
+            return False  # its handler's end was recorded; the handshake response was complete
         # Counted completed when its handler returned; aiohttp may still get the rest out
         # (a client that half-closed, and reads on): the close of the connection tells.
         self.unsettled = (request, lost, self.started_at)
+        return False
+
+    def stop_quickly(self, lost: ConnectionLost) -> bool:
+        """The drop path of most requests: the client left while the handler runs, under the
+        cancel policy with no grace, nothing asked aiodelay about the request, and nobody
+        observes it. The handler is cancelled with no Lifetime made (a storm of drops makes
+        none); :meth:`make_life` takes over if something asks later. False (nothing done)
+        for any other request."""
+        request, task, book = self.request, self.task, self.book
+        assert request is not None  # a request is in flight
+        assert task is not None
+        route = request.match_info.route
+        quick = book.quick.get(route)
+        if quick is None:
+            books = books_of(request, book)
+            handler = route.handler
+            quick = (
+                len(books) == 1
+                and policy_of(handler, book.policy) is Policy.CANCEL
+                and grace_of(handler) is None
+            )
+            if isinstance(route, web.ResourceRoute):  # a route of the app: kept (as books_of)
+                book.quick[route] = quick
+        if (
+            not quick
+            or book.observers
+            or (lost.reason == "closed" and book.shutting_down)
+            or (self.watch is not None and self.watch.is_websocket())
+        ):
+            return False
+        self.lost = lost
+        self.lost_at = monotonic()
+        self.stopping = True
+        task.cancel(CANCEL_MESSAGE)
+        return True
+
+    def stopped_quickly(self) -> bool:
+        """Called with a CancelledError in hand, for a request without a Lifetime: is it the
+        one :meth:`stop_quickly` sent, and nothing else's?"""
+        if self.lost is None:
+            return False
+        if not _HAS_UNCANCEL:
+            return True  # Python 3.10 cannot count cancel requests (see stopped_by_us)
+        task = self.task
+        assert task is not None  # the request is still running
+        if self.stopping:
+            self.stopping = False
+            return task.uncancel() == 0
+        return task.cancelling() == 0
 
     def end(
         self,
@@ -150,9 +217,15 @@ class Connection:
         self.life = None
         self.request = None  # recorded here, now or once aiohttp is done: not provisionally
         self.response = response
+        lost = self.lost
+        if lost is not None:  # stopped quickly (and so without a Lifetime or observers)
+            self.lost = None
+            request[lifetime_key] = lost  # what notify_finish() says from now on
+            record((self.book,), request, kind, lost, self.started_at, self.lost_at)
+            return
         if life is None:
             books: tuple[Book, ...] = (self.book,)
-            lost = lost_at = None
+            lost_at = None
         else:
             books = life.books
             lost, lost_at = life.lost, life.lost_at
@@ -319,9 +392,23 @@ class Lifetime:
         self._owned: Owned | None = None
         request[lifetime_key] = self
 
+    @classmethod
+    def stopped_quickly(cls, lost: ConnectionLost) -> Lifetime:
+        """The ended Lifetime of a request that :meth:`Connection.stop_quickly` stopped (made
+        only if asked about after the end)."""
+        life = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(life, name, None)
+        life._cancel_requested = life._grace_spent = life.answered_anyway = False
+        life.websocket = False
+        life.ended = life.settled = True
+        life.shield_depth = 0
+        life.lost = life.error = lost
+        return life
+
     # -- what the middleware and the Watch call ------------------------------------------
 
-    def disconnected(self, lost: ConnectionLost, *, in_task: bool = False) -> None:
+    def disconnected(self, lost: ConnectionLost, *, in_task: bool = False) -> bool:
         """The client left (called by the connection's Watch, or, ``in_task``, by the
         middleware in the request's own task).
 
@@ -331,7 +418,7 @@ class Lifetime:
         """
         task = self.task
         if self.lost is not None or self.timed_out is not None or task is None:
-            return  # what came first decides
+            return False  # what came first decides
         if lost.reason == "closed" and self.books[0].shutting_down:
             lost = ConnectionLost("shutdown")  # aiohttp closes the connections it shuts down
         self.lost = lost
@@ -357,10 +444,11 @@ class Lifetime:
                 )
             elif self.shield_depth == 0:
                 self._stop(CANCEL_MESSAGE, in_task)
-                return
+                return True
         # The handler runs on for now: shielded, in a shield() section, in its grace, or a
         # WebSocket. Its timers and tasks go when it ends; at app cleanup it is cancelled.
         self.books[0].orphans.add(self)
+        return False
 
     def deadline_passed(self, exc: DeadlineExceeded) -> None:
         """The request's deadline passed (its timer, armed by the middleware): unless its

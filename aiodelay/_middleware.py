@@ -135,16 +135,8 @@ class Middleware(Book):
             result = await handler(request)
             if result.__class__ not in _RESPONSE_CLASSES:
                 result = await _not_done_yet(request, result)
-            life = conn.life
-            if life is not None and life.lost is not None:
-                # The handler ran on to its end for a client that is gone: aiohttp logs what
-                # went out (499 if nothing), and sends nothing more.
-                kind, result = "ran_on", sent_as(request, result)
-            elif life is not None and life.timed_out is not None:
-                # Its deadline passed, and it caught the cancellation and answered: the
-                # answer goes out, the request counts as timed out.
-                kind = "timed_out"
-                life.answered_anyway = True
+            if conn.life is not None or conn.lost is not None:
+                kind, result = _returned(conn, request, result)
         except BaseException as exc:
             kind, result = self._after(conn, request, exc)
             if result is None:
@@ -155,7 +147,7 @@ class Middleware(Book):
             if held is not None:
                 held.release()
             conn.task = None
-            if conn.life is None and not self.observers:
+            if conn.life is None and conn.lost is None and not self.observers:
                 conn.response = result  # settled if its client leaves before it is written
                 self.counters.completed += 1
             else:
@@ -171,6 +163,13 @@ class Middleware(Book):
         """What an exception from the handler means: a response for aiohttp to log instead,
         or None to let it propagate unchanged."""
         life = conn.life
+        if life is None and conn.lost is not None:
+            # Its client left, and stop_quickly() cancelled it with no Lifetime.
+            if isinstance(exc, asyncio.CancelledError) and conn.stopped_quickly():
+                if _HAND_ON and not access_logged(request):
+                    return "cancelled", None  # as below
+                return "cancelled", sent_as(request, exc=exc)
+            life = conn.make_life()  # anything else: the Lifetime takes over
         if isinstance(exc, asyncio.CancelledError):
             if life is not None and life.stopped_by_us():
                 if life.timed_out is not None:
@@ -287,6 +286,24 @@ class Middleware(Book):
                         job,
                         THREAD_CLEANUP_TIMEOUT,
                     )
+
+
+def _returned(
+    conn: Connection, request: web.Request, result: web.StreamResponse
+) -> tuple[OutcomeKind, web.StreamResponse]:
+    """A handler that aiodelay was asked about returned ``result``: what it counts as, and the
+    response for aiohttp."""
+    life = conn.make_life()
+    if life.lost is not None:
+        # The handler ran on to its end for a client that is gone: aiohttp logs what went
+        # out (499 if nothing), and sends nothing more.
+        return "ran_on", sent_as(request, result)
+    if life.timed_out is not None:
+        # Its deadline passed, and it caught the cancellation and answered: the answer goes
+        # out, the request counts as timed out.
+        life.answered_anyway = True
+        return "timed_out", result
+    return "completed", result
 
 
 async def _not_done_yet(request: web.Request, result: object) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ._account import NOT_SET_UP, installed_on
+from ._errors import ConnectionLost
 from ._lifetime import Connection, Lifetime, lifetime_key
 from ._watch import installed_watch, same_message
 
@@ -22,10 +23,12 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
     for a request that ended, or is in flight, without one. RuntimeError if aiodelay does
     not handle the request."""
     try:
-        life: Lifetime = request[lifetime_key]
+        life: Lifetime | ConnectionLost = request[lifetime_key]
     except KeyError:
         pass
     else:
+        if isinstance(life, ConnectionLost):  # it was stopped quickly: made now, kept
+            life = request[lifetime_key] = Lifetime.stopped_quickly(life)
         return life
     watch = installed_watch(request)
     conn = watch.listener if watch is not None else None
@@ -35,8 +38,8 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
         and conn.request is not None
         and same_message(conn.request, request)
     ):
-        if not create:
-            return None
+        if not create and conn.lost is None:
+            return None  # (a request stopped quickly gets its Lifetime: it has news)
         life = conn.make_life()
         if life.request is not request:
             request[lifetime_key] = life  # a clone: let it find the Lifetime after the end

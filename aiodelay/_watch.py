@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import operator
 import select
 import weakref
@@ -70,8 +71,9 @@ class Listener(Protocol):
     def busy(self) -> bool:
         """A request's handler is running on the connection now."""
 
-    def disconnected(self, lost: ConnectionLost) -> None:
-        """The peer left (called once per connection)."""
+    def disconnected(self, lost: ConnectionLost) -> bool:
+        """The peer left (called once per connection). True if the request's handler is
+        cancelled now (it sees the CancelledError at the next turn of the loop)."""
 
     def closed(self) -> None:
         """The connection is closed (called once, last)."""
@@ -113,14 +115,21 @@ class Watch(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
-        if not keep_open:
-            # aiohttp answers a FIN by closing: the client can no longer get a response.
-            self._lose(ConnectionLost("FIN"))
+        if not keep_open and self._lose(ConnectionLost("FIN")):
+            # aiohttp answers a FIN by closing, and the handler is being cancelled. The close
+            # waits a turn of the loop, so that the handler sees its cancellation first
+            # (a storm of drops cancels every handler before closing any socket). Reading
+            # stops now. Not over TLS, whose transport cannot stay open after EOF.
+            transport = self._proto.transport
+            if transport is not None and transport.get_extra_info("sslcontext") is None:
+                _close_soon(transport)
+                return True
         return keep_open
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._hung_up = False  # closed already
-        self.release()  # while the socket is still open: its fd may be reused once closed
+        if self._held >= 0:
+            self.release()  # while the socket is still open: its fd may be reused once closed
         proto = self._proto
         if self.lost is not None:
             pass  # seen already (a FIN, mostly): nothing new to report
@@ -136,10 +145,10 @@ class Watch(asyncio.Protocol):
         manager = proto._manager
         listener = self.listener
         if (
-            listener is not None
-            and listener.busy()
-            and manager
+            manager
             and manager.handler_cancellation
+            and listener is not None
+            and listener.busy()
             and not self.is_websocket()  # there aiodelay leaves the ending to aiohttp
         ):
             # aiodelay decides what a disconnect does to the request it watches; without
@@ -206,14 +215,39 @@ class Watch(asyncio.Protocol):
         the handler itself that the peer left (its receive loop ends)."""
         return self._proto._payload_parser is not None
 
-    def _lose(self, lost: ConnectionLost) -> None:
+    def _lose(self, lost: ConnectionLost) -> bool:
+        """Report the peer gone; True if the handler is being cancelled for it now."""
         if self.lost is not None:
-            return
+            return False
         self.lost = lost
-        if self.listener is not None:
-            self.listener.disconnected(lost)
+        return self.listener is not None and self.listener.disconnected(lost)
 
 
+_closing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.BaseTransport]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _close_soon(transport: asyncio.BaseTransport) -> None:
+    """Close ``transport`` at the next turn of the loop, with the others of this turn (one
+    callback for a storm of them)."""
+    loop = asyncio.get_running_loop()
+    batch = _closing.get(loop)
+    if batch is None:
+        batch = _closing[loop] = []
+    if not batch:
+        loop.call_soon(_close_all, batch, context=_NO_CONTEXT)
+    batch.append(transport)
+
+
+def _close_all(batch: list[asyncio.BaseTransport]) -> None:
+    transports = batch[:]
+    batch.clear()
+    for transport in transports:
+        transport.close()
+
+
+_NO_CONTEXT = contextvars.Context()
 _HANGUPS: int | None = getattr(select, "EPOLLRDHUP", None) if hasattr(select, "epoll") else None
 _RESET = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
 

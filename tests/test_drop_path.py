@@ -1,0 +1,269 @@
+"""The drop path most requests take (issue 10: a storm of drops): no Lifetime, and a FIN's
+close after the handler has seen its cancellation.
+
+A handler under the cancel policy, with no grace, that asked aiodelay nothing and that nobody
+observes, is cancelled by ``Connection.stop_quickly`` without a Lifetime; whatever asks later
+(the handler's own ``except`` block, a deadline, ``notify_finish`` after the end) gets one
+that knows. After a FIN, the connection is closed at the next turn of the loop, so that in a
+storm every handler is cancelled before any of the sockets is torn down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+from aiohttp import web
+
+import aiodelay
+from aiodelay._lifetime import lifetime_key
+from tests.conftest import Drop, Probe, Serve
+
+pytestmark = pytest.mark.both_loops
+
+
+def _app(*routes: web.RouteDef) -> web.Application:
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_routes(routes)
+    return app
+
+
+@pytest.mark.parametrize(("drop", "reason"), [("FIN", "FIN"), ("RST", "RST")])
+async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
+    serve: Serve, drop: Drop, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await probe.wait_started()
+    with caplog.at_level(logging.INFO, logger="aiodelay"):
+        client.drop(drop)
+        await probe.wait_ended()
+        await _recorded(served.app)
+    assert probe.cancelled
+    request = probe.request
+    assert request is not None
+    # Before anything asks: only how the client left is kept, not a Lifetime.
+    kept = request[lifetime_key]
+    assert isinstance(kept, aiodelay.ConnectionLost)
+    assert kept.reason == reason
+    assert aiodelay.is_disconnected(request)
+    future = aiodelay.notify_finish(request)
+    assert future.done()
+    exc = future.exception()
+    assert isinstance(exc, aiodelay.ConnectionLost)
+    assert exc.reason == reason
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled, stats.completed) == (1, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert f"GET / from 127.0.0.1 interrupted by {reason} after" in line
+    assert line.endswith(": cancelled")
+
+
+async def test_the_handler_can_ask_after_a_quick_stop(serve: Serve) -> None:
+    """In its ``except CancelledError`` block, the handler learns that its client left."""
+    seen: list[object] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            seen.append(aiodelay.is_disconnected(request))
+            future = aiodelay.notify_finish(request)
+            seen.append(future.done() and future.exception())
+            raise
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("FIN")
+    await asyncio.wait_for(ended.wait(), 5)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+    assert seen[1].reason == "FIN"
+    await _recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled) == (1, 1)
+
+
+async def test_a_handler_that_answers_after_a_quick_stop_ran_on(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catching the cancellation and returning a response: counted as run on, nothing sent."""
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            ended.set()
+            return web.Response(text="too late")
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    with caplog.at_level(logging.INFO, logger="aiodelay"):
+        client.drop("RST")
+        await asyncio.wait_for(ended.wait(), 5)
+        await _recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert "interrupted by RST" in line
+    assert "ran on (it ended before the cancellation took effect)" in line
+
+
+async def test_a_deadline_after_a_quick_stop_changes_nothing(serve: Serve) -> None:
+    """The client left first: the deadline that passes later (the handler caught the
+    cancellation and runs on) neither cancels it again nor counts it as timed out."""
+    started, ended = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+
+    @aiodelay.deadline(0.05)
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            try:
+                await asyncio.sleep(0.2)  # the deadline passes meanwhile
+            except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+                outcome.append("cancelled again")
+                raise
+            outcome.append("ran on")
+            return web.Response()
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("FIN")
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert outcome == ["ran on"]
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on, stats.timed_out) == (1, 1, 0)
+
+
+async def test_after_a_fin_the_connection_closes_even_if_the_handler_runs_on(
+    serve: Serve,
+) -> None:
+    """The close after a FIN waits one turn of the loop, not for the handler: a handler that
+    swallows its cancellation does not keep the connection open."""
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            await gate  # runs on, ignoring the cancellation
+        finally:
+            ended.set()
+        return web.Response(text="late")
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("half-close")  # a FIN, while the client can still read
+    assert await asyncio.wait_for(client.reader.read(), 5) == b""  # closed: nothing sent
+    assert not ended.is_set()
+    gate.set_result(None)
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on) == (1, 1)
+
+
+async def test_in_a_storm_every_handler_is_cancelled_before_a_connection_is_torn_down(
+    serve: Serve,
+) -> None:
+    """FINs read in one turn of the loop: each handler sees its CancelledError while every
+    request of the storm still has its transport (aiohttp's ``connection_lost`` and the
+    sockets' close come after)."""
+    n = 5
+    requests: list[web.BaseRequest] = []
+    seen: list[list[bool]] = []
+    started = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        if len(requests) == n:
+            started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            seen.append([each.transport is not None for each in requests])
+            if len(seen) == n:
+                ended.set()
+            raise
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    loop = asyncio.get_running_loop()
+    socks = [socket.socket() for _ in range(n)]  # plain sockets: uvloop's cannot shutdown()
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", served.port))
+            await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        await asyncio.wait_for(started.wait(), 5)
+        for sock in socks:  # one after the other, before the server's loop turns again
+            sock.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(ended.wait(), 5)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert seen == [[True] * n] * n
+
+
+async def test_over_tls_a_fin_closes_at_once(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS transport cannot stay open after EOF (asyncio warns if asked to): there the
+    close is not deferred, and the handler is cancelled all the same."""
+    probe = Probe()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)), tls=True)
+    client = await served.get("/")
+    await probe.wait_started()
+    with caplog.at_level(logging.WARNING):
+        client.drop("FIN")
+        await probe.wait_ended()
+        await _recorded(served.app)
+    assert probe.cancelled
+    assert [r.getMessage() for r in caplog.records if "eof_received" in r.getMessage()] == []
+    assert aiodelay.stats(served.app).cancelled == 1
+
+
+async def _recorded(app: web.Application) -> None:
+    """Let the loop turn until no request is in flight any more: the middleware records the
+    end a few turns after the handler's own ``finally`` ran."""
+    for _ in range(1000):
+        if not aiodelay.stats(app).in_flight:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the request was not recorded")
