@@ -14,6 +14,7 @@ import contextvars
 import functools
 import sys
 from time import monotonic
+from types import CodeType, FrameType
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +34,8 @@ __all__ = (
     "Lifetime",
     "fail",
     "lifetime_key",
-    "live",
+    "running_connection",
+    "runs_requests",
 )
 
 # aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey.
@@ -48,10 +50,39 @@ DEADLINE_MESSAGE = "aiodelay: the request's deadline passed"
 
 _NO_CONTEXT = contextvars.Context()
 
-#: What ``aiodelay.shield()`` looks through to learn which request the task it runs in
-#: serves (nothing per request: a connection is added once, when aiodelay first sees it):
-#: the connections aiodelay watches, and the tasks ``aiodelay.spawn()`` started.
-live: set[Connection] = set()
+#: The code of the coroutine that runs each request's handler (the middleware's
+#: ``__call__``, registered by its module), whose local variable ``conn`` is the request's
+#: Connection: how :func:`running_connection` finds it on the call stack.
+_RUNNERS: set[CodeType] = set()
+
+
+def runs_requests(code: CodeType) -> None:
+    """Register the code of the coroutine that runs handlers (see :func:`running_connection`)."""
+    _RUNNERS.add(code)
+
+
+def running_connection() -> Connection | None:
+    """The Connection of the request whose handler the current task runs, or None.
+
+    Found on the call stack, where the middleware's coroutine frame is below its handler's
+    (a cost that grows with the stack's depth, paid only by the caller, so that requests pay
+    nothing for it). The caller must run in that task, called from the handler (also through
+    other coroutines it awaits); in another task (one the handler started) it is not found.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code not in _RUNNERS:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    local_vars = frame.f_locals
+    conn = local_vars.get("conn")
+    if type(local_vars) is dict:
+        # Python < 3.13 made a snapshot of the running frame's variables and keeps it on the
+        # frame: emptied, it holds no request, task or exception (no reference cycle).
+        local_vars.clear()
+    if isinstance(conn, Connection) and conn.task is asyncio.current_task():
+        return conn
+    return None
 
 
 def fail(future: asyncio.Future[None], exc: BaseException) -> None:
@@ -106,7 +137,6 @@ class Connection:
         #: A request counted completed whose client left before its response was written:
         #: (request, how the client left, when the request started), settled at the close.
         self.unsettled: tuple[web.Request, ConnectionLost, float] | None = None
-        live.add(self)
 
     def busy(self) -> bool:
         return self.task is not None
@@ -267,7 +297,6 @@ class Connection:
             # After aiohttp's task had its turn: a write that the close let finish is done.
             asyncio.get_running_loop().call_soon(_cut_short, self.book, *unsettled)
         if self.task is None:
-            live.discard(self)
             self.request = self.response = None
 
 

@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from ._account import Book, book_key, books_of, installed_on, started
 from ._errors import ConnectionLost, DeadlineExceeded
-from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, live
+from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, runs_requests
 from ._observe import OutcomeKind
 from ._policy import Policy, deadline_of, marks_a_deadline, policy_of
 from ._stats import Stats
@@ -153,9 +153,10 @@ class Middleware(Book):
             else:
                 conn.end(request, task, result, kind)
             if conn.watch is None:  # the connection is closed: nothing more comes on it
-                live.discard(conn)
                 conn.request = conn.response = None
         return result  # type: ignore[no-any-return]
+
+    runs_requests(__call__.__code__)  # aiodelay.shield() finds the request's `conn` here
 
     def _after(
         self, conn: Connection, request: web.Request, exc: BaseException

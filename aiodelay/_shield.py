@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ._account import NOT_SET_UP, logger
-from ._lifetime import live
+from ._lifetime import running_connection
 from ._owned import spawned
 
 __all__ = ("shield",)
@@ -25,15 +25,14 @@ async def shield(aw: Awaitable[_T]) -> _T:
     is logged and is the ``CancelledError``'s ``__cause__``). Only the disconnect is
     held back: a server shutdown or an outer timeout cancels ``aw`` as usual.
 
-    It finds its request by looking through the connections aiodelay watches (a cost that
-    grows with their number, paid only here). Protects the handler's own task; in another
+    It finds its request on the call stack, below the handler's frame (a cost that grows
+    with the stack's depth, paid only here). Protects the handler's own task; in another
     task (one started by ``aiodelay.spawn``, say) this is a plain ``await``, and outside a
     request handled by aiodelay it raises ``RuntimeError``.
     """
-    task = asyncio.current_task()
-    conn = next((conn for conn in live if conn.task is task), None)
+    conn = running_connection()
     if conn is None:
-        if task in spawned:  # a task that aiodelay.spawn() started: nothing to hold back
+        if asyncio.current_task() in spawned:  # started by aiodelay.spawn(): nothing to hold
             return await aw
         if inspect.iscoroutine(aw):
             aw.close()  # never started: do not warn "never awaited" on top of the error

@@ -395,6 +395,89 @@ async def test_shield_finishes_the_critical_section_then_cancels(serve: Serve) -
     assert aiodelay.stats(served.app).cancelled == 1
 
 
+async def test_shield_finds_its_request_through_nested_coroutines_among_many(
+    serve: Serve,
+) -> None:
+    """shield() called two coroutines below the handler holds back the disconnect of its
+    own request, while other requests are held on other connections."""
+    events: list[str] = []
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    held = asyncio.Event()
+    in_section = asyncio.Event()
+    ended = asyncio.Event()
+    holding = 0
+
+    async def critical() -> None:
+        in_section.set()
+        await gate
+        events.append("section done")
+
+    async def helper() -> None:
+        await aiodelay.shield(critical())
+
+    async def outer() -> None:
+        await helper()
+
+    finish: list[asyncio.Future[None]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        finish.append(aiodelay.notify_finish(request))
+        try:
+            await outer()
+            events.append("after the section")
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        finally:
+            ended.set()
+        return web.Response()
+
+    async def hold(request: web.Request) -> web.Response:
+        nonlocal holding
+        holding += 1
+        if holding == 5:
+            held.set()
+        await _forever()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler), web.get("/hold", hold)))
+    for _ in range(5):
+        await served.get("/hold")
+    await asyncio.wait_for(held.wait(), 5)
+    client = await served.get("/")
+    await asyncio.wait_for(in_section.wait(), 5)
+    client.drop("FIN")
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(finish[0], 5)
+    assert events == []  # the section holds the cancellation back until it ends
+    gate.set_result(None)
+    await asyncio.wait_for(ended.wait(), 5)
+    assert events == ["section done", "cancelled"]
+    assert aiodelay.stats(served.app).in_flight == 5  # the others are still held
+
+
+async def test_shield_in_a_task_the_handler_started_is_not_the_handlers(serve: Serve) -> None:
+    """The handler's request is not found from a task of its own (only from aiodelay.spawn's
+    tasks, where shield() is a plain await): RuntimeError, as outside any request."""
+    raised: list[BaseException] = []
+
+    async def section() -> None:
+        try:
+            await aiodelay.shield(asyncio.sleep(0))
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.create_task(section())
+        return web.Response(text="ok")
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"ok")
+    assert len(raised) == 1
+    assert "aiodelay" in str(raised[0])
+
+
 # -- leaks ---------------------------------------------------------------------------------
 
 

@@ -772,8 +772,22 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
             ended.set()
         return response
 
+    async def shielded(request: web.Request) -> web.Response:
+        await aiodelay.shield(asyncio.sleep(0))  # shield() finds the request on the stack
+        started.set()
+        try:
+            await asyncio.Future()
+        finally:
+            ended.set()
+        return web.Response()
+
     served = await serve(
-        _app(web.get("/ok", ok), web.get("/fails", fails), web.get("/stream", stream))
+        _app(
+            web.get("/ok", ok),
+            web.get("/fails", fails),
+            web.get("/stream", stream),
+            web.get("/shielded", shielded),
+        )
     )
     gc.collect()
     gc.disable()
@@ -789,6 +803,13 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
             ended.clear()
             client = await served.get("/stream")
             await client.read_until(b"first line\n")
+            await asyncio.wait_for(started.wait(), 5)
+            client.drop("RST")
+            await asyncio.wait_for(ended.wait(), 5)
+        for _ in range(10):
+            started.clear()
+            ended.clear()
+            client = await served.get("/shielded")
             await asyncio.wait_for(started.wait(), 5)
             client.drop("RST")
             await asyncio.wait_for(ended.wait(), 5)
