@@ -31,11 +31,17 @@ class ConnectionLost(ConnectionError):
     ``reason`` says how; ``__cause__`` holds the transport's own error when there was one.
     """
 
+    __slots__ = ("reason",)  # no __dict__: one object less per drop for the GC to visit
+
     reason: Reason
 
     def __init__(self, reason: Reason, message: str | None = None) -> None:
         super().__init__(message or _MESSAGES[reason])
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ConnectionLost], tuple[Reason, str]]:
+        # BaseException's own pickles args and __dict__, not slots (copy uses it too).
+        return type(self), (self.reason, str(self))
 
     def __repr__(self) -> str:
         return f"ConnectionLost({self.reason!r})"

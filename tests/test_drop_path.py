@@ -11,7 +11,9 @@ storm every handler is cancelled before any of the sockets is torn down.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import pickle
 import socket
 
 import pytest
@@ -267,3 +269,14 @@ async def _recorded(app: web.Application) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("the request was not recorded")
+
+
+@pytest.mark.parametrize("message", [None, "the connection was closed before the handler started"])
+def test_connection_lost_copies_and_pickles_with_its_reason(message: str | None) -> None:
+    """ConnectionLost keeps its reason in a slot (no per-drop __dict__); copies and pickles
+    still carry reason and message."""
+    lost = aiodelay.ConnectionLost("closed", message)
+    for again in (copy.copy(lost), pickle.loads(pickle.dumps(lost))):
+        assert type(again) is aiodelay.ConnectionLost
+        assert again.reason == "closed"
+        assert str(again) == str(lost)
