@@ -4,9 +4,14 @@ For each server kind
 
 - ``aiohttp``: aiohttp with ``handler_cancellation=True`` and no aiodelay (aiohttp cancels
   the handler in the transport's ``connection_lost``);
+- ``aiohttp-mw``: the same with one empty pass-through ``@web.middleware``: what any
+  middleware costs a drop (aiohttp then also adds its own ``_fix_request_current_app``
+  middleware): the floor for aiodelay, which is a middleware;
 - ``aiodelay``: ``aiodelay.setup(app)`` on a default server (``handler_cancellation=False``),
   the ``aiodelay`` logger's INFO off;
-- ``aiodelay-log``: the same with the INFO line on (the CLI's format), written to the server's
+- ``aiohttp-log``: ``aiohttp``'s server whose handler writes one log line per drop, in the
+  same format and to the same place as ``aiodelay-log``'s: what a log line costs by itself;
+- ``aiodelay-log``: ``aiodelay`` with its INFO line on (the CLI's format), written to the server's
   stderr, which the harness redirects to a file (``--log-to devnull``: to /dev/null); each
   line is formatted, written and flushed, as a server's log would be;
 - ``twisted``: Twisted Web on its default reactor, a leaf ``Resource`` returning
@@ -86,7 +91,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import TracebackType
@@ -94,7 +99,9 @@ from typing import Any
 
 from _serve import pin_to_cpu, raise_fd_limit, read_rss, two_cpus
 
-KINDS = ("aiohttp", "aiodelay", "aiodelay-log", "twisted")
+KINDS = ("aiohttp", "aiohttp-mw", "aiodelay", "aiohttp-log", "aiodelay-log", "twisted")
+#: Kinds whose server writes a log line per drop to its stderr.
+LOGGING = ("aiohttp-log", "aiodelay-log")
 CLOSES = ("FIN", "RST")
 MODES = ("paced", "burst")
 #: The event loop (reactor) each kind's server said it runs, for the report.
@@ -170,20 +177,21 @@ class Recorder:
 
 
 def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
-    """The body of a ``--serve aiohttp|aiodelay|aiodelay-log`` child."""
+    """The body of a ``--serve`` child of every kind but ``twisted``."""
     from aiohttp import web
 
     import aiodelay
 
     delay_logger = logging.getLogger("aiodelay")
-    if kind == "aiodelay-log":
+    delay_logger.setLevel(logging.WARNING)
+    # aiohttp-log's handler writes a line like aiodelay's INFO line, through the same handler.
+    drop_log = logging.getLogger("aiodelay" if kind == "aiodelay-log" else "storm")
+    if kind in LOGGING:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(log_format, "%H:%M:%S"))
-        delay_logger.addHandler(handler)
-        delay_logger.setLevel(logging.INFO)
-        delay_logger.propagate = False
-    else:
-        delay_logger.setLevel(logging.WARNING)
+        drop_log.addHandler(handler)
+        drop_log.setLevel(logging.INFO)
+        drop_log.propagate = False
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -196,7 +204,7 @@ def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
         app = web.Application()
 
         def extra() -> dict[str, Any]:
-            if kind == "aiohttp":
+            if not kind.startswith("aiodelay"):
                 return {}
             return {"aiodelay_cancelled": aiodelay.stats(app).cancelled}
 
@@ -204,17 +212,37 @@ def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
 
         async def hold(request: web.Request) -> web.StreamResponse:
             i = int(request.match_info["i"])
-            recorder.start(i, time.monotonic())
+            started = time.monotonic()
+            recorder.start(i, started)
             try:
                 await loop.create_future()
             except asyncio.CancelledError:
                 now = time.monotonic()
                 recorder.cancel(i, now)
+                if kind == "aiohttp-log":
+                    drop_log.info(
+                        "%s %s from %s interrupted by a disconnect after %.3fs: %s",
+                        request.method,
+                        request.path,
+                        request.remote,
+                        now - started,
+                        "cancelled",
+                    )
                 raise
             raise AssertionError("unreachable: the future above is never set")
 
         app.router.add_get("/hold/{i}", hold)
-        if kind == "aiohttp":
+        if kind == "aiohttp-mw":
+
+            @web.middleware
+            async def passthrough(
+                request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]
+            ) -> web.StreamResponse:
+                response: web.StreamResponse = await handler(request)
+                return response
+
+            app.middlewares.append(passthrough)
+        if not kind.startswith("aiodelay"):
             runner = web.AppRunner(app, handler_cancellation=True)
         else:
             aiodelay.setup(app)
@@ -334,7 +362,7 @@ class Server:
         return self._proc.pid
 
     def __enter__(self) -> Server:
-        if self.kind == "aiodelay-log" and self.log_to == "devnull":
+        if self.kind in LOGGING and self.log_to == "devnull":
             self._stderr = open(os.devnull, "wb")
         else:
             self._stderr = tempfile.TemporaryFile()
@@ -631,7 +659,7 @@ def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: i
                 f"aiodelay counted {report['aiodelay_cancelled']} cancellations, not {expected}"
             )
         text = server.stderr_text()
-        if kind == "aiodelay-log":
+        if kind in LOGGING:
             if server.log_to == "devnull":
                 storm.notes.append("log lines went to /dev/null (not counted)")
             else:
@@ -850,7 +878,7 @@ def measure(args: argparse.Namespace) -> int:
         f"{args.timeout:g} s"
     )
     log_sink = "a file" if args.log_to == "file" else "/dev/null"
-    print(f"aiodelay-log: INFO lines to the server's stderr, redirected to {log_sink}")
+    print(f"aiohttp-log, aiodelay-log: a line per drop to the server's stderr, redirected to {log_sink}")
 
     print(
         f"\n{'storms':26s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  (ms, client close -> "
@@ -945,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-to",
         choices=("file", "devnull"),
         default="file",
-        help="where the aiodelay-log server's stderr goes (default: a temporary file)",
+        help="where the log kinds' servers' stderr goes (default: a temporary file)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds allowed per wait (default 60)"
