@@ -878,7 +878,7 @@ def measure(args: argparse.Namespace) -> int:
         f"{args.timeout:g} s"
     )
     log_sink = "a file" if args.log_to == "file" else "/dev/null"
-    print(f"aiohttp-log, aiodelay-log: a line per drop to the server's stderr, redirected to {log_sink}")
+    print(f"log kinds: a line per drop to the server's stderr, redirected to {log_sink}")
 
     print(
         f"\n{'storms':26s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}  (ms, client close -> "
