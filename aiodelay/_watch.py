@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import operator
 import select
 import weakref
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import streams, web
 
@@ -117,12 +118,12 @@ class Watch(asyncio.Protocol):
         keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
         if not keep_open and self._lose(ConnectionLost("FIN")):
             # aiohttp answers a FIN by closing, and the handler is being cancelled. The close
-            # waits a turn of the loop, so that the handler sees its cancellation first
-            # (a storm of drops cancels every handler before closing any socket). Reading
-            # stops now. Not over TLS, whose transport cannot stay open after EOF.
+            # waits until the handler has seen its cancellation (a storm of drops cancels
+            # every handler before closing any socket). Reading stops now. Not over TLS,
+            # whose transport cannot stay open after EOF.
             transport = self._proto.transport
             if transport is not None and transport.get_extra_info("sslcontext") is None:
-                _close_soon(transport)
+                _after_cancelled(transport.close)
                 return True
         return keep_open
 
@@ -131,6 +132,7 @@ class Watch(asyncio.Protocol):
         if self._held >= 0:
             self.release()  # while the socket is still open: its fd may be reused once closed
         proto = self._proto
+        stopping = False
         if self.lost is not None:
             pass  # seen already (a FIN, mostly): nothing new to report
         elif exc is None:
@@ -141,25 +143,25 @@ class Watch(asyncio.Protocol):
         else:
             lost = ConnectionLost("RST")
             lost.__cause__ = exc
-            self._lose(lost)
+            stopping = self._lose(lost)
         manager = proto._manager
         listener = self.listener
-        if (
+        # aiodelay decides what a disconnect does to the request it watches; without this,
+        # aiohttp (handler_cancellation=True) would cancel a shielded handler too.
+        decided = bool(
             manager
             and manager.handler_cancellation
             and listener is not None
             and listener.busy()
             and not self.is_websocket()  # there aiodelay leaves the ending to aiohttp
-        ):
-            # aiodelay decides what a disconnect does to the request it watches; without
-            # this, aiohttp (handler_cancellation=True) would cancel a shielded handler too.
-            manager.handler_cancellation = False
-            try:
-                proto.connection_lost(exc)
-            finally:
-                manager.handler_cancellation = True
+        )
+        if stopping:
+            # The handler is being cancelled for an RST: aiohttp's own teardown of the
+            # connection waits until the handler has seen its cancellation (in a storm of
+            # resets, until every handler has), as after a FIN.
+            _after_cancelled(_aiohttp_lost, proto, exc, decided)
         else:
-            proto.connection_lost(exc)
+            _aiohttp_lost(proto, exc, decided)
         if listener is not None:
             self.listener = None  # the Connection refers to this Watch: no cycle left behind
             listener.closed()
@@ -223,31 +225,66 @@ class Watch(asyncio.Protocol):
         return self.listener is not None and self.listener.disconnected(lost)
 
 
-_closing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.BaseTransport]] = (
+def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: bool) -> None:
+    """aiohttp's ``connection_lost``; ``decided``: aiodelay decides what becomes of the
+    request in flight, so aiohttp's ``handler_cancellation`` is off for the call."""
+    manager = proto._manager
+    if not (decided and manager is not None and manager.handler_cancellation):
+        proto.connection_lost(exc)
+        return
+    manager.handler_cancellation = False
+    try:
+        proto.connection_lost(exc)
+    finally:
+        manager.handler_cancellation = True
+
+
+class _AfterCancelled:
+    """Calls that wait until the handlers cancelled in this turn of the loop have seen their
+    ``CancelledError`` (which they do at the next turn): they run two turns later, in one
+    batch, so that in a storm of drops every handler is cancelled before any connection is
+    torn down."""
+
+    __slots__ = ("_calls", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+
+    def add(self, call: Callable[..., object], args: tuple[Any, ...]) -> None:
+        if not self._calls:
+            self._loop.call_soon(self._turn, context=_NO_CONTEXT)
+        self._calls.append((call, args))
+
+    def _turn(self) -> None:
+        # The handlers' CancelledErrors are being delivered in this turn; run after them.
+        self._loop.call_soon(self._run, context=_NO_CONTEXT)
+
+    def _run(self) -> None:
+        calls, self._calls = self._calls, []
+        for call, args in calls:
+            try:
+                call(*args)
+            except Exception:  # one connection's teardown must not stop the others'
+                _logger.exception("aiodelay: closing a connection failed")
+
+
+_after: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AfterCancelled] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _close_soon(transport: asyncio.BaseTransport) -> None:
-    """Close ``transport`` at the next turn of the loop, with the others of this turn (one
-    callback for a storm of them)."""
+def _after_cancelled(call: Callable[..., object], *args: Any) -> None:
+    """Run ``call(*args)`` once the handlers cancelled in this turn have seen it."""
     loop = asyncio.get_running_loop()
-    batch = _closing.get(loop)
-    if batch is None:
-        batch = _closing[loop] = []
-    if not batch:
-        loop.call_soon(_close_all, batch, context=_NO_CONTEXT)
-    batch.append(transport)
-
-
-def _close_all(batch: list[asyncio.BaseTransport]) -> None:
-    transports = batch[:]
-    batch.clear()
-    for transport in transports:
-        transport.close()
+    after = _after.get(loop)
+    if after is None:
+        after = _after[loop] = _AfterCancelled(loop)
+    after.add(call, args)
 
 
 _NO_CONTEXT = contextvars.Context()
+_logger = logging.getLogger("aiodelay")
 _HANGUPS: int | None = getattr(select, "EPOLLRDHUP", None) if hasattr(select, "epoll") else None
 _RESET = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
 

@@ -4,8 +4,9 @@ close after the handler has seen its cancellation.
 A handler under the cancel policy, with no grace, that asked aiodelay nothing and that nobody
 observes, is cancelled by ``Connection.stop_quickly`` without a Lifetime; whatever asks later
 (the handler's own ``except`` block, a deadline, ``notify_finish`` after the end) gets one
-that knows. After a FIN, the connection is closed at the next turn of the loop, so that in a
-storm every handler is cancelled before any of the sockets is torn down.
+that knows. The connection's teardown (the close after a FIN, aiohttp's ``connection_lost``
+after an RST) waits until the handlers have seen their cancellation, so that in a storm every
+handler is cancelled before any of the connections is torn down.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import copy
 import logging
 import pickle
 import socket
+import struct
 
 import pytest
 from aiohttp import web
@@ -167,7 +169,7 @@ async def test_a_deadline_after_a_quick_stop_changes_nothing(serve: Serve) -> No
 async def test_after_a_fin_the_connection_closes_even_if_the_handler_runs_on(
     serve: Serve,
 ) -> None:
-    """The close after a FIN waits one turn of the loop, not for the handler: a handler that
+    """The close after a FIN waits two turns of the loop, not for the handler: a handler that
     swallows its cancellation does not keep the connection open."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     started, ended = asyncio.Event(), asyncio.Event()
@@ -195,12 +197,13 @@ async def test_after_a_fin_the_connection_closes_even_if_the_handler_runs_on(
     assert (stats.disconnected, stats.shielded_ran_on) == (1, 1)
 
 
+@pytest.mark.parametrize("close", ["FIN", "RST"])
 async def test_in_a_storm_every_handler_is_cancelled_before_a_connection_is_torn_down(
-    serve: Serve,
+    serve: Serve, close: str
 ) -> None:
-    """FINs read in one turn of the loop: each handler sees its CancelledError while every
-    request of the storm still has its transport (aiohttp's ``connection_lost`` and the
-    sockets' close come after)."""
+    """Drops read in one turn of the loop: each handler sees its CancelledError while every
+    request of the storm still has its transport (aiohttp's ``connection_lost``, and after a
+    FIN the sockets' close, come after)."""
     n = 5
     requests: list[web.BaseRequest] = []
     seen: list[list[bool]] = []
@@ -230,12 +233,86 @@ async def test_in_a_storm_every_handler_is_cancelled_before_a_connection_is_torn
             await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
         await asyncio.wait_for(started.wait(), 5)
         for sock in socks:  # one after the other, before the server's loop turns again
-            sock.shutdown(socket.SHUT_WR)
+            if close == "FIN":
+                sock.shutdown(socket.SHUT_WR)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
         await asyncio.wait_for(ended.wait(), 5)
     finally:
         for sock in socks:
             sock.close()
     assert seen == [[True] * n] * n
+
+
+async def test_under_handler_cancellation_a_handler_that_runs_on_is_not_cancelled_again(
+    serve: Serve,
+) -> None:
+    """On a server with aiohttp's handler_cancellation=True, aiohttp's own teardown after an
+    RST comes after aiodelay cancelled the handler; a handler that caught that cancellation
+    and runs on is not cancelled a second time by aiohttp."""
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    started, ended = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+    requests: list[web.BaseRequest] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            try:
+                await gate
+            except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+                outcome.append("cancelled again")
+                raise
+            outcome.append("ran on")
+        finally:
+            ended.set()
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)), handler_cancellation=True)
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("RST")
+    for _ in range(100):  # aiohttp's connection_lost comes a few turns after the drop
+        if requests[0].transport is None:
+            break
+        await asyncio.sleep(0)
+    assert requests[0].transport is None  # aiohttp has run its connection_lost
+    assert outcome == []
+    gate.set_result(None)
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert outcome == ["ran on"]
+    assert aiodelay.stats(served.app).shielded_ran_on == 1
+
+
+async def test_a_failing_teardown_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The teardowns that wait for the cancelled handlers run in one batch; one that raises
+    is logged, and the others still run."""
+    from aiodelay._watch import _after_cancelled
+
+    ran: list[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("boom")
+
+    done = asyncio.Event()
+    _after_cancelled(ran.append, "first")
+    _after_cancelled(fails)
+    _after_cancelled(ran.append, "third")
+    _after_cancelled(done.set)
+    assert ran == []  # not in this turn
+    with caplog.at_level(logging.ERROR, logger="aiodelay"):
+        await asyncio.wait_for(done.wait(), 5)
+    assert ran == ["first", "third"]
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 async def test_over_tls_a_fin_closes_at_once(
