@@ -245,20 +245,22 @@ class _AfterCancelled:
     batch, so that in a storm of drops every handler is cancelled before any connection is
     torn down."""
 
-    __slots__ = ("_calls", "_loop")
+    # It keeps no reference to its loop: it is the value of a WeakKeyDictionary keyed by it.
+    __slots__ = ("_calls",)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
 
-    def add(self, call: Callable[..., object], args: tuple[Any, ...]) -> None:
+    def add(
+        self, loop: asyncio.AbstractEventLoop, call: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
         if not self._calls:
-            self._loop.call_soon(self._turn, context=_NO_CONTEXT)
+            loop.call_soon(self._turn, loop, context=_NO_CONTEXT)
         self._calls.append((call, args))
 
-    def _turn(self) -> None:
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         # The handlers' CancelledErrors are being delivered in this turn; run after them.
-        self._loop.call_soon(self._run, context=_NO_CONTEXT)
+        loop.call_soon(self._run, context=_NO_CONTEXT)
 
     def _run(self) -> None:
         calls, self._calls = self._calls, []
@@ -279,8 +281,8 @@ def _after_cancelled(call: Callable[..., object], *args: Any) -> None:
     loop = asyncio.get_running_loop()
     after = _after.get(loop)
     if after is None:
-        after = _after[loop] = _AfterCancelled(loop)
-    after.add(call, args)
+        after = _after[loop] = _AfterCancelled()
+    after.add(loop, call, args)
 
 
 _NO_CONTEXT = contextvars.Context()

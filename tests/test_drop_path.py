@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import pickle
 import socket
 import struct
+import weakref
 
 import pytest
 from aiohttp import web
@@ -357,3 +359,24 @@ def test_connection_lost_copies_and_pickles_with_its_reason(message: str | None)
         assert type(again) is aiodelay.ConnectionLost
         assert again.reason == "closed"
         assert str(again) == str(lost)
+
+
+def test_the_teardown_batch_keeps_no_loop_alive() -> None:
+    """Each loop's batch of teardowns is kept in a WeakKeyDictionary keyed by the loop: it
+    must not refer to its loop, or no closed loop would ever be freed."""
+    from aiodelay import _watch
+
+    async def one_teardown() -> None:
+        done = asyncio.Event()
+        _watch._after_cancelled(done.set)
+        await asyncio.wait_for(done.wait(), 5)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(one_teardown())
+    finally:
+        loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
