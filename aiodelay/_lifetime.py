@@ -426,13 +426,23 @@ class Lifetime:
         """The ended Lifetime of a request that :meth:`Connection.stop_quickly` stopped (made
         only if asked about after the end)."""
         life = cls.__new__(cls)
-        for name in cls.__slots__:
-            setattr(life, name, None)
-        life._cancel_requested = life._grace_spent = life.answered_anyway = False
-        life.websocket = False
+        life.request = life.task = None
+        life.books = ()
+        life.policy = Policy.CANCEL  # the only policy a request is stopped quickly under
+        life.grace = None
+        life._grace_timer = None
+        life._grace_spent = False
+        life.timed_out = None
+        life.answered_anyway = False
+        life.conn = None  # type: ignore[assignment]  # ended: nothing reaches its connection
+        life.lost = life.error = lost
+        life.lost_at = None
         life.ended = life.settled = True
         life.shield_depth = 0
-        life.lost = life.error = lost
+        life.websocket = False
+        life._cancel_requested = False
+        life._waiters = None
+        life._owned = None
         return life
 
     # -- what the middleware and the Watch call ------------------------------------------

@@ -67,6 +67,8 @@ async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
     exc = future.exception()
     assert isinstance(exc, aiodelay.ConnectionLost)
     assert exc.reason == reason
+    with pytest.raises(RuntimeError, match="already ended"):
+        aiodelay.call_later(request, 1, print)
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.cancelled, stats.completed) == (1, 1, 0)
     [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
