@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ("ConnectionLost", "DeadlineExceeded", "Reason")
 
@@ -31,7 +31,9 @@ class ConnectionLost(ConnectionError):
     ``reason`` says how; ``__cause__`` holds the transport's own error when there was one.
     """
 
-    __slots__ = ("reason",)  # no __dict__: one object less per drop for the GC to visit
+    # The reason in a slot: a drop allocates no instance __dict__ (one object less for the
+    # GC to visit; the __dict__ is still made if something sets another attribute).
+    __slots__ = ("reason",)
 
     reason: Reason
 
@@ -39,9 +41,10 @@ class ConnectionLost(ConnectionError):
         super().__init__(message or _MESSAGES[reason])
         self.reason = reason
 
-    def __reduce__(self) -> tuple[type[ConnectionLost], tuple[Reason, str]]:
-        # BaseException's own pickles args and __dict__, not slots (copy uses it too).
-        return type(self), (self.reason, str(self))
+    def __reduce__(self) -> tuple[type[ConnectionLost], tuple[Reason, str], dict[str, Any] | None]:
+        # BaseException's own gives args (the message alone, which __init__ cannot take) and
+        # __dict__, not slots; copy and pickle use it.
+        return type(self), (self.reason, str(self)), (self.__dict__ or None)
 
     def __repr__(self) -> str:
         return f"ConnectionLost({self.reason!r})"

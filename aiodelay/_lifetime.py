@@ -3,8 +3,10 @@
 Every request pays only for a few attribute stores on its connection's :class:`Connection`
 (one per connection, reused by keep-alive requests). A :class:`Lifetime` is created for a
 request only when something needs one: a call to ``notify_finish``, ``call_later``, ``spawn``,
-``is_disconnected`` or ``shield``, or the client leaving. It allocates nothing more until
-asked: no future until ``notify_finish`` is called, no list until a timer or task is started.
+``is_disconnected`` or ``shield``, a deadline, an observer, or the client leaving while its
+handler runs under a policy that does more than cancel it at once (a plain cancellation is
+:meth:`Connection.stop_quickly`, with no Lifetime). It allocates nothing more until asked: no
+future until ``notify_finish`` is called, no list until a timer or task is started.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ _RUNNERS: set[CodeType] = set()
 
 
 def runs_requests(code: CodeType) -> None:
-    """Register the code of the coroutine that runs handlers (see :func:`running_connection`)."""
+    """Register the code of the coroutine that runs handlers (see :func:`running_connection`);
+    it must have a local variable ``conn`` (its request's Connection)."""
+    if "conn" not in code.co_varnames:
+        name = getattr(code, "co_qualname", code.co_name)
+        raise TypeError(f"{name} has no local variable 'conn' for aiodelay.shield() to find")
     _RUNNERS.add(code)
 
 
@@ -74,12 +80,9 @@ def running_connection() -> Connection | None:
         frame = frame.f_back
     if frame is None:
         return None
-    local_vars = frame.f_locals
-    conn = local_vars.get("conn")
-    if type(local_vars) is dict:
-        # Python < 3.13 made a snapshot of the running frame's variables and keeps it on the
-        # frame: emptied, it holds no request, task or exception (no reference cycle).
-        local_vars.clear()
+    # (Before Python 3.13 this leaves a snapshot of the frame's variables on the frame: the
+    # same objects the frame holds anyway, for no longer than the frame lives.)
+    conn = frame.f_locals.get("conn")
     if isinstance(conn, Connection) and conn.task is asyncio.current_task():
         return conn
     return None
@@ -216,6 +219,9 @@ class Connection:
         self.lost = lost
         self.lost_at = monotonic()
         self.stopping = True
+        # What is asked about the request from now on finds its way here, also once the
+        # connection (and with it the Watch that leads here) is gone; replaced at the end.
+        request[lifetime_key] = self
         task.cancel(CANCEL_MESSAGE)
         return True
 
@@ -422,7 +428,7 @@ class Lifetime:
         request[lifetime_key] = self
 
     @classmethod
-    def stopped_quickly(cls, lost: ConnectionLost) -> Lifetime:
+    def after_quick_stop(cls, lost: ConnectionLost) -> Lifetime:
         """The ended Lifetime of a request that :meth:`Connection.stop_quickly` stopped (made
         only if asked about after the end)."""
         life = cls.__new__(cls)

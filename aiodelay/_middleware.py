@@ -76,7 +76,8 @@ class Middleware(Book):
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # The hot path: a few attribute stores on the connection's state; a Lifetime is
-        # made only if the request uses aiodelay's API or its client leaves.
+        # made only if the request uses aiodelay's API, or its client leaves and more is to
+        # be done than cancelling the handler (Connection.stop_quickly).
         transport = request.transport
         w = None if transport is None else transport.get_protocol()
         if type(w) is not Watch:

@@ -22,16 +22,19 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
     """The request's Lifetime (made now if the request is in flight and ``create``), or None
     for a request that ended, or is in flight, without one. RuntimeError if aiodelay does
     not handle the request."""
+    conn: object = None
     try:
-        life: Lifetime | ConnectionLost = request[lifetime_key]
+        kept: Lifetime | Connection | ConnectionLost = request[lifetime_key]
     except KeyError:
-        pass
+        watch = installed_watch(request)
+        conn = watch.listener if watch is not None else None
     else:
-        if isinstance(life, ConnectionLost):  # it was stopped quickly: made now, kept
-            life = request[lifetime_key] = Lifetime.stopped_quickly(life)
-        return life
-    watch = installed_watch(request)
-    conn = watch.listener if watch is not None else None
+        if isinstance(kept, Lifetime):
+            return kept
+        if isinstance(kept, ConnectionLost):  # it was stopped quickly and has ended
+            life = request[lifetime_key] = Lifetime.after_quick_stop(kept)
+            return life
+        conn = kept  # it is being stopped quickly (Connection.stop_quickly)
     if (
         isinstance(conn, Connection)
         and conn.task is not None

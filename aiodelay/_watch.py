@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import logging
 import operator
 import select
 import weakref
-from collections.abc import Callable, Sized
+from collections.abc import Sized
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import streams, web
 
 from ._errors import ConnectionLost
+from ._teardown import after_cancelled
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -123,7 +122,7 @@ class Watch(asyncio.Protocol):
             # whose transport cannot stay open after EOF.
             transport = self._proto.transport
             if transport is not None and transport.get_extra_info("sslcontext") is None:
-                _after_cancelled(transport.close)
+                after_cancelled(transport.close)
                 return True
         return keep_open
 
@@ -159,7 +158,7 @@ class Watch(asyncio.Protocol):
             # The handler is being cancelled for an RST: aiohttp's own teardown of the
             # connection waits until the handler has seen its cancellation (in a storm of
             # resets, until every handler has), as after a FIN.
-            _after_cancelled(_aiohttp_lost, proto, exc, decided)
+            after_cancelled(_aiohttp_lost, proto, exc, decided)
         else:
             _aiohttp_lost(proto, exc, decided)
         if listener is not None:
@@ -239,54 +238,6 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: boo
         manager.handler_cancellation = True
 
 
-class _AfterCancelled:
-    """Calls that wait until the handlers cancelled in this turn of the loop have seen their
-    ``CancelledError`` (which they do at the next turn): they run two turns later, in one
-    batch, so that in a storm of drops every handler is cancelled before any connection is
-    torn down."""
-
-    # It keeps no reference to its loop: it is the value of a WeakKeyDictionary keyed by it.
-    __slots__ = ("_calls",)
-
-    def __init__(self) -> None:
-        self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
-
-    def add(
-        self, loop: asyncio.AbstractEventLoop, call: Callable[..., object], args: tuple[Any, ...]
-    ) -> None:
-        if not self._calls:
-            loop.call_soon(self._turn, loop, context=_NO_CONTEXT)
-        self._calls.append((call, args))
-
-    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The handlers' CancelledErrors are being delivered in this turn; run after them.
-        loop.call_soon(self._run, context=_NO_CONTEXT)
-
-    def _run(self) -> None:
-        calls, self._calls = self._calls, []
-        for call, args in calls:
-            try:
-                call(*args)
-            except Exception:  # one connection's teardown must not stop the others'
-                _logger.exception("aiodelay: closing a connection failed")
-
-
-_after: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AfterCancelled] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _after_cancelled(call: Callable[..., object], *args: Any) -> None:
-    """Run ``call(*args)`` once the handlers cancelled in this turn have seen it."""
-    loop = asyncio.get_running_loop()
-    after = _after.get(loop)
-    if after is None:
-        after = _after[loop] = _AfterCancelled()
-    after.add(loop, call, args)
-
-
-_NO_CONTEXT = contextvars.Context()
-_logger = logging.getLogger("aiodelay")
 _HANGUPS: int | None = getattr(select, "EPOLLRDHUP", None) if hasattr(select, "epoll") else None
 _RESET = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
 

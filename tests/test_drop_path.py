@@ -5,8 +5,8 @@ A handler under the cancel policy, with no grace, that asked aiodelay nothing an
 observes, is cancelled by ``Connection.stop_quickly`` without a Lifetime; whatever asks later
 (the handler's own ``except`` block, a deadline, ``notify_finish`` after the end) gets one
 that knows. The connection's teardown (the close after a FIN, aiohttp's ``connection_lost``
-after an RST) waits until the handlers have seen their cancellation, so that in a storm every
-handler is cancelled before any of the connections is torn down.
+after an RST) waits two turns of the loop, by when the handlers have seen their cancellation,
+so that in a storm every handler is cancelled before any of the connections is torn down.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import logging
 import pickle
 import socket
 import struct
+import sys
 import weakref
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -105,6 +107,157 @@ async def test_the_handler_can_ask_after_a_quick_stop(serve: Serve) -> None:
     await _recorded(served.app)
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.cancelled) == (1, 1)
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize("turns", [0, 5])
+async def test_the_handler_can_ask_after_a_quick_stop_whenever(
+    serve: Serve, drop: Drop, turns: int
+) -> None:
+    """Also after an RST (whose connection_lost is the first news, so the connection is gone
+    when the handler runs its except block) and a few turns later (after a FIN the deferred
+    close has run by then): the request is disconnected, and still open for timers."""
+    seen: list[object] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            seen.append(aiodelay.is_disconnected(request))
+            future = aiodelay.notify_finish(request)
+            seen.append(future.done() and future.exception())
+            aiodelay.call_later(request, 10, print)  # the request has not ended: no error
+            raise
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop(drop)
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+    assert seen[1].reason == drop
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled) == (1, 1)
+
+
+async def test_a_handler_with_a_grace_that_asks_nothing_runs_on_in_its_grace(
+    serve: Serve,
+) -> None:
+    """@aiodelay.grace keeps a handler off the quick path: it is not cancelled at once."""
+    started, ended, work = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    requests: list[web.BaseRequest] = []
+    outcome: list[str] = []
+
+    @aiodelay.grace(5)
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        started.set()
+        try:
+            await work.wait()
+            outcome.append("completed")
+        except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+            outcome.append("cancelled")
+            raise
+        finally:
+            ended.set()
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("RST")
+    await _connection_gone(requests[0])  # the server has seen the drop
+    work.set()
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert outcome == ["completed"]
+    assert aiodelay.stats(served.app).shielded_ran_on == 1
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot count cancel requests (documented)"
+)
+async def test_a_foreign_cancellation_after_a_swallowed_quick_stop_is_not_aiodelays(
+    serve: Serve,
+) -> None:
+    started, swallowed, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        started.set()
+        try:
+            try:
+                await asyncio.get_running_loop().create_future()
+            except asyncio.CancelledError:
+                swallowed.set()
+            await asyncio.get_running_loop().create_future()  # runs on
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("FIN")
+    await asyncio.wait_for(swallowed.wait(), 5)
+    tasks[0].cancel()  # an outer cancellation, not aiodelay's
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled, stats.failed) == (1, 0, 1)
+
+
+async def test_shield_in_a_sub_app_with_aiodelay_of_its_own(serve: Serve) -> None:
+    """Two aiodelay middlewares on the stack: shield() finds the request all the same."""
+    events: list[str] = []
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    in_section, ended = asyncio.Event(), asyncio.Event()
+    requests: list[web.BaseRequest] = []
+
+    async def critical() -> None:
+        in_section.set()
+        await gate
+        events.append("section done")
+
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        try:
+            await aiodelay.shield(critical())
+            events.append("after the section")
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+        finally:
+            ended.set()
+        return web.Response()
+
+    sub = web.Application()
+    aiodelay.setup(sub)
+    sub.add_routes([web.get("/x", handler)])
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.get("/sub/x")
+    await asyncio.wait_for(in_section.wait(), 5)
+    client.drop("RST")
+    await _connection_gone(requests[0])
+    assert events == []  # held back by the section
+    gate.set_result(None)
+    await asyncio.wait_for(ended.wait(), 5)
+    assert events == ["section done", "cancelled"]
 
 
 async def test_a_handler_that_answers_after_a_quick_stop_ran_on(
@@ -298,7 +451,7 @@ async def test_a_failing_teardown_does_not_stop_the_others(
 ) -> None:
     """The teardowns that wait for the cancelled handlers run in one batch; one that raises
     is logged, and the others still run."""
-    from aiodelay._watch import _after_cancelled
+    from aiodelay._teardown import after_cancelled
 
     ran: list[str] = []
 
@@ -306,10 +459,10 @@ async def test_a_failing_teardown_does_not_stop_the_others(
         raise RuntimeError("boom")
 
     done = asyncio.Event()
-    _after_cancelled(ran.append, "first")
-    _after_cancelled(fails)
-    _after_cancelled(ran.append, "third")
-    _after_cancelled(done.set)
+    after_cancelled(ran.append, "first")
+    after_cancelled(fails)
+    after_cancelled(ran.append, "third")
+    after_cancelled(done.set)
     assert ran == []  # not in this turn
     with caplog.at_level(logging.ERROR, logger="aiodelay"):
         await asyncio.wait_for(done.wait(), 5)
@@ -342,6 +495,16 @@ async def test_over_tls_a_fin_closes_at_once(
     assert aiodelay.stats(served.app).cancelled == 1
 
 
+async def _connection_gone(request: web.BaseRequest) -> None:
+    """Let the loop turn until aiohttp has run its connection_lost for the request's
+    connection (a few turns after the drop: aiodelay defers it past the cancellation)."""
+    for _ in range(1000):
+        if request.transport is None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the connection was not torn down")
+
+
 async def _recorded(app: web.Application) -> None:
     """Let the loop turn until no request is in flight any more: the middleware records the
     end a few turns after the handler's own ``finally`` ran."""
@@ -363,22 +526,84 @@ def test_connection_lost_copies_and_pickles_with_its_reason(message: str | None)
         assert str(again) == str(lost)
 
 
-def test_the_teardown_batch_keeps_no_loop_alive() -> None:
-    """Each loop's batch of teardowns is kept in a WeakKeyDictionary keyed by the loop: it
-    must not refer to its loop, or no closed loop would ever be freed."""
-    from aiodelay import _watch
+@pytest.mark.parametrize("pending", [False, True])
+def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
+    """Each loop's batch of teardowns is found through a WeakKeyDictionary keyed by the loop;
+    the batch refers to the loop's transports (and so to the loop): neither a batch that ran
+    nor one still pending when the loop is closed may keep the loop alive."""
+    from aiodelay._teardown import after_cancelled
 
     async def one_teardown() -> None:
         done = asyncio.Event()
-        _watch._after_cancelled(done.set)
-        await asyncio.wait_for(done.wait(), 5)
+        after_cancelled(asyncio.get_running_loop().time)  # refers to the loop, as a close does
+        after_cancelled(done.set)
+        if not pending:
+            await asyncio.wait_for(done.wait(), 5)
 
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(one_teardown())
+        after_cancelled_ran = not pending
+        assert after_cancelled_ran or loop._ready  # type: ignore[attr-defined]
     finally:
         loop.close()
     gone = weakref.ref(loop)
     del loop
     gc.collect()
     assert gone() is None
+
+
+def test_an_interrupt_in_a_teardown_leaves_the_rest_for_the_next_turns() -> None:
+    """A KeyboardInterrupt from one teardown stops the loop; the teardowns after it in the
+    batch run when the loop runs again."""
+    from aiodelay._teardown import after_cancelled
+
+    ran: list[str] = []
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    async def batch() -> None:
+        after_cancelled(ran.append, "first")
+        after_cancelled(interrupt)
+        after_cancelled(ran.append, "third")
+        await asyncio.get_running_loop().create_future()  # the interrupt ends this
+
+    async def rest() -> None:
+        for _ in range(10):
+            if "third" in ran:
+                return
+            await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(batch())
+        assert ran == ["first"]
+        loop.run_until_complete(rest())
+        assert ran == ["first", "third"]
+    finally:
+        loop.close()
+
+
+def test_exception_notes_and_attributes_survive_a_copy() -> None:
+    """Attributes other than the reason (and Python 3.11's notes) live in the instance
+    __dict__, which copies and pickles carry too."""
+    lost = aiodelay.ConnectionLost("RST")
+    lost.where = "upstream"  # type: ignore[attr-defined]
+    if sys.version_info >= (3, 11):
+        lost.add_note("seen behind a proxy")
+    for again in (copy.copy(lost), pickle.loads(pickle.dumps(lost))):
+        assert again.reason == "RST"
+        assert again.where == "upstream"  # type: ignore[union-attr]
+        assert getattr(again, "__notes__", None) == getattr(lost, "__notes__", None)
+
+
+def test_the_coroutine_that_runs_handlers_must_name_its_connection() -> None:
+    from aiodelay._lifetime import runs_requests
+
+    async def runner() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="no local variable 'conn'"):
+        runs_requests(runner.__code__)

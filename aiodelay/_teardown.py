@@ -1,0 +1,83 @@
+"""Teardown that waits for the cancelled handlers: :func:`after_cancelled`.
+
+When a client leaves, aiodelay cancels the handler at once; the handler sees its
+``CancelledError`` at the next turn of the loop. The connection's teardown (the close after a
+FIN, aiohttp's own ``connection_lost`` after an RST) costs about as much as the cancellation
+itself, so in a storm of drops, where one turn of the loop reads thousands of them, doing it at
+once would make the last handler wait for every other connection's teardown. Deferred by two
+turns, in one batch per turn, it comes after: by then each handler cancelled in the first turn
+has seen its cancellation (unless it waits on a task that waits on another, which passes it on
+a turn later). Nothing else is promised about the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ("after_cancelled",)
+
+logger = logging.getLogger("aiodelay")
+_NO_CONTEXT = contextvars.Context()
+
+
+class _Batch:
+    """The calls deferred in one turn of one loop. Only the loop's scheduled callbacks refer
+    to it (the dict below holds a weak reference): a loop closed before the batch ran drops
+    it with its ready queue, and the batch, which refers to the loop's transports, does not
+    keep the loop alive."""
+
+    __slots__ = ("__weakref__", "_calls")
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, call: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
+        if not self._calls:
+            loop.call_soon(self._turn, loop, context=_NO_CONTEXT)
+        self._calls.append((call, args))
+
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The handlers' CancelledErrors are being delivered in this turn; run after them.
+        loop.call_soon(self._run, loop, context=_NO_CONTEXT)
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        calls, self._calls = self._calls, []
+        for index, (call, args) in enumerate(calls):
+            try:
+                call(*args)
+            except Exception:  # one connection's teardown must not stop the others'
+                logger.exception("aiodelay: tearing down a connection failed")
+            except BaseException:
+                # KeyboardInterrupt, SystemExit: the calls not run yet go first in the next
+                # batch, so that their connections are still closed if the loop runs on.
+                rest = calls[index + 1 :]
+                if rest:
+                    if not self._calls:
+                        loop.call_soon(self._turn, loop, context=_NO_CONTEXT)
+                    self._calls[:0] = rest
+                raise
+
+
+_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[_Batch]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def after_cancelled(call: Callable[..., object], *args: Any) -> None:
+    """Run ``call(*args)`` two turns of the running loop from now, once the handlers cancelled
+    in this turn have seen their ``CancelledError``. An exception it raises is logged on the
+    ``aiodelay`` logger; the other calls of the batch still run."""
+    loop = asyncio.get_running_loop()
+    ref = _batches.get(loop)
+    batch = None if ref is None else ref()
+    if batch is None:
+        batch = _Batch()
+        _batches[loop] = weakref.ref(batch)
+    batch.add(loop, call, args)
