@@ -16,8 +16,9 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from ._account import Book, book_key, books_of, installed_on, started
+from ._connection import Connection, runs_requests
 from ._errors import ConnectionLost, DeadlineExceeded
-from ._lifetime import CANCEL_MESSAGE, Connection, Lifetime, runs_requests
+from ._lifetime import CANCEL_MESSAGE, Lifetime
 from ._observe import OutcomeKind
 from ._policy import Policy, deadline_of, marks_a_deadline, policy_of
 from ._stats import Stats

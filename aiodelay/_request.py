@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ._account import NOT_SET_UP, installed_on
+from ._connection import Connection
 from ._errors import ConnectionLost
-from ._lifetime import Connection, Lifetime, lifetime_key
+from ._lifetime import Lifetime, lifetime_key
 from ._watch import installed_watch, same_message
 
 __all__ = ("call_later", "is_disconnected", "lifetime_of", "notify_finish", "spawn")

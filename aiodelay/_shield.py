@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ._account import NOT_SET_UP, logger
-from ._lifetime import running_connection
+from ._connection import running_connection
 from ._owned import spawned
 
 __all__ = ("shield",)

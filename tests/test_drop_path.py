@@ -600,7 +600,7 @@ def test_exception_notes_and_attributes_survive_a_copy() -> None:
 
 
 def test_the_coroutine_that_runs_handlers_must_name_its_connection() -> None:
-    from aiodelay._lifetime import runs_requests
+    from aiodelay._connection import runs_requests
 
     async def runner() -> None:
         pass
