@@ -27,7 +27,7 @@ from ._observe import OutcomeKind
 from ._policy import Policy, grace_of, policy_of
 from ._watch import Watch, bytes_written, log_length, response_written, still_writing
 
-__all__ = ("Connection", "running_connection", "runs_requests")
+__all__ = ("Connection", "Stopped", "running_connection", "runs_requests")
 
 _NO_CONTEXT = contextvars.Context()
 
@@ -86,6 +86,7 @@ class Connection:
         "request",
         "response",
         "started_at",
+        "stopped",
         "stopping",
         "task",
         "unsettled",
@@ -108,6 +109,8 @@ class Connection:
         self.lost_at = 0.0
         #: That cancellation has not reached the handler yet.
         self.stopping = False
+        #: What the request (and its clones) keep of that stop, detached at the end.
+        self.stopped: Stopped | None = None
         #: A request counted completed whose client left before its response was written:
         #: (request, how the client left, when the request started), settled at the close.
         self.unsettled: tuple[web.Request, ConnectionLost, float] | None = None
@@ -187,8 +190,9 @@ class Connection:
         self.lost_at = monotonic()
         self.stopping = True
         # What is asked about the request from now on finds its way here, also once the
-        # connection (and with it the Watch that leads here) is gone; replaced at the end.
-        request[lifetime_key] = self
+        # connection (and with it the Watch that leads here) is gone, and also through a
+        # clone made from now on (it copies the state).
+        self.stopped = request[lifetime_key] = Stopped(self, lost)
         task.cancel(CANCEL_MESSAGE)
         return True
 
@@ -220,10 +224,12 @@ class Connection:
         self.life = None
         self.request = None  # recorded here, now or once aiohttp is done: not provisionally
         self.response = response
+        stopped = self.stopped
+        if stopped is not None:  # from now on it says that the request ended
+            stopped.conn = self.stopped = None
         lost = self.lost
         if lost is not None:  # stopped quickly (and so without a Lifetime or observers)
             self.lost = None
-            request[lifetime_key] = lost  # what notify_finish() says from now on
             record((self.book,), request, kind, lost, self.started_at, self.lost_at)
             return
         if life is None:
@@ -271,6 +277,18 @@ class Connection:
             asyncio.get_running_loop().call_soon(_cut_short, self.book, *unsettled)
         if self.task is None:
             self.request = self.response = None
+
+
+class Stopped:
+    """What a request stopped quickly (:meth:`Connection.stop_quickly`) keeps under
+    ``lifetime_key``, shared with its clones: its Connection while it is in flight (then None),
+    and how its client left."""
+
+    __slots__ = ("conn", "lost")
+
+    def __init__(self, conn: Connection, lost: ConnectionLost) -> None:
+        self.conn: Connection | None = conn
+        self.lost = lost
 
 
 def _written(

@@ -19,20 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ._account import NOT_SET_UP, Book, logger
+from ._account import Book, logger
 from ._errors import ConnectionLost, DeadlineExceeded
 from ._observe import OutcomeKind
 from ._owned import Owned
 from ._policy import Policy, grace_of, policy_of
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type only: _connection imports this module
     from ._connection import Connection
 
 __all__ = (
     "CANCEL_MESSAGE",
     "DEADLINE_MESSAGE",
     "HAS_UNCANCEL",
-    "NOT_SET_UP",
     "Lifetime",
     "fail",
     "lifetime_key",

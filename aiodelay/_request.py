@@ -9,8 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ._account import NOT_SET_UP, installed_on
-from ._connection import Connection
-from ._errors import ConnectionLost
+from ._connection import Connection, Stopped, running_connection
 from ._lifetime import Lifetime, lifetime_key
 from ._watch import installed_watch, same_message
 
@@ -25,24 +24,28 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
     not handle the request."""
     conn: object = None
     try:
-        kept: Lifetime | Connection | ConnectionLost = request[lifetime_key]
+        kept: Lifetime | Stopped = request[lifetime_key]
     except KeyError:
         watch = installed_watch(request)
         conn = watch.listener if watch is not None else None
+        if conn is None:
+            # The connection is gone (or a clone made before it went): from the handler's
+            # own task the request is found on the call stack.
+            conn = running_connection()
     else:
         if isinstance(kept, Lifetime):
             return kept
-        if isinstance(kept, ConnectionLost):  # it was stopped quickly and has ended
-            life = request[lifetime_key] = Lifetime.after_quick_stop(kept)
+        if kept.conn is None:  # it was stopped quickly, and has ended
+            life = request[lifetime_key] = Lifetime.after_quick_stop(kept.lost)
             return life
-        conn = kept  # it is being stopped quickly (Connection.stop_quickly)
+        conn = kept.conn  # it is being stopped quickly (Connection.stop_quickly)
     if (
         isinstance(conn, Connection)
         and conn.task is not None
         and conn.request is not None
         and same_message(conn.request, request)
     ):
-        if not create and conn.lost is None:
+        if not create and conn.life is None and conn.lost is None:
             return None  # (a request stopped quickly gets its Lifetime: it has news)
         life = conn.make_life()
         if life.request is not request:

@@ -4,10 +4,11 @@ When a client leaves, aiodelay cancels the handler at once; the handler sees its
 ``CancelledError`` at the next turn of the loop. The connection's teardown (the close after a
 FIN, aiohttp's own ``connection_lost`` after an RST) costs about as much as the cancellation
 itself, so in a storm of drops, where one turn of the loop reads thousands of them, doing it at
-once would make the last handler wait for every other connection's teardown. Deferred by two
-turns, in one batch per turn, it comes after: by then each handler cancelled in the first turn
-has seen its cancellation (unless it waits on a task that waits on another, which passes it on
-a turn later). Nothing else is promised about the order.
+once would make the last handler wait for every other connection's teardown. Instead, the
+teardowns deferred in one turn of the loop run two turns later, in one batch: after the
+handlers cancelled in that turn have seen their cancellation (unless a handler waits on a task
+that waits on another, which passes it on a turn later). Nothing else is promised about the
+order.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ _NO_CONTEXT = contextvars.Context()
 
 
 class _Batch:
-    """The calls deferred in one turn of one loop. Only the loop's scheduled callbacks refer
-    to it (the dict below holds a weak reference): a loop closed before the batch ran drops
-    it with its ready queue, and the batch, which refers to the loop's transports, does not
-    keep the loop alive."""
+    """The calls deferred in the current turn of one loop. Only the loop's scheduled callbacks
+    refer to it (the dict below holds a weak reference): a loop closed before the calls ran
+    drops them with its ready queue, and the calls, which refer to the loop's transports, do
+    not keep the loop alive."""
 
     __slots__ = ("__weakref__", "_calls")
 
@@ -44,11 +45,17 @@ class _Batch:
         self._calls.append((call, args))
 
     def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The handlers' CancelledErrors are being delivered in this turn; run after them.
-        loop.call_soon(self._run, loop, context=_NO_CONTEXT)
-
-    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The handlers cancelled in the turn before see their CancelledError in this one: the
+        # calls deferred then run after them, at the next turn. Calls deferred from now on
+        # (drops read in this turn) make a batch of their own, two turns from theirs.
         calls, self._calls = self._calls, []
+        loop.call_soon(self._run, loop, calls, context=_NO_CONTEXT)
+
+    def _run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        calls: list[tuple[Callable[..., object], tuple[Any, ...]]],
+    ) -> None:
         for index, (call, args) in enumerate(calls):
             try:
                 call(*args)

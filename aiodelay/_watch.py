@@ -117,9 +117,9 @@ class Watch(asyncio.Protocol):
         keep_open: bool | None = self._proto.eof_received()  # type: ignore[func-returns-value]
         if not keep_open and self._lose(ConnectionLost("FIN")):
             # aiohttp answers a FIN by closing, and the handler is being cancelled. The close
-            # waits until the handler has seen its cancellation (a storm of drops cancels
-            # every handler before closing any socket). Reading stops now. Not over TLS,
-            # whose transport cannot stay open after EOF.
+            # waits two turns of the loop, by when the handler has seen its cancellation (a
+            # storm of drops cancels every handler before closing any socket). Reading stops
+            # now. Not over TLS, whose transport cannot stay open after EOF.
             transport = self._proto.transport
             if transport is not None and transport.get_extra_info("sslcontext") is None:
                 after_cancelled(transport.close)
@@ -156,8 +156,8 @@ class Watch(asyncio.Protocol):
         )
         if stopping:
             # The handler is being cancelled for an RST: aiohttp's own teardown of the
-            # connection waits until the handler has seen its cancellation (in a storm of
-            # resets, until every handler has), as after a FIN.
+            # connection waits two turns of the loop, by when the handler has seen its
+            # cancellation (in a storm of resets, every handler has), as after a FIN.
             after_cancelled(_aiohttp_lost, proto, exc, decided)
         else:
             _aiohttp_lost(proto, exc, decided)

@@ -24,9 +24,14 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_remotes import XForwardedRelaxed
 
 import aiodelay
+from aiodelay._connection import Stopped
 from aiodelay._lifetime import lifetime_key
+from aiodelay._policy import Policy
+from aiodelay._request import lifetime_of
 from tests.conftest import Drop, Probe, Serve
 
 pytestmark = pytest.mark.both_loops
@@ -61,9 +66,13 @@ async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
     assert request is not None
     # Before anything asks: only how the client left is kept, not a Lifetime.
     kept = request[lifetime_key]
-    assert isinstance(kept, aiodelay.ConnectionLost)
-    assert kept.reason == reason
+    assert isinstance(kept, Stopped)
+    assert kept.conn is None  # the request has ended
+    assert kept.lost.reason == reason
     assert aiodelay.is_disconnected(request)
+    life = lifetime_of(request, create=False)
+    assert life is not None
+    assert life.policy is Policy.CANCEL  # what the server's Resource reads
     future = aiodelay.notify_finish(request)
     assert future.done()
     exc = future.exception()
@@ -147,6 +156,124 @@ async def test_the_handler_can_ask_after_a_quick_stop_whenever(
     assert seen[1].reason == drop
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.cancelled) == (1, 1)
+
+
+@web.middleware
+async def _cloning(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An inner middleware that hands the handler a clone (as aiohttp-remotes' do), made
+    before any drop."""
+    return await handler(request.clone(rel_url=request.rel_url))
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize("turns", [0, 5])
+async def test_a_clone_made_before_the_drop_can_ask_after_it(
+    serve: Serve, drop: Drop, turns: int
+) -> None:
+    """A clone made before the drop shares nothing that a quick stop writes; from the
+    handler's task it is found on the call stack (after an RST its connection is gone)."""
+    seen: list[object] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            seen.append(aiodelay.is_disconnected(request))
+            future = aiodelay.notify_finish(request)
+            seen.append(future.done() and future.exception())
+            raise
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    app = _app(web.get("/", handler))
+    app.middlewares.append(_cloning)
+    served = await serve(app)
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop(drop)
+    await asyncio.wait_for(ended.wait(), 5)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_behind_x_forwarded_the_handler_and_later_callers_see_the_drop(
+    serve: Serve, drop: Drop
+) -> None:
+    """The deployment guide's setup: aiodelay.setup(app), then aiohttp-remotes'
+    XForwardedRelaxed, which hands every handler a clone."""
+    seen: list[object] = []
+    requests: list[web.BaseRequest] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            seen.append(aiodelay.is_disconnected(request))
+            future = aiodelay.notify_finish(request)
+            seen.append(future.done() and future.exception())
+            raise
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    app = _app(web.get("/", handler))
+    await XForwardedRelaxed().setup(app)
+    served = await serve(app)
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop(drop)
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+    after = aiodelay.notify_finish(requests[0])  # after the end, from the test's task
+    assert after.done()
+    assert isinstance(after.exception(), aiodelay.ConnectionLost)
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_a_clone_made_after_a_quick_stop_knows_it_after_the_end(
+    serve: Serve, drop: Drop
+) -> None:
+    """A clone copies what the request keeps of the stop; it still says the truth after the
+    end, and (asked without creating a Lifetime) after the original made one."""
+    clones: list[web.BaseRequest] = []
+    seen: list[bool] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            clone = request.clone()
+            clones.append(clone)
+            seen.append(aiodelay.is_disconnected(request))  # the original makes its Lifetime
+            seen.append(aiodelay.is_disconnected(clone))
+            raise
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop(drop)
+    await asyncio.wait_for(ended.wait(), 5)
+    await _recorded(served.app)
+    assert seen == [True, True]
+    assert aiodelay.is_disconnected(clones[0])
+    future = aiodelay.notify_finish(clones[0])
+    assert isinstance(future.exception(), aiodelay.ConnectionLost)
 
 
 async def test_a_handler_with_a_grace_that_asks_nothing_runs_on_in_its_grace(
@@ -551,6 +678,40 @@ def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
     del loop
     gc.collect()
     assert gone() is None
+
+
+async def test_each_turns_teardowns_come_after_that_turns_cancelled_handlers() -> None:
+    """A drop read while the teardowns of an earlier turn wait makes a batch of its own: its
+    handler sees the cancellation before its connection is torn down, as the first one's."""
+    from aiodelay._teardown import after_cancelled
+
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    both = asyncio.Event()
+
+    async def handler(name: str) -> None:
+        try:
+            await loop.create_future()
+        except asyncio.CancelledError:
+            order.append(f"{name} handler")
+
+    def teardown(name: str) -> None:
+        order.append(f"{name} teardown")
+        if name == "B":
+            both.set()
+
+    handlers = {name: asyncio.create_task(handler(name)) for name in "AB"}
+    await asyncio.sleep(0)  # both wait
+
+    def drop(name: str) -> None:  # what a read of a drop does: cancel, defer the teardown
+        handlers[name].cancel()
+        after_cancelled(teardown, name)
+
+    loop.call_soon(drop, "A")
+    await asyncio.sleep(0)
+    loop.call_soon(drop, "B")  # a turn later, while A's teardown waits
+    await asyncio.wait_for(both.wait(), 5)
+    assert order == ["A handler", "A teardown", "B handler", "B teardown"]
 
 
 def test_an_interrupt_in_a_teardown_leaves_the_rest_for_the_next_turns() -> None:
