@@ -83,6 +83,9 @@ def notify_finish(request: web.BaseRequest) -> asyncio.Future[None]:
     ``on_response_prepare`` signal) of a request that did ask is settled when the next
     request on the connection starts, or the connection closes.
     A failure is marked retrieved: nobody awaiting it logs nothing.
+    Not promised: a clone (``request.clone()``) made before its client left, asked only after
+    the request ended and from outside the handler's task, does not know that the client left
+    (the request itself, and a clone asked in the handler's task, do).
     """
     life = lifetime_of(request)
     if life is not None:
