@@ -13,10 +13,11 @@ connection and reused for the following keep-alive requests.
 While aiohttp has paused reading (a request body larger than its buffer that the handler does
 not read yet, or a full pipelining queue), ``eof_received`` cannot come: the kernel holds the FIN
 behind the unread bytes. The kernel knows, though: on Linux, ``EPOLLRDHUP`` reports a peer's FIN
-(and ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. :class:`Hangups` is one small
-``select.epoll`` per event loop, itself one readable fd of the loop, that holds only those events
-and only for the connections whose request may pause reading (:meth:`Watch.hold`, released when
-the request ends). Requests without a body, on a connection that is reading, never touch it.
+(and ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. ``Hangups`` (``_hangups.py``) is
+one small ``select.epoll`` per event loop, itself one readable fd of the loop, that holds only
+those events and only for the connections whose request may pause reading (:meth:`Watch.hold`,
+released when the request ends). Requests without a body, on a connection that is reading,
+never touch it.
 
 What cannot be seen: a peer that vanishes without sending FIN or RST (a pulled cable, a
 suspended laptop) looks alive until TCP gives up; a FIN that cannot reach the server's kernel
@@ -30,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import operator
-import select
-import weakref
 from collections.abc import Sized
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import streams, web
 
 from ._errors import ConnectionLost
+from ._hangups import CAN_HOLD, hangups_of
 from ._teardown import after_cancelled
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = (
     "EMPTY_PAYLOAD",
-    "Hangups",
     "Listener",
     "Watch",
     "access_logged",
@@ -170,7 +169,7 @@ class Watch(asyncio.Protocol):
         for it: its body has not all arrived, or pipelined requests wait behind it (their
         queue may fill up), or reading is paused already. Released by :meth:`release` (at the
         request's end) or when the peer is gone."""
-        if self._held >= 0 or _HANGUPS is None:
+        if self._held >= 0 or not CAN_HOLD:
             return
         transport = request.transport
         if transport is None or (
@@ -180,7 +179,7 @@ class Watch(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is None:
             return
-        hangups = _hangups_of(asyncio.get_running_loop())
+        hangups = hangups_of(asyncio.get_running_loop())
         if hangups is not None:
             self._held = hangups.hold(sock.fileno(), self)
 
@@ -195,7 +194,7 @@ class Watch(asyncio.Protocol):
         fd = self._held
         if fd >= 0:
             self._held = -1
-            hangups = _hangups_of(asyncio.get_running_loop())
+            hangups = hangups_of(asyncio.get_running_loop())
             if hangups is not None:
                 hangups.release(fd)
         if self._hung_up:
@@ -236,67 +235,6 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: boo
         proto.connection_lost(exc)
     finally:
         manager.handler_cancellation = True
-
-
-_HANGUPS: int | None = getattr(select, "EPOLLRDHUP", None) if hasattr(select, "epoll") else None
-_RESET = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
-
-
-class Hangups:
-    """An ``epoll`` instance that reports only peers leaving, for the connections held in it.
-
-    It is registered with the event loop as one readable fd. Each held socket is registered
-    for ``EPOLLRDHUP`` (epoll adds ``EPOLLERR`` and ``EPOLLHUP`` by itself), not ``EPOLLIN``:
-    unread data does not wake it, a FIN or RST does, even behind unread data. A socket is
-    unregistered at its first report (the report would repeat: epoll is level-triggered) or
-    when released.
-    """
-
-    __slots__ = ("__weakref__", "_epoll", "_held", "_mask")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, mask: int) -> None:
-        self._mask = mask
-        self._epoll = select.epoll()
-        self._held: dict[int, Watch] = {}
-        loop.add_reader(self._epoll.fileno(), self._ready)
-        weakref.finalize(loop, self._epoll.close)
-
-    def hold(self, fd: int, watch: Watch) -> int:
-        try:
-            self._epoll.register(fd, self._mask)
-        except OSError:  # a socket the kernel no longer knows: its close is on its way
-            return -1
-        self._held[fd] = watch
-        return fd
-
-    def release(self, fd: int) -> None:
-        if self._held.pop(fd, None) is not None:
-            with contextlib.suppress(OSError):  # gone from the kernel's set with its socket
-                self._epoll.unregister(fd)
-
-    def _ready(self) -> None:
-        for fd, events in self._epoll.poll(0):
-            watch = self._held.get(fd)
-            self.release(fd)
-            if watch is not None:
-                watch.hung_up(bool(events & _RESET))
-
-
-_hangups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hangups] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _hangups_of(loop: asyncio.AbstractEventLoop) -> Hangups | None:
-    """The loop's Hangups, made on first use; None where the platform has no ``EPOLLRDHUP``
-    or the loop cannot watch another fd."""
-    hangups = _hangups.get(loop)
-    if hangups is None and _HANGUPS is not None:
-        try:
-            hangups = _hangups[loop] = Hangups(loop, _HANGUPS)
-        except (OSError, NotImplementedError):
-            return None
-    return hangups
 
 
 #: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
