@@ -81,13 +81,10 @@ class Connection:
     __slots__ = (
         "book",
         "life",
-        "lost",
-        "lost_at",
         "request",
         "response",
         "started_at",
         "stopped",
-        "stopping",
         "task",
         "unsettled",
         "watch",
@@ -103,13 +100,9 @@ class Connection:
         self.task: asyncio.Task[Any] | None = None
         self.started_at = 0.0
         self.life: Lifetime | None = None
-        #: The client of the request in flight left, and its handler was cancelled without a
-        #: Lifetime (see :meth:`stop_quickly`); cleared when the request is recorded.
-        self.lost: ConnectionLost | None = None
-        self.lost_at = 0.0
-        #: That cancellation has not reached the handler yet.
-        self.stopping = False
-        #: What the request (and its clones) keep of that stop, detached at the end.
+        #: The client of the request in flight left and :meth:`stop_quickly` cancelled its
+        #: handler (what the request and its clones keep of it); detached at the end. While
+        #: ``life`` is None, nothing else has been made of the request.
         self.stopped: Stopped | None = None
         #: A request counted completed whose client left before its response was written:
         #: (request, how the client left, when the request started), settled at the close.
@@ -129,10 +122,11 @@ class Connection:
             for inner in books[1:]:  # the watching book counted the start already
                 inner.counters.started += 1
             life = self.life = Lifetime(request, task, books, self)
-            if self.lost is not None:
+            stopped = self.stopped
+            if stopped is not None:
                 # Stopped quickly already: the Lifetime takes over what that did.
-                life.took_over(self.lost, self.lost_at, cancelling=self.stopping)
-                self.lost, self.stopping = None, False
+                life.took_over(stopped.lost, stopped.lost_at, cancelling=stopped.cancelling)
+                stopped.cancelling = False
         return life
 
     def deadline_passed(self, task: asyncio.Task[Any], seconds: float, status: int) -> None:
@@ -186,27 +180,25 @@ class Connection:
             or (self.watch is not None and self.watch.is_websocket())
         ):
             return False
-        self.lost = lost
-        self.lost_at = monotonic()
-        self.stopping = True
         # What is asked about the request from now on finds its way here, also once the
         # connection (and with it the Watch that leads here) is gone, and also through a
         # clone made from now on (it copies the state).
-        self.stopped = request[lifetime_key] = Stopped(self, lost)
+        self.stopped = request[lifetime_key] = Stopped(self, lost, monotonic())
         task.cancel(CANCEL_MESSAGE)
         return True
 
     def stopped_quickly(self) -> bool:
         """Called with a CancelledError in hand, for a request without a Lifetime: is it the
         one :meth:`stop_quickly` sent, and nothing else's?"""
-        if self.lost is None:
+        stopped = self.stopped
+        if stopped is None:
             return False
         if not HAS_UNCANCEL:
             return True  # Python 3.10 cannot count cancel requests (see stopped_by_us)
         task = self.task
         assert task is not None  # the request is still running
-        if self.stopping:
-            self.stopping = False
+        if stopped.cancelling:
+            stopped.cancelling = False
             return task.uncancel() == 0
         return task.cancelling() == 0
 
@@ -227,11 +219,10 @@ class Connection:
         stopped = self.stopped
         if stopped is not None:  # from now on it says that the request ended
             stopped.conn = self.stopped = None
-        lost = self.lost
-        if lost is not None:  # stopped quickly (and so without a Lifetime or observers)
-            self.lost = None
-            record((self.book,), request, kind, lost, self.started_at, self.lost_at)
-            return
+            if life is None:  # and nothing else was made of it: no Lifetime, no observers
+                record((self.book,), request, kind, stopped.lost, self.started_at, stopped.lost_at)
+                return
+        lost: ConnectionLost | None = None
         if life is None:
             books: tuple[Book, ...] = (self.book,)
             lost_at = None
@@ -282,13 +273,16 @@ class Connection:
 class Stopped:
     """What a request stopped quickly (:meth:`Connection.stop_quickly`) keeps under
     ``lifetime_key``, shared with its clones: its Connection while it is in flight (then None),
-    and how its client left."""
+    how and when its client left, and whether the cancellation is still on its way to the
+    handler."""
 
-    __slots__ = ("conn", "lost")
+    __slots__ = ("cancelling", "conn", "lost", "lost_at")
 
-    def __init__(self, conn: Connection, lost: ConnectionLost) -> None:
+    def __init__(self, conn: Connection, lost: ConnectionLost, lost_at: float) -> None:
         self.conn: Connection | None = conn
         self.lost = lost
+        self.lost_at = lost_at
+        self.cancelling = True
 
 
 def _written(

@@ -137,7 +137,7 @@ class Middleware(Book):
             result = await handler(request)
             if result.__class__ not in _RESPONSE_CLASSES:
                 result = await _not_done_yet(request, result)
-            if conn.life is not None or conn.lost is not None:
+            if conn.life is not None or conn.stopped is not None:
                 kind, result = _returned(conn, request, result)
         except BaseException as exc:
             kind, result = self._after(conn, request, exc)
@@ -149,7 +149,7 @@ class Middleware(Book):
             if held is not None:
                 held.release()
             conn.task = None
-            if conn.life is None and conn.lost is None and not self.observers:
+            if conn.life is None and conn.stopped is None and not self.observers:
                 conn.response = result  # settled if its client leaves before it is written
                 self.counters.completed += 1
             else:
@@ -166,7 +166,7 @@ class Middleware(Book):
         """What an exception from the handler means: a response for aiohttp to log instead,
         or None to let it propagate unchanged."""
         life = conn.life
-        if life is None and conn.lost is not None:
+        if life is None and conn.stopped is not None:
             # Its client left, and stop_quickly() cancelled it with no Lifetime.
             if isinstance(exc, asyncio.CancelledError) and conn.stopped_quickly():
                 if _HAND_ON and not access_logged(request):

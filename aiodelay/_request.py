@@ -45,7 +45,7 @@ def lifetime_of(request: web.BaseRequest, *, create: bool = True) -> Lifetime | 
         and conn.request is not None
         and same_message(conn.request, request)
     ):
-        if not create and conn.life is None and conn.lost is None:
+        if not create and conn.life is None and conn.stopped is None:
             return None  # (a request stopped quickly gets its Lifetime: it has news)
         life = conn.make_life()
         if life.request is not request:
