@@ -302,6 +302,19 @@ def _written(
     lost = (watch.lost if watch is not None else None) or ConnectionLost("closed")
     if life is not None:
         life.settle(lost)
+    _truncated(books, request, lost, started_at, recount=False)
+
+
+def _truncated(
+    books: tuple[Book, ...],
+    request: web.Request,
+    lost: ConnectionLost,
+    started_at: float,
+    *,
+    recount: bool,
+) -> None:
+    """Record a request whose client left while aiohttp wrote the response it returned
+    (``recount``: it was counted completed already)."""
     record(
         books,
         request,
@@ -310,6 +323,7 @@ def _written(
         started_at,
         monotonic(),
         note=f"{bytes_written(request)} bytes handed to the transport",
+        recount=recount,
     )
 
 
@@ -327,13 +341,4 @@ def _cut_short(
     if still_writing(request) and turns < _TURNS:
         asyncio.get_running_loop().call_soon(_cut_short, book, request, lost, started_at, turns + 1)
         return
-    record(
-        books_of(request, book),
-        request,
-        "truncated",
-        lost,
-        started_at,
-        monotonic(),
-        note=f"{bytes_written(request)} bytes handed to the transport",
-        recount=True,
-    )
+    _truncated(books_of(request, book), request, lost, started_at, recount=True)
