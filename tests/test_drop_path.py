@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ from aiodelay._connection import Stopped
 from aiodelay._lifetime import lifetime_key
 from aiodelay._policy import Policy
 from aiodelay._request import lifetime_of
-from tests.conftest import Drop, Probe, Serve
+from tests.conftest import Drop, Probe, RawClient, Serve, Served
 
 pytestmark = pytest.mark.both_loops
 
@@ -87,35 +88,55 @@ async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
     assert line.endswith(": cancelled")
 
 
-async def test_the_handler_can_ask_after_a_quick_stop(serve: Serve) -> None:
-    """In its ``except CancelledError`` block, the handler learns that its client left."""
-    seen: list[object] = []
-    started, ended = asyncio.Event(), asyncio.Event()
+class _Held:
+    """A handler (:meth:`handle`) that waits until its client leaves. ``on_cancel(request)``
+    runs in its ``except CancelledError`` block; the CancelledError goes on if that returns
+    None, its response is returned otherwise."""
 
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
+    def __init__(
+        self,
+        on_cancel: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None,
+    ) -> None:
+        self.on_cancel = on_cancel
+        self.requests: list[web.Request] = []
+        self.started, self.ended = asyncio.Event(), asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        self.started.set()
         try:
             await asyncio.get_running_loop().create_future()
         except asyncio.CancelledError:
-            seen.append(aiodelay.is_disconnected(request))
-            future = aiodelay.notify_finish(request)
-            seen.append(future.done() and future.exception())
-            raise
+            answer = None if self.on_cancel is None else await self.on_cancel(request)
+            if answer is None:
+                raise
+            return answer
         finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
+            self.ended.set()
+        raise AssertionError("unreachable: the future above is never set")  # pragma: no cover
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
-    client.drop("FIN")
-    await asyncio.wait_for(ended.wait(), 5)
-    assert seen[0] is True
-    assert isinstance(seen[1], aiodelay.ConnectionLost)
-    assert seen[1].reason == "FIN"
-    await _recorded(served.app)
-    stats = aiodelay.stats(served.app)
-    assert (stats.disconnected, stats.cancelled) == (1, 1)
+    async def start(self, served: Served, path: str = "/") -> RawClient:
+        """A new connection with ``GET path`` on it, once the handler has started."""
+        client = await served.get(path)
+        await asyncio.wait_for(self.started.wait(), 5)
+        return client
+
+    async def wait_ended(self) -> None:
+        await asyncio.wait_for(self.ended.wait(), 5)
+
+
+def _asking(seen: list[object], turns: int = 0) -> Callable[[web.Request], Awaitable[None]]:
+    """An ``on_cancel`` that, ``turns`` turns of the loop after the cancellation, asks
+    whether the client left and how (into ``seen``), then lets the cancellation go on."""
+
+    async def ask(request: web.Request) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        seen.append(aiodelay.is_disconnected(request))
+        future = aiodelay.notify_finish(request)
+        seen.append(future.done() and future.exception())
+
+    return ask
 
 
 @pytest.mark.parametrize("drop", ["FIN", "RST"])
@@ -123,33 +144,22 @@ async def test_the_handler_can_ask_after_a_quick_stop(serve: Serve) -> None:
 async def test_the_handler_can_ask_after_a_quick_stop_whenever(
     serve: Serve, drop: Drop, turns: int
 ) -> None:
-    """Also after an RST (whose connection_lost is the first news, so the connection is gone
-    when the handler runs its except block) and a few turns later (after a FIN the deferred
-    close has run by then): the request is disconnected, and still open for timers."""
+    """In its ``except CancelledError`` block the handler learns that its client left, also
+    after an RST (whose connection_lost is the first news, so the connection is gone when the
+    handler runs its except block) and a few turns later (after a FIN the deferred close has
+    run by then); the request is still open for timers."""
     seen: list[object] = []
-    started, ended = asyncio.Event(), asyncio.Event()
+    ask = _asking(seen, turns)
 
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            seen.append(aiodelay.is_disconnected(request))
-            future = aiodelay.notify_finish(request)
-            seen.append(future.done() and future.exception())
-            aiodelay.call_later(request, 10, print)  # the request has not ended: no error
-            raise
-        finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
+    async def ask_and_set_a_timer(request: web.Request) -> None:
+        await ask(request)
+        aiodelay.call_later(request, 10, print)  # the request has not ended: no error
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(ask_and_set_a_timer)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
     client.drop(drop)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     assert seen[0] is True
     assert isinstance(seen[1], aiodelay.ConnectionLost)
@@ -173,30 +183,13 @@ async def test_a_clone_made_before_the_drop_can_ask_after_it(
     """A clone made before the drop shares nothing that a quick stop writes; from the
     handler's task it is found on the call stack (after an RST its connection is gone)."""
     seen: list[object] = []
-    started, ended = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            seen.append(aiodelay.is_disconnected(request))
-            future = aiodelay.notify_finish(request)
-            seen.append(future.done() and future.exception())
-            raise
-        finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
-
-    app = _app(web.get("/", handler))
+    held = _Held(_asking(seen, turns))
+    app = _app(web.get("/", held.handle))
     app.middlewares.append(_cloning)
     served = await serve(app)
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    client = await held.start(served)
     client.drop(drop)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     assert seen[0] is True
     assert isinstance(seen[1], aiodelay.ConnectionLost)
 
@@ -208,34 +201,17 @@ async def test_behind_x_forwarded_the_handler_and_later_callers_see_the_drop(
     """The deployment guide's setup: aiodelay.setup(app), then aiohttp-remotes'
     XForwardedRelaxed, which hands every handler a clone."""
     seen: list[object] = []
-    requests: list[web.BaseRequest] = []
-    started, ended = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        requests.append(request)
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            seen.append(aiodelay.is_disconnected(request))
-            future = aiodelay.notify_finish(request)
-            seen.append(future.done() and future.exception())
-            raise
-        finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
-
-    app = _app(web.get("/", handler))
+    held = _Held(_asking(seen))
+    app = _app(web.get("/", held.handle))
     await XForwardedRelaxed().setup(app)
     served = await serve(app)
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    client = await held.start(served)
     client.drop(drop)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     assert seen[0] is True
     assert isinstance(seen[1], aiodelay.ConnectionLost)
-    after = aiodelay.notify_finish(requests[0])  # after the end, from the test's task
+    after = aiodelay.notify_finish(held.requests[0])  # after the end, from the test's task
     assert after.done()
     assert isinstance(after.exception(), aiodelay.ConnectionLost)
 
@@ -248,27 +224,18 @@ async def test_a_clone_made_after_a_quick_stop_knows_it_after_the_end(
     end, and (asked without creating a Lifetime) after the original made one."""
     clones: list[web.BaseRequest] = []
     seen: list[bool] = []
-    started, ended = asyncio.Event(), asyncio.Event()
 
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            clone = request.clone()
-            clones.append(clone)
-            seen.append(aiodelay.is_disconnected(request))  # the original makes its Lifetime
-            seen.append(aiodelay.is_disconnected(clone))
-            raise
-        finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
+    async def clone_and_ask(request: web.Request) -> None:
+        clone = request.clone()
+        clones.append(clone)
+        seen.append(aiodelay.is_disconnected(request))  # the original makes its Lifetime
+        seen.append(aiodelay.is_disconnected(clone))
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(clone_and_ask)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
     client.drop(drop)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     assert seen == [True, True]
     assert aiodelay.is_disconnected(clones[0])
@@ -316,31 +283,23 @@ async def test_a_handler_with_a_grace_that_asks_nothing_runs_on_in_its_grace(
 async def test_a_foreign_cancellation_after_a_swallowed_quick_stop_is_not_aiodelays(
     serve: Serve,
 ) -> None:
-    started, swallowed, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    swallowed = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
 
-    async def handler(request: web.Request) -> web.Response:
+    async def swallow_and_run_on(request: web.Request) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.append(task)
-        started.set()
-        try:
-            try:
-                await asyncio.get_running_loop().create_future()
-            except asyncio.CancelledError:
-                swallowed.set()
-            await asyncio.get_running_loop().create_future()  # runs on
-        finally:
-            ended.set()
-        return web.Response()  # pragma: no cover - never reached
+        swallowed.set()
+        await asyncio.get_running_loop().create_future()  # runs on
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(swallow_and_run_on)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
     client.drop("FIN")
     await asyncio.wait_for(swallowed.wait(), 5)
     tasks[0].cancel()  # an outer cancellation, not aiodelay's
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.cancelled, stats.failed) == (1, 0, 1)
@@ -391,23 +350,16 @@ async def test_a_handler_that_answers_after_a_quick_stop_ran_on(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Catching the cancellation and returning a response: counted as run on, nothing sent."""
-    started, ended = asyncio.Event(), asyncio.Event()
 
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            ended.set()
-            return web.Response(text="too late")
-        return web.Response()  # pragma: no cover - never reached
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="too late")
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(answer)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
     with caplog.at_level(logging.INFO, logger="aiodelay"):
         client.drop("RST")
-        await asyncio.wait_for(ended.wait(), 5)
+        await held.wait_ended()
         await _recorded(served.app)
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
@@ -456,26 +408,19 @@ async def test_after_a_fin_the_connection_closes_even_if_the_handler_runs_on(
     """The close after a FIN waits two turns of the loop, not for the handler: a handler that
     swallows its cancellation does not keep the connection open."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    started, ended = asyncio.Event(), asyncio.Event()
 
-    async def handler(request: web.Request) -> web.Response:
-        started.set()
-        try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            await gate  # runs on, ignoring the cancellation
-        finally:
-            ended.set()
+    async def run_on(request: web.Request) -> web.Response:
+        await gate  # runs on, ignoring the cancellation
         return web.Response(text="late")
 
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(run_on)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
     client.drop("half-close")  # a FIN, while the client can still read
     assert await asyncio.wait_for(client.reader.read(), 5) == b""  # closed: nothing sent
-    assert not ended.is_set()
+    assert not held.ended.is_set()
     gate.set_result(None)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.shielded_ran_on) == (1, 1)
@@ -536,38 +481,26 @@ async def test_under_handler_cancellation_a_handler_that_runs_on_is_not_cancelle
     RST comes after aiodelay cancelled the handler; a handler that caught that cancellation
     and runs on is not cancelled a second time by aiohttp."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    started, ended = asyncio.Event(), asyncio.Event()
     outcome: list[str] = []
-    requests: list[web.BaseRequest] = []
 
-    async def handler(request: web.Request) -> web.Response:
-        requests.append(request)
-        started.set()
+    async def run_on(request: web.Request) -> web.Response:
         try:
-            await asyncio.get_running_loop().create_future()
-        except asyncio.CancelledError:
-            try:
-                await gate
-            except asyncio.CancelledError:  # pragma: no cover - the failure being tested
-                outcome.append("cancelled again")
-                raise
-            outcome.append("ran on")
-        finally:
-            ended.set()
+            await gate
+        except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+            outcome.append("cancelled again")
+            raise
+        outcome.append("ran on")
         return web.Response()
 
-    served = await serve(_app(web.get("/", handler)), handler_cancellation=True)
-    client = await served.get("/")
-    await asyncio.wait_for(started.wait(), 5)
+    held = _Held(run_on)
+    served = await serve(_app(web.get("/", held.handle)), handler_cancellation=True)
+    client = await held.start(served)
     client.drop("RST")
-    for _ in range(100):  # aiohttp's connection_lost comes a few turns after the drop
-        if requests[0].transport is None:
-            break
-        await asyncio.sleep(0)
-    assert requests[0].transport is None  # aiohttp has run its connection_lost
+    await _connection_gone(held.requests[0])
+    assert held.requests[0].transport is None  # aiohttp has run its connection_lost
     assert outcome == []
     gate.set_result(None)
-    await asyncio.wait_for(ended.wait(), 5)
+    await held.wait_ended()
     await _recorded(served.app)
     assert outcome == ["ran on"]
     assert aiodelay.stats(served.app).shielded_ran_on == 1
