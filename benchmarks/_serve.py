@@ -4,10 +4,17 @@ A script re-runs itself with ``--serve KIND``: that child builds the app, serves
 port of 127.0.0.1 with a plain ``web.AppRunner(app)`` (aiohttp's defaults), prints
 ``PORT <n>`` on stdout and serves until its stdin closes (the parent stops it, or died). It
 also stops by itself after ``max_seconds``, so no server outlives a benchmark.
+
+``--aiodelay-path [LABEL=]DIR`` (:func:`add_checkout_option`, in every script that compares
+aiodelay with something) adds, for each aiodelay kind, a kind ``KIND@LABEL`` served by a child
+whose ``PYTHONPATH`` puts DIR first, so that it imports another checkout's aiodelay (the
+virtualenv's, an editable install of this one, comes after it): two versions of the code in one
+run. The label defaults to DIR's last component (``/tmp/base``: ``aiodelay@base``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import resource
@@ -15,14 +22,20 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
 __all__ = (
     "ServerProcess",
+    "add_checkout_option",
+    "base_kind",
+    "checkout_env",
+    "checkout_kinds",
     "cpu_seconds",
+    "describe_checkouts",
     "pin_to_cpu",
     "raise_fd_limit",
     "read_rss",
@@ -89,6 +102,118 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+# -- another checkout of aiodelay (--aiodelay-path) ------------------------------------------
+
+
+def checkout(value: str) -> tuple[str, str]:
+    """``[LABEL=]DIR`` of ``--aiodelay-path`` as (label, absolute DIR)."""
+    label, sep, path = value.partition("=")
+    if not sep or "/" in label:  # no label: the whole value is the path
+        label, path = "", value
+    path = os.path.abspath(path)
+    label = label or os.path.basename(path)
+    if not os.path.isfile(os.path.join(path, "aiodelay", "__init__.py")):
+        raise argparse.ArgumentTypeError(f"{path} holds no aiodelay/__init__.py")
+    if not label or "@" in label or "," in label:
+        raise argparse.ArgumentTypeError(f"bad label {label!r} for {path}: give LABEL=DIR")
+    return label, path
+
+
+class _Checkouts(argparse.Action):
+    """Appends a (label, DIR) to ``args.aiodelay_path``; the labels must differ."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        checkouts: list[tuple[str, str]] = [*getattr(namespace, self.dest), values]
+        labels = [label for label, _ in checkouts]
+        if len(set(labels)) != len(labels):
+            parser.error(f"two checkouts labelled {values[0]!r}: give LABEL=DIR")
+        setattr(namespace, self.dest, checkouts)
+
+
+def add_checkout_option(parser: argparse.ArgumentParser) -> None:
+    """``--aiodelay-path [LABEL=]DIR`` (repeatable), parsed into ``args.aiodelay_path``."""
+    parser.add_argument(
+        "--aiodelay-path",
+        metavar="[LABEL=]DIR",
+        type=checkout,
+        action=_Checkouts,
+        default=[],
+        help="also serve the aiodelay kinds with the aiodelay of checkout DIR (first on the "
+        "server's PYTHONPATH), as KIND@LABEL; LABEL defaults to DIR's last component "
+        "(repeatable)",
+    )
+
+
+def checkout_kinds(
+    kinds: Iterable[str], checkouts: Sequence[tuple[str, str]], of: Iterable[str]
+) -> list[str]:
+    """``kinds``, then ``KIND@LABEL`` for each checkout and each of ``kinds`` also in ``of``."""
+    kinds = list(kinds)
+    return kinds + [f"{kind}@{label}" for label, _ in checkouts for kind in kinds if kind in of]
+
+
+def base_kind(kind: str) -> str:
+    """The kind a ``KIND@LABEL`` serves (``aiodelay@base``: ``aiodelay``)."""
+    return kind.partition("@")[0]
+
+
+_checked: dict[str, dict[str, str]] = {}
+
+
+def checkout_env(kind: str, checkouts: Sequence[tuple[str, str]]) -> dict[str, str] | None:
+    """The environment of the child that serves ``kind``: None (this one's) for a kind without
+    a label; for ``KIND@LABEL``, PYTHONPATH with the checkout first, checked once by importing
+    aiodelay in a child the way the scripts' children do (``RuntimeError`` if that finds
+    another copy). No bytecode is written there: the checkout stays as it is."""
+    _, sep, label = kind.partition("@")
+    if not sep:
+        return None
+    path = dict(checkouts)[label]
+    if path not in _checked:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (path, env.get("PYTHONPATH"))))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        # From this directory, as the children run: sys.path[0] is then where the scripts are.
+        found = subprocess.run(
+            [sys.executable, "-c", "import aiodelay; print(aiodelay.__file__)"],
+            env=env,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+        expected = os.path.join(path, "aiodelay", "__init__.py")
+        if os.path.realpath(found) != os.path.realpath(expected):
+            raise RuntimeError(f"with {path} first on PYTHONPATH, aiodelay is {found}")
+        _checked[path] = env
+    return _checked[path]
+
+
+def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:
+    """A line per checkout for the report: its label, path and git commit."""
+    lines = []
+    for label, path in checkouts:
+        try:
+            git = subprocess.run(
+                ["git", "-C", path, "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            git = "?"
+        lines.append(f"aiodelay@{label}: {path}/aiodelay (git {git})")
+    return lines
+
+
 def run_server(
     make_app: Callable[[], web.Application],
     *,
@@ -132,14 +257,18 @@ async def _serve(make_app: Callable[[], web.Application], max_seconds: float) ->
 class ServerProcess:
     """A ``--serve`` child of a benchmark script, as a context manager.
 
-    ``argv`` is the child's command line after the interpreter; on entry this waits for the
-    child's ``PORT`` line (at most ``timeout`` seconds), on exit it closes the child's stdin
-    and waits for it to stop (killing it if it does not within ``timeout``).
+    ``argv`` is the child's command line after the interpreter, ``env`` its environment (None:
+    this process's); on entry this waits for the child's ``PORT`` line (at most ``timeout``
+    seconds), on exit it closes the child's stdin and waits for it to stop (killing it if it
+    does not within ``timeout``).
     """
 
-    def __init__(self, argv: Sequence[str], *, timeout: float = 15.0) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, timeout: float = 15.0, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = [sys.executable, *argv]
         self.timeout = timeout
+        self.env = env
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
 
@@ -154,7 +283,12 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=self.env,
         )
         self._proc = proc
         try:

@@ -17,10 +17,14 @@ tracemalloc started (which costs memory of its own, so it would spoil the RSS); 
 second run the script also lists the source lines where aiodelay's extra bytes are
 allocated. Target: aiodelay adds at most 1 KB per held request.
 
+With ``--aiodelay-path [LABEL=]DIR`` a third app, ``aiodelay@LABEL``, is served with the aiodelay
+of another checkout, DIR (first on the server's PYTHONPATH): two versions of the code in one run.
+
 Run (from the repository root, in the project's virtualenv)::
 
     python benchmarks/memory.py                    # 5,000 held requests, about 30 s
     python benchmarks/memory.py --requests 2000 --uvloop --top 15
+    python benchmarks/memory.py --aiodelay-path /tmp/base   # and aiodelay@base
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
-from _serve import ServerProcess, raise_fd_limit, read_rss, run_server
+from _serve import (
+    ServerProcess,
+    add_checkout_option,
+    base_kind,
+    checkout_env,
+    checkout_kinds,
+    describe_checkouts,
+    raise_fd_limit,
+    read_rss,
+    run_server,
+)
 from aiohttp import ClientSession, web
 
 import aiodelay
@@ -194,16 +208,19 @@ def measure(args: argparse.Namespace) -> int:
         return 1
     loop_name = "uvloop" if args.uvloop else "asyncio"
     print(f"{count} requests held at once, {loop_name} loop, python {sys.version.split()[0]}")
+    for line in describe_checkouts(args.aiodelay_path):
+        print(line)
+    kinds = checkout_kinds(KINDS, args.aiodelay_path, ("aiodelay",))
     per_request: dict[tuple[str, str], float] = {}
     growth: dict[str, dict[str, list[int]]] = {}
     for metric in ("rss", "traced"):
-        for kind in KINDS:
-            argv = [__file__, "--serve", kind, "--requests", str(count)]
+        for kind in kinds:
+            argv = [__file__, "--serve", base_kind(kind), "--requests", str(count)]
             if args.uvloop:
                 argv.append("--uvloop")
             if metric == "traced":
                 argv.append("--tracemalloc")
-            with ServerProcess(argv) as server:
+            with ServerProcess(argv, env=checkout_env(kind, args.aiodelay_path)) as server:
                 baseline, held = asyncio.run(
                     measure_one(server.url, server.port, count, args.timeout)
                 )
@@ -211,26 +228,32 @@ def measure(args: argparse.Namespace) -> int:
             per_request[kind, metric] = grown / count
             growth[kind] = held.get("growth", {})
             print(
-                f"{kind:9s} {metric:6s}: {baseline[metric] / 1e6:8.2f} MB idle, "
+                f"{kind:13s} {metric:6s}: {baseline[metric] / 1e6:8.2f} MB idle, "
                 f"{held[metric] / 1e6:8.2f} MB held, {grown / count:8.0f} B per held request",
                 flush=True,
             )
     print()
     for metric, what in (("rss", "RSS"), ("traced", "tracemalloc")):
-        extra = per_request["aiodelay", metric] - per_request["bare", metric]
-        verdict = "met" if extra <= 1024 else "MISSED"
-        print(
-            f"{what:12s} bare {per_request['bare', metric]:7.0f} B, "
-            f"aiodelay {per_request['aiodelay', metric]:7.0f} B per held request: "
-            f"aiodelay adds {extra:6.0f} B (target <= 1024 B: {verdict})"
-        )
+        for kind in kinds[1:]:
+            extra = per_request[kind, metric] - per_request["bare", metric]
+            verdict = "met" if extra <= 1024 else "MISSED"
+            print(
+                f"{what:12s} bare {per_request['bare', metric]:7.0f} B, "
+                f"{kind} {per_request[kind, metric]:7.0f} B per held request: "
+                f"{kind} adds {extra:6.0f} B (target <= 1024 B: {verdict})"
+            )
     if args.top:
-        print_extra_lines(growth["bare"], growth["aiodelay"], count, args.top)
+        for kind in kinds[1:]:
+            print_extra_lines(growth["bare"], growth[kind], count, args.top, kind)
     return 0
 
 
 def print_extra_lines(
-    bare: dict[str, list[int]], delayed: dict[str, list[int]], count: int, top: int
+    bare: dict[str, list[int]],
+    delayed: dict[str, list[int]],
+    count: int,
+    top: int,
+    kind: str = "aiodelay",
 ) -> None:
     """The source lines whose allocations grew more with aiodelay than without, per request."""
     extra = []
@@ -241,8 +264,8 @@ def print_extra_lines(
     extra.sort(reverse=True)
     total = sum(size for size, _, _ in extra)
     print(
-        f"\nwhere aiodelay's extra {total / count:.0f} B per held request are allocated "
-        f"(tracemalloc growth with aiodelay minus without, by line; top {top}):"
+        f"\nwhere {kind}'s extra {total / count:.0f} B per held request are allocated "
+        f"(tracemalloc growth with {kind} minus without, by line; top {top}):"
     )
     print(f"{'B/request':>10s} {'blocks/request':>15s}  line")
     for size, blocks, line in extra[:top]:
@@ -266,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds allowed per phase (default 60)"
     )
+    add_checkout_option(parser)
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

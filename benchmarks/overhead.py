@@ -8,7 +8,10 @@ Three copies of the same app, each served in a process of its own by a plain
   costs: aiohttp's middleware chain);
 - ``aiodelay``: the app with ``aiodelay.setup(app)``;
 - ``metrics`` (with ``--metrics``): the app with ``aiodelay.setup(app)`` and
-  ``aiodelay.prometheus.setup(app)`` (needs ``pip install 'aiodelay[prometheus]'``).
+  ``aiodelay.prometheus.setup(app)`` (needs ``pip install 'aiodelay[prometheus]'``);
+- ``aiodelay@LABEL`` (and ``metrics@LABEL``), with ``--aiodelay-path [LABEL=]DIR``: the same
+  app served with the aiodelay of another checkout, DIR (first on the server's PYTHONPATH), to
+  compare two versions of the code in one run.
 
 Load runs alternate between them for several rounds (the order rotates each round), so that
 drift of a shared machine hits all three alike; the script prints requests/s of each run, the
@@ -29,6 +32,7 @@ Run (from the repository root, in the project's virtualenv)::
     python benchmarks/overhead.py                  # 5 rounds x 5 s per app, about 1.5 min
     python benchmarks/overhead.py --uvloop --rounds 7 --duration 10
     python benchmarks/overhead.py --metrics        # and the app with Prometheus metrics
+    python benchmarks/overhead.py --aiodelay-path /tmp/base   # and aiodelay@base
 """
 
 from __future__ import annotations
@@ -46,7 +50,17 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from _serve import ServerProcess, cpu_seconds, run_server, two_cpus
+from _serve import (
+    ServerProcess,
+    add_checkout_option,
+    base_kind,
+    checkout_env,
+    checkout_kinds,
+    cpu_seconds,
+    describe_checkouts,
+    run_server,
+    two_cpus,
+)
 from aiohttp import ClientSession, TCPConnector, web
 from aiohttp.typedefs import Handler
 
@@ -54,6 +68,8 @@ import aiodelay
 
 KINDS = ("bare", "empty", "aiodelay")
 ALL_KINDS = (*KINDS, "metrics")
+#: The kinds that --aiodelay-path serves again with another checkout's aiodelay.
+AIODELAY = ("aiodelay", "metrics")
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -146,7 +162,7 @@ async def client_load(url: str, connections: int, duration: float) -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    kinds = ALL_KINDS if args.metrics else KINDS
+    kinds = checkout_kinds(ALL_KINDS if args.metrics else KINDS, args.aiodelay_path, AIODELAY)
     cpus = two_cpus()
     server_cpu, load_cpu = cpus if cpus is not None else (None, None)
     wrk = None if args.no_wrk else shutil.which("wrk")
@@ -159,6 +175,8 @@ def measure(args: argparse.Namespace) -> int:
         f"{args.connections} connections, {args.rounds} rounds x {args.duration} s per app; "
         f"{pinning}"
     )
+    for line in describe_checkouts(args.aiodelay_path):
+        print(line)
 
     def load(server: ServerProcess, duration: int) -> Run:
         cpu_before = cpu_seconds(server.pid)
@@ -173,12 +191,13 @@ def measure(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         servers = {}
         for kind in kinds:
-            argv = [__file__, "--serve", kind]
+            argv = [__file__, "--serve", base_kind(kind)]
             if args.uvloop:
                 argv.append("--uvloop")
             if server_cpu is not None:
                 argv += ["--cpu", str(server_cpu)]
-            servers[kind] = stack.enter_context(ServerProcess(argv))
+            env = checkout_env(kind, args.aiodelay_path)
+            servers[kind] = stack.enter_context(ServerProcess(argv, env=env))
         for kind in kinds:  # warm-up: imports, caches, the first connections
             load(servers[kind], args.warmup)
         header = "  ".join(f"{kind:>21s}" for kind in kinds)
@@ -200,16 +219,17 @@ def report(runs: dict[str, list[Run]]) -> None:
     kinds = tuple(runs)
     rps = {kind: statistics.median(run.rps for run in runs[kind]) for kind in kinds}
     per_cpu = {kind: statistics.median(run.per_cpu for run in runs[kind]) for kind in kinds}
+    width = max(9, *(len(kind) for kind in kinds))  # kind@LABEL from --aiodelay-path is longer
     for kind in kinds:
         values = [run.rps for run in runs[kind]]
         spread = max(values) / min(values) - 1
         print(
-            f"median {kind:9s} {rps[kind]:9.0f} req/s (max/min {spread:+.1%})"
+            f"median {kind:{width}s} {rps[kind]:9.0f} req/s (max/min {spread:+.1%})"
             f"   {per_cpu[kind]:9.0f} req per server CPU-second"
         )
     print()
     print(
-        f"{'ratio':16s} {'medians: req/s':>20s} {'req/CPU-s':>10s} {'per round':>15s}"
+        f"{'ratio':{2 * width - 2}s} {'medians: req/s':>20s} {'req/CPU-s':>10s} {'per round':>15s}"
         "   (per round: median of the rounds' req/CPU-s ratios)"
     )
     ratios: list[tuple[str, str, str, float | None]] = [
@@ -220,13 +240,18 @@ def report(runs: dict[str, list[Run]]) -> None:
     if "metrics" in runs:  # what the metrics add to aiodelay, and to any middleware
         ratios += [("metrics/aiodelay", "metrics", "aiodelay", None)]
         ratios += [("metrics/empty", "metrics", "empty", None)]
+    for kind in kinds:  # another checkout (--aiodelay-path): against empty, and this one's
+        if "@" in kind:
+            target = 0.98 if base_kind(kind) == "aiodelay" else None
+            ratios += [(f"{kind}/empty", kind, "empty", target)]
+            ratios += [(f"{base_kind(kind)}/{kind}", base_kind(kind), kind, None)]
     for name, num, den, target in ratios:
         wall, cpu = rps[num] / rps[den], per_cpu[num] / per_cpu[den]
         paired = statistics.median(
             n.per_cpu / d.per_cpu for n, d in zip(runs[num], runs[den], strict=True) if d.per_cpu
         )
         note = "" if target is None else f"   target >= {target}: {_verdict(wall, cpu, target)}"
-        print(f"{name:16s} {wall:20.3f} {cpu:10.3f} {paired:15.3f}{note}")
+        print(f"{name:{2 * width - 2}s} {wall:20.3f} {cpu:10.3f} {paired:15.3f}{note}")
 
 
 def _verdict(wall: float, cpu: float, target: float) -> str:
@@ -270,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also the app with aiodelay.prometheus.setup(app) (needs aiodelay[prometheus])",
     )
+    add_checkout_option(parser)
     # The children this script runs: a server, or the fallback load generator.
     parser.add_argument("--serve", choices=ALL_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
@@ -277,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.warmup < 1 or args.connections < 1:
         parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
-    if args.rounds * len(ALL_KINDS if args.metrics else KINDS) * args.duration > 3600:
+    kinds = checkout_kinds(ALL_KINDS if args.metrics else KINDS, args.aiodelay_path, AIODELAY)
+    if args.rounds * len(kinds) * args.duration > 3600:
         parser.error("that would run for more than an hour: lower --rounds or --duration")
     if args.serve:
         kind: str = args.serve

@@ -17,6 +17,9 @@ For each server kind
 - ``twisted``: Twisted Web on its default reactor, a leaf ``Resource`` returning
   ``NOT_DONE_YET`` whose ``request.notifyFinish()`` errback records the moment (skipped with
   a note when Twisted is not installed: ``pip install -e '.[bench]'``),
+- ``aiodelay@LABEL`` and ``aiodelay-log@LABEL``, with ``--aiodelay-path [LABEL=]DIR``: the two
+  aiodelay kinds (those of them in ``--kinds``) served with the aiodelay of another checkout,
+  DIR (first on the server's PYTHONPATH), to compare two versions of the code in one run,
 
 the script measures, each kind's server in a process of its own pinned to one CPU and the
 client (this process) pinned to another:
@@ -68,6 +71,7 @@ Run (from the repository root, in the project's virtualenv, with ``.[bench]`` fo
     python benchmarks/storm.py                      # 5,000 per storm, all kinds, ~1.5 min
     python benchmarks/storm.py --count 1000 --closes FIN --kinds aiohttp,aiodelay
     python benchmarks/storm.py --uvloop --repeat 3 --tracemalloc
+    python benchmarks/storm.py --kinds aiohttp,aiodelay --aiodelay-path /tmp/base
 """
 
 from __future__ import annotations
@@ -97,11 +101,23 @@ from importlib import metadata
 from types import TracebackType
 from typing import Any
 
-from _serve import pin_to_cpu, raise_fd_limit, read_rss, two_cpus
+from _serve import (
+    add_checkout_option,
+    base_kind,
+    checkout_env,
+    checkout_kinds,
+    describe_checkouts,
+    pin_to_cpu,
+    raise_fd_limit,
+    read_rss,
+    two_cpus,
+)
 
 KINDS = ("aiohttp", "aiohttp-mw", "aiodelay", "aiohttp-log", "aiodelay-log", "twisted")
 #: Kinds whose server writes a log line per drop to its stderr.
 LOGGING = ("aiohttp-log", "aiodelay-log")
+#: The kinds that --aiodelay-path serves again with another checkout's aiodelay.
+AIODELAY = ("aiodelay", "aiodelay-log")
 CLOSES = ("FIN", "RST")
 MODES = ("paced", "burst")
 #: The event loop (reactor) each kind's server said it runs, for the report.
@@ -341,7 +357,7 @@ class Server:
     def __init__(self, kind: str, args: argparse.Namespace, cpu: int | None, **opts: Any) -> None:
         self.kind = kind
         self.timeout: float = args.timeout
-        argv = [sys.executable, __file__, "--serve", kind, "--count", str(args.count)]
+        argv = [sys.executable, __file__, "--serve", base_kind(kind), "--count", str(args.count)]
         if cpu is not None:
             argv += ["--cpu", str(cpu)]
         if args.uvloop:
@@ -349,6 +365,7 @@ class Server:
         if opts.get("tracemalloc"):
             argv.append("--tracemalloc")
         self.argv = argv
+        self.env = checkout_env(kind, args.aiodelay_path)
         self.log_to: str = args.log_to
         self.port = 0
         self.loop_name = ""
@@ -362,12 +379,16 @@ class Server:
         return self._proc.pid
 
     def __enter__(self) -> Server:
-        if self.kind in LOGGING and self.log_to == "devnull":
+        if base_kind(self.kind) in LOGGING and self.log_to == "devnull":
             self._stderr = open(os.devnull, "wb")
         else:
             self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=self.env,
         )
         try:
             _, port, self.loop_name = self.expect("PORT").split()
@@ -659,7 +680,7 @@ def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: i
                 f"aiodelay counted {report['aiodelay_cancelled']} cancellations, not {expected}"
             )
         text = server.stderr_text()
-        if kind in LOGGING:
+        if base_kind(kind) in LOGGING:
             if server.log_to == "devnull":
                 storm.notes.append("log lines went to /dev/null (not counted)")
             else:
@@ -842,7 +863,9 @@ def print_storm(storm: Storm) -> None:
 
 def measure(args: argparse.Namespace) -> int:
     # aiohttp first: the others' ratios are to it (the order of the storms rotates anyway).
-    kinds = [kind for kind in KINDS if kind in args.kinds]
+    kinds = checkout_kinds(
+        [kind for kind in KINDS if kind in args.kinds], args.aiodelay_path, AIODELAY
+    )
     closes: list[str] = args.closes
     modes: list[str] = args.storms
     if "twisted" in kinds and version("twisted") == "not installed":
@@ -863,7 +886,7 @@ def measure(args: argparse.Namespace) -> int:
 
     print("command: python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]))
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    for line in about_machine:
+    for line in about_machine + describe_checkouts(args.aiodelay_path):
         print(line)
     loads = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average at start: {loads} (1, 5, 15 min)")
@@ -978,6 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds allowed per wait (default 60)"
     )
+    add_checkout_option(parser)
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
