@@ -4,16 +4,16 @@ Install with :func:`setup` (or :func:`middleware`); see the README for what is a
 detected.
 """
 
-from ._account import add_observer
-from ._errors import ConnectionLost, DeadlineExceeded
-from ._middleware import middleware, setup, stats
-from ._observe import Outcome, OutcomeKind, RequestObserver
-from ._owned import check_cancelled
-from ._policy import Policy, cancellable, deadline, grace, shielded
-from ._request import call_later, is_disconnected, notify_finish, spawn, to_thread
-from ._resource import NOT_DONE_YET, Resource
-from ._shield import shield
-from ._stats import Stats
+from ._core.errors import ConnectionLost, DeadlineExceeded
+from ._core.installation import add_observer
+from ._core.middleware import middleware, setup, stats
+from ._core.observe import Outcome, OutcomeKind, RequestObserver
+from ._core.owned import check_cancelled
+from ._core.policy import Policy, cancellable, deadline, grace, shielded
+from ._core.requests import call_later, is_disconnected, notify_finish, spawn, to_thread
+from ._core.shield import shield
+from ._core.stats import Stats
+from .server._resource import NOT_DONE_YET, Resource, ResourceRequest
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = (
     "Policy",
     "RequestObserver",
     "Resource",
+    "ResourceRequest",
     "Stats",
     "add_observer",
     "call_later",

@@ -1,3 +1,3 @@
-from aiodelay._cli import main
+from aiodelay.server import main
 
 raise SystemExit(main())

@@ -70,9 +70,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client import values as _values
 
-from ._account import add_observer, installed_on
-from ._errors import ConnectionLost
-from ._observe import Outcome
+from ._core.errors import ConnectionLost
+from ._core.installation import add_observer, installed_on
+from ._core.observe import Outcome
 
 __all__ = ("LATENCY_BUCKETS", "UNMATCHED", "setup")
 

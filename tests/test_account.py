@@ -214,7 +214,7 @@ async def test_sub_app_policy_applies_to_a_client_that_left_before_the_handler(
 ) -> None:
     """Fire-and-close POSTs into a shielded sub-app: every handler runs to its end, whether
     aiodelay saw the client leave before the handler started or while it ran."""
-    from aiodelay._account import add_observer
+    from aiodelay import add_observer
 
     ran = _Ran()
     app, sub = _main_and_sub(ran)
@@ -528,7 +528,7 @@ async def test_a_client_that_half_closes_and_reads_everything_is_completed(
 ) -> None:
     """aiohttp answers a FIN by closing, and a close sends what the transport still holds: a
     client that half-closed and read on got the whole response."""
-    from aiodelay._account import add_observer
+    from aiodelay import add_observer
 
     body = b"x" * (8 * 1024 * 1024)
 

@@ -31,11 +31,10 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from aiodelay._account import add_observer
-from aiodelay._cli import DEMO_DIR
-from aiodelay._observe import Outcome
-from aiodelay._site import create_app
+from aiodelay import Outcome, add_observer
 from aiodelay.pytest_plugin import AiodelayServer
+from aiodelay.server import create_app
+from aiodelay.server._cli import DEMO_DIR
 from tests.test_demo import EVIL_PATH, EVIL_TARGET, TimerSpy, evil_site
 
 CHROMIUM = Path(os.environ.get("AIODELAY_CHROMIUM", "/usr/bin/chromium"))

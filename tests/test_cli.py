@@ -18,8 +18,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import aiodelay
-from aiodelay import _cli
-from aiodelay._cli import main
+from aiodelay.server import _cli, main
 
 
 def _one_error_line(err: str) -> str:
@@ -388,7 +387,7 @@ def _value(scrape: str, prefix: str) -> float:
 WITHOUT_PROMETHEUS = """\
 import sys
 sys.modules["prometheus_client"] = None  # import prometheus_client now fails, as uninstalled
-from aiodelay._cli import main
+from aiodelay.server import main
 sys.exit(main(["--metrics", "--port", "0"]))
 """
 

@@ -421,9 +421,9 @@ async def test_a_thread_stops_at_its_next_check_when_the_deadline_passes(serve: 
 async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
     serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import aiodelay._middleware
+    import aiodelay._core.middleware
 
-    monkeypatch.setattr(aiodelay._middleware, "THREAD_CLEANUP_TIMEOUT", 0.2)
+    monkeypatch.setattr(aiodelay._core.middleware, "THREAD_CLEANUP_TIMEOUT", 0.2)
     caplog.set_level(logging.WARNING, logger="aiodelay")
     release = threading.Event()
     started = threading.Event()
@@ -451,7 +451,7 @@ async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
 
 
 def aiodelay_key() -> Any:
-    from aiodelay._account import book_key
+    from aiodelay._core.installation import app_key as book_key
 
     return book_key
 

@@ -1,5 +1,5 @@
-"""Each demo script of aiodelay/demo/ served as the demo serves it, both ways: wait for it, and
-leave early. The demo's index page links each script.
+"""Each demo script of aiodelay/server/demo/ served as the demo serves it, both ways: wait for
+it, and leave early. The demo's index page links each script.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import aiohttp
 import pytest
 
 import aiodelay
-from aiodelay._cli import DEMO_DIR
-from aiodelay._history import history_of
-from aiodelay._site import create_app
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
+from aiodelay.server import create_app, history_of
+from aiodelay.server._cli import DEMO_DIR
 
 
 async def _get(server: LiveServer, path: str) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ import pytest
 
 import aiodelay
 import aiodelay.pytest_plugin
+import aiodelay.server
 
 ROOT = Path(__file__).parent.parent
 API = (ROOT / "docs" / "api.rst").read_text(encoding="utf-8")
@@ -42,6 +43,7 @@ def _documented(module: str) -> set[str]:
     "module",
     [
         aiodelay,  # import aiodelay
+        aiodelay.server,  # python -m aiodelay, as a library
         aiodelay.pytest_plugin,  # the types to annotate tests with
     ],
     ids=lambda module: module.__name__,

@@ -1,12 +1,13 @@
-"""The drop path most requests take (issue 10: a storm of drops): no Lifetime, and a FIN's
-close after the handler has seen its cancellation.
+"""The drop path most requests take: a plain drop makes nothing beyond the request's state,
+and a connection's teardown comes after its handler has seen its cancellation.
 
 A handler under the cancel policy, with no grace, that asked aiodelay nothing and that nobody
-observes, is cancelled by ``Connection.stop_quickly`` without a Lifetime; whatever asks later
-(the handler's own ``except`` block, a deadline, ``notify_finish`` after the end) gets one
-that knows. The connection's teardown (the close after a FIN, aiohttp's ``connection_lost``
-after an RST) waits two turns of the loop, by when the handlers have seen their cancellation,
-so that in a storm every handler is cancelled before any of the connections is torn down.
+observes, is cancelled from the transport's callback with nothing made for it; whatever asks
+later (the handler's own ``except`` block, a deadline, ``notify_finish`` after the end) finds
+the truth in the request's state. The connection's teardown (the close after a FIN, aiohttp's
+``connection_lost`` after an RST) waits two turns of the loop, by when the handlers have seen
+their cancellation, so that in a storm every handler is cancelled before any of the
+connections is torn down.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from aiohttp.typedefs import Handler
 from aiohttp_remotes import XForwardedRelaxed
 
 import aiodelay
-from aiodelay._connection import Stopped
-from aiodelay._lifetime import lifetime_key
-from aiodelay._policy import Policy
-from aiodelay._request import lifetime_of
+from aiodelay._core.aiohttp_internals import state_of
+from aiodelay._core.policy import Policy
+from aiodelay._core.requests import request_policy
+from aiodelay._core.state import SETTLED
 from tests.conftest import Drop, Probe, RawClient, Serve, Served
 
 pytestmark = pytest.mark.both_loops
@@ -46,7 +47,7 @@ def _app(*routes: web.RouteDef) -> web.Application:
 
 
 @pytest.mark.parametrize(("drop", "reason"), [("FIN", "FIN"), ("RST", "RST")])
-async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
+async def test_a_plain_drop_makes_nothing_more_and_says_the_truth(
     serve: Serve, drop: Drop, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     probe = Probe()
@@ -65,15 +66,15 @@ async def test_a_plain_drop_makes_no_lifetime_and_says_the_truth(
     assert probe.cancelled
     request = probe.request
     assert request is not None
-    # Before anything asks: only how the client left is kept, not a Lifetime.
-    kept = request[lifetime_key]
-    assert isinstance(kept, Stopped)
-    assert kept.conn is None  # the request has ended
-    assert kept.lost.reason == reason
+    # Before anything asks: how the client left is kept, and nothing else was made for it.
+    state = state_of(request)
+    assert state.phase == SETTLED
+    assert state.extras is None
+    assert state.request is None  # let go: no cycle between the request and its state
+    assert state.lost is not None
+    assert state.lost.reason == reason
     assert aiodelay.is_disconnected(request)
-    life = lifetime_of(request, create=False)
-    assert life is not None
-    assert life.policy is Policy.CANCEL  # what the server's Resource reads
+    assert request_policy(request) is Policy.CANCEL  # what the server's Resource reads
     future = aiodelay.notify_finish(request)
     assert future.done()
     exc = future.exception()
@@ -180,7 +181,7 @@ async def _cloning(request: web.Request, handler: Handler) -> web.StreamResponse
 async def test_a_clone_made_before_the_drop_can_ask_after_it(
     serve: Serve, drop: Drop, turns: int
 ) -> None:
-    """A clone made before the drop shares nothing that a quick stop writes; from the
+    """A clone made before the drop shares nothing that a drop writes; from the
     handler's task it is found on the call stack (after an RST its connection is gone)."""
     seen: list[object] = []
     held = _Held(_asking(seen, turns))
@@ -511,7 +512,7 @@ async def test_a_failing_teardown_does_not_stop_the_others(
 ) -> None:
     """The teardowns that wait for the cancelled handlers run in one batch; one that raises
     is logged, and the others still run."""
-    from aiodelay._teardown import after_cancelled
+    from aiodelay._core.teardown import after_cancelled
 
     ran: list[str] = []
 
@@ -591,7 +592,7 @@ def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
     """Each loop's batch of teardowns is found through a WeakKeyDictionary keyed by the loop;
     the batch refers to the loop's transports (and so to the loop): neither a batch that ran
     nor one still pending when the loop is closed may keep the loop alive."""
-    from aiodelay._teardown import after_cancelled
+    from aiodelay._core.teardown import after_cancelled
 
     async def one_teardown() -> None:
         done = asyncio.Event()
@@ -616,7 +617,7 @@ def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
 async def test_each_turns_teardowns_come_after_that_turns_cancelled_handlers() -> None:
     """A drop read while the teardowns of an earlier turn wait makes a batch of its own: its
     handler sees the cancellation before its connection is torn down, as the first one's."""
-    from aiodelay._teardown import after_cancelled
+    from aiodelay._core.teardown import after_cancelled
 
     loop = asyncio.get_running_loop()
     order: list[str] = []
@@ -650,7 +651,7 @@ async def test_each_turns_teardowns_come_after_that_turns_cancelled_handlers() -
 def test_an_interrupt_in_a_teardown_leaves_the_rest_for_the_next_turns() -> None:
     """A KeyboardInterrupt from one teardown stops the loop; the teardowns after it in the
     batch run when the loop runs again."""
-    from aiodelay._teardown import after_cancelled
+    from aiodelay._core.teardown import after_cancelled
 
     ran: list[str] = []
 
@@ -691,13 +692,3 @@ def test_exception_notes_and_attributes_survive_a_copy() -> None:
         assert again.reason == "RST"
         assert again.where == "upstream"  # type: ignore[union-attr]
         assert getattr(again, "__notes__", None) == getattr(lost, "__notes__", None)
-
-
-def test_the_coroutine_that_runs_handlers_must_name_its_connection() -> None:
-    from aiodelay._connection import runs_requests
-
-    async def runner() -> None:
-        pass
-
-    with pytest.raises(TypeError, match="no local variable 'conn'"):
-        runs_requests(runner.__code__)

@@ -10,8 +10,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 import aiodelay
-from aiodelay._errors import Reason
-from aiodelay._history import (
+from aiodelay import OutcomeKind
+from aiodelay._core.errors import Reason
+from aiodelay.server._history import (
     PATH_LIMIT,
     History,
     Interruption,
@@ -19,7 +20,6 @@ from aiodelay._history import (
     history_of,
     keep_history,
 )
-from aiodelay._observe import OutcomeKind
 
 WALL = 1_700_000_000.0  # what the wall clock says when the monotonic clock says NOW
 NOW = 1000.0

@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from aiodelay._middleware import Middleware
+from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
 from tests.conftest import Drop, Probe, Serve
 

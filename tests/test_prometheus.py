@@ -319,7 +319,7 @@ NOT_IMPORTED = """\
 import asyncio, sys
 import aiohttp
 from aiohttp import web
-import aiodelay, aiodelay._cli
+import aiodelay, aiodelay.server._cli
 
 async def main():
     async def hello(request):

@@ -67,7 +67,7 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 def test_readme_links_only_to_files_that_exist() -> None:
     links = re.findall(r"\]\(([^)#:]+)\)", README)  # relative links; not URLs, not anchors
-    assert {"CHANGELOG.md", "LICENSE", "aiodelay/demo/interrupted.rpy"} <= set(links)
+    assert {"CHANGELOG.md", "LICENSE", "aiodelay/server/demo/interrupted.rpy"} <= set(links)
     assert [link for link in links if not (ROOT / link).is_file()] == []
 
 
@@ -80,7 +80,7 @@ import sys
 
 from aiohttp import web
 
-from aiodelay._account import add_observer
+from aiodelay import add_observer
 
 
 class Started:

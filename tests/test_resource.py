@@ -11,8 +11,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from aiodelay import NOT_DONE_YET, Resource
-from aiodelay._resource import ResourceRequest
+from aiodelay import NOT_DONE_YET, Resource, ResourceRequest
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
 from tests.conftest import Serve
 

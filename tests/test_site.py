@@ -16,9 +16,10 @@ import pytest
 from multidict import CIMultiDict
 
 import aiodelay
-from aiodelay._cli import DEMO_DIR
-from aiodelay._site import create_app, request_segments
 from aiodelay.pytest_plugin import AiodelayServer, LiveServer
+from aiodelay.server import create_app
+from aiodelay.server._cli import DEMO_DIR
+from aiodelay.server._site import request_segments
 
 SECRET = b"SECRET-OUTSIDE-THE-ROOT"
 
@@ -426,7 +427,7 @@ async def test_a_request_handler_error_in_a_script_keeps_the_server_up(
     assert (await _fetch(server, "/a.txt"))[0] == 200
 
 
-# -- the demo site (aiodelay/demo/) ------------------------------------------------------------
+# -- the demo site (aiodelay/server/demo/) -----------------------------------------------------
 
 
 class DemoTimers:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import aiodelay
-from aiodelay._observe import Outcome
 
 #: How the client drops the connection:
 #: ``"FIN"`` closes the socket (what a browser closing a tab does);
@@ -71,7 +70,7 @@ class DropOutcome:
     status: int | None
     received: bytes
     dropped_at: float
-    record: Outcome | None
+    record: aiodelay.Outcome | None
     _probe: _EndWaiter = field(compare=False)
 
     @property

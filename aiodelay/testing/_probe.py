@@ -21,7 +21,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 import aiodelay
-from aiodelay._observe import Outcome
 
 from ._outcome import DropHow, DropOutcome
 from ._response import ResponseReader
@@ -52,7 +51,7 @@ class Observer:
         if probe is not None and not probe.seen.done():
             probe.seen.set_result(lost)
 
-    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
         probe = self.by_request.pop(id(request), None)
         if probe is not None and not probe.ended.done():
             probe.ended.set_result(outcome)
@@ -71,7 +70,7 @@ class Probe:
         self.sock.setblocking(False)
         self.response = ResponseReader(method)
         self.started: asyncio.Future[web.BaseRequest] = self.loop.create_future()
-        self.ended: asyncio.Future[Outcome] = self.loop.create_future()
+        self.ended: asyncio.Future[aiodelay.Outcome] = self.loop.create_future()
         #: aiodelay saw the client leave while the handler ran.
         self.seen: asyncio.Future[aiodelay.ConnectionLost] = self.loop.create_future()
         self.progress: asyncio.Future[None] = self.loop.create_future()

@@ -13,7 +13,6 @@ from aiohttp import web
 from yarl import URL
 
 import aiodelay
-from aiodelay._account import add_observer
 
 from ._outcome import DropHow, DropOutcome
 from ._probe import HOST, Observer, Probe, describe_moment, request_head
@@ -36,7 +35,7 @@ class LiveServer:
         self.port = port
         self.url = URL.build(scheme="http", host=HOST, port=port)
         self._observer = Observer()
-        self._remove_observer = add_observer(app, self._observer)
+        self._remove_observer = aiodelay.add_observer(app, self._observer)
         self._probes: list[Probe] = []
 
     def make_url(self, path: str) -> URL:

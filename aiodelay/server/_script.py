@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ._policy import Policy, cancellable, policy_of, shielded
+from .._core.policy import Policy, cancellable, policy_of, shielded
 from ._resource import Resource
 
 __all__ = ("ScriptError", "Scripts")

@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 from aiohttp import web
 
-from ._errors import ConnectionLost
+from .errors import ConnectionLost
 
 __all__ = ("Outcome", "OutcomeKind", "RequestObserver")
 

@@ -14,7 +14,7 @@ each with ``time`` (the server's local time of day), ``at`` (Unix time), ``metho
 leaving), ``outcome`` (what its handler did: cancelled, ran_on, truncated, failed) and
 ``client``; ``"per_second"``: the interruptions in each of the last 300 seconds, the oldest
 first; ``"chart"``: the page's chart of them, an SVG document.  The history is the one
-``python -m aiodelay`` keeps of its app (``aiodelay._history``).  The page needs no script
+``python -m aiodelay`` keeps of its app (``aiodelay.server.history_of``).  The page needs no script
 library: the chart is drawn here, as inline SVG.
 """
 
@@ -24,7 +24,7 @@ import html
 from aiohttp import web
 
 import aiodelay
-from aiodelay._history import history_of
+from aiodelay.server import history_of
 
 COLUMNS = ("time", "method", "path", "reason", "after", "outcome", "client")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-__all__ = ("ConnectionLost", "DeadlineExceeded", "Reason")
+__all__ = ("ConnectionLost", "DeadlineExceeded", "Reason", "seconds_text")
 
 #: How the request lost its client:
 #:
@@ -22,6 +22,12 @@ _MESSAGES: dict[str, str] = {
     "shutdown": "the server shut down before the response was complete",
     "closed": "the connection was closed before the response was complete",
 }
+
+
+def seconds_text(seconds: float) -> str:
+    """``seconds`` for a message: ``"0.300s"`` (milliseconds), or with three significant
+    digits below a millisecond (``"0.00025s"``, ``"1e-300s"``), never a misleading ``"0.000s"``."""
+    return f"{seconds:.3f}s" if seconds >= 0.001 else f"{seconds:.3g}s"
 
 
 class ConnectionLost(ConnectionError):
@@ -62,7 +68,7 @@ class DeadlineExceeded(TimeoutError):
     status: int
 
     def __init__(self, seconds: float, status: int) -> None:
-        super().__init__(f"the request exceeded its {seconds:.3f}s deadline")
+        super().__init__(f"the request exceeded its {seconds_text(seconds)} deadline")
         self.seconds = seconds
         self.status = status
 

@@ -1,19 +1,20 @@
-"""How a disconnect is seen.
+"""Everything aiodelay knows about how aiohttp's server is built, and how it sees a peer leave.
 
-This is the only module that knows how aiohttp's server is built: everything that touches its
-protocol object or private attributes lives here, so a new aiohttp release is a one-file change.
+This is the only module that touches aiohttp's protocol object or private attributes, so a new
+aiohttp release is a one-file change. The rest of the core asks it through the functions below.
 
 aiohttp offers no disconnect hook (``Request.wait_for_disconnection()`` was removed in 3.10.2 as
 racy), but asyncio's transport API is public: ``transport.set_protocol()`` lets us stand between
 the transport and aiohttp's ``RequestHandler``. The :class:`Watch` we put there passes every call
 straight through and looks only at the two that mean the peer is gone: ``eof_received`` (FIN)
 and ``connection_lost`` (RST, or the end after a FIN). It is installed on the first request of a
-connection and reused for the following keep-alive requests.
+connection and reused for the following keep-alive requests; it tells its :class:`Listener`
+about the request in flight (``Watch.state``), whatever that is to the listener.
 
 While aiohttp has paused reading (a request body larger than its buffer that the handler does
 not read yet, or a full pipelining queue), ``eof_received`` cannot come: the kernel holds the FIN
 behind the unread bytes. The kernel knows, though: on Linux, ``EPOLLRDHUP`` reports a peer's FIN
-(and ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. ``Hangups`` (``_hangups.py``) is
+(and ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. ``Hangups`` (``hangups.py``) is
 one small ``select.epoll`` per event loop, itself one readable fd of the loop, that holds only
 those events and only for the connections whose request may pause reading (:meth:`Watch.hold`,
 released when the request ends). Requests without a body, on a connection that is reading,
@@ -24,6 +25,9 @@ suspended laptop) looks alive until TCP gives up; a FIN that cannot reach the se
 because the receive window is full (the client's kernel still holds the data in front of it;
 only an RST can get through); and, on platforms without epoll, anything behind paused reading,
 which is seen only when reading resumes or a write fails.
+
+(The module is longer than the others: it is, on purpose, all of aiodelay's knowledge of
+aiohttp's internals, so that a new aiohttp release is a change to this one file.)
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import operator
+import socket
 from collections.abc import Sized
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import streams, web
+from aiohttp.abc import AbstractAccessLogger
 
-from ._errors import ConnectionLost
-from ._hangups import CAN_HOLD, hangups_of
-from ._teardown import after_cancelled
+from .errors import ConnectionLost, Reason
+from .hangups import CAN_HOLD, hangups_of
+from .teardown import after_cancelled
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
@@ -48,33 +54,38 @@ __all__ = (
     "EMPTY_PAYLOAD",
     "Listener",
     "Watch",
+    "abort_connection",
     "access_logged",
+    "as_sent",
     "bytes_written",
-    "closing_reason",
-    "cut",
+    "how_peer_left",
     "install_watch",
-    "installed_watch",
-    "log_length",
+    "log_bytes_sent",
     "payload_of",
+    "peer_gone",
+    "request_dict",
     "response_written",
-    "same_message",
-    "sent_as",
+    "state_key",
+    "state_of",
     "status_line_sent",
     "still_writing",
+    "transport_of",
 )
 
 
 class Listener(Protocol):
-    """What a :class:`Watch` reports to (aiodelay's per-connection state)."""
+    """What a :class:`Watch` tells about the request in flight on its connection (its
+    ``state``, which the listener gave it); called only while there is one."""
 
-    def busy(self) -> bool:
-        """A request's handler is running on the connection now."""
+    def running(self, state: Any) -> bool:
+        """The request's handler is running now."""
 
-    def disconnected(self, lost: ConnectionLost) -> bool:
-        """The peer left (called once per connection). True if the request's handler is
-        cancelled now (it sees the CancelledError at the next turn of the loop)."""
+    def client_left(self, state: Any, lost: ConnectionLost, websocket: bool) -> bool:
+        """The peer left (called once per connection; ``websocket``: a WebSocket handshake was
+        accepted on it). True if the handler is cancelled now (it sees the CancelledError at
+        the next turn of the loop)."""
 
-    def closed(self) -> None:
+    def closed(self, state: Any) -> None:
         """The connection is closed (called once, last)."""
 
 
@@ -85,10 +96,23 @@ class Watch(asyncio.Protocol):
     transport calls it with no extra frame in between.
     """
 
-    __slots__ = ("_held", "_hung_up", "_proto", "data_received", "listener", "lost", "queued")
+    __slots__ = (
+        "_held",
+        "_hung_up",
+        "_proto",
+        "data_received",
+        "listener",
+        "lost",
+        "queued",
+        "state",
+        "transport",
+    )
 
-    def __init__(self, proto: RequestHandler) -> None:
+    def __init__(
+        self, proto: RequestHandler, transport: asyncio.Transport, listener: Listener
+    ) -> None:
         self._proto = proto
+        self.transport = transport
         #: The fd this connection is held under in its loop's Hangups, or -1.
         self._held = -1
         #: The kernel reported the peer gone while aiohttp was not reading.
@@ -98,8 +122,10 @@ class Watch(asyncio.Protocol):
         #: the connection's life): while it is not empty, aiohttp may stop reading when it
         #: fills up.
         self.queued: Sized = proto._messages
-        #: Told about the peer leaving; set by the middleware right after installing.
-        self.listener: Listener | None = None
+        self.listener = listener
+        #: The request in flight, or the last one (its response may still be being written),
+        #: as the listener knows it; None before the first. Let go when the connection closes.
+        self.state: Any = None
         #: Set once the peer is known to be gone.
         self.lost: ConnectionLost | None = None
 
@@ -134,23 +160,26 @@ class Watch(asyncio.Protocol):
         if self.lost is not None:
             pass  # seen already (a FIN, mostly): nothing new to report
         elif exc is None:
-            # An orderly close. Without a FIN seen first it is either aiohttp closing the
-            # connection itself, or a TLS peer's close_notify (Python 3.10's SSL transport
-            # reports that without eof_received).
-            self._lose(ConnectionLost("closed" if proto._force_close or proto._close else "FIN"))
+            # An orderly close. Without a FIN seen first, it is aiohttp closing the connection
+            # (after a write failed, or at shutdown: the kernel tells whether the peer had
+            # closed or reset it first), or a TLS peer's close_notify (Python 3.10's SSL
+            # transport reports that without eof_received).
+            closing = bool(proto._force_close or proto._close)
+            reason = _how_peer_left(proto.transport) if closing else "FIN"
+            self._lose(ConnectionLost(reason or "closed"))
         else:
             lost = ConnectionLost("RST")
             lost.__cause__ = exc
             stopping = self._lose(lost)
         manager = proto._manager
-        listener = self.listener
+        state = self.state
         # aiodelay decides what a disconnect does to the request it watches; without this,
         # aiohttp (handler_cancellation=True) would cancel a shielded handler too.
         decided = bool(
             manager
             and manager.handler_cancellation
-            and listener is not None
-            and listener.busy()
+            and state is not None
+            and self.listener.running(state)
             and not self.is_websocket()  # there aiodelay leaves the ending to aiohttp
         )
         if stopping:
@@ -160,9 +189,9 @@ class Watch(asyncio.Protocol):
             after_cancelled(_aiohttp_lost, proto, exc, decided)
         else:
             _aiohttp_lost(proto, exc, decided)
-        if listener is not None:
-            self.listener = None  # the Connection refers to this Watch: no cycle left behind
-            listener.closed()
+        if state is not None:
+            self.state = None  # the state refers to this Watch: no cycle left behind
+            self.listener.closed(state)
 
     def hold(self, request: web.BaseRequest) -> None:
         """Ask the kernel about the peer while ``request`` runs, if aiohttp may pause reading
@@ -220,7 +249,8 @@ class Watch(asyncio.Protocol):
         if self.lost is not None:
             return False
         self.lost = lost
-        return self.listener is not None and self.listener.disconnected(lost)
+        state = self.state
+        return state is not None and self.listener.client_left(state, lost, self.is_websocket())
 
 
 def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: bool) -> None:
@@ -237,54 +267,125 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: boo
         manager.handler_cancellation = True
 
 
-#: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
-#: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
-payload_of = operator.attrgetter("_payload")
-EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
+# Linux's TCP states (include/net/tcp_states.h), the first byte of TCP_INFO.
+_TCP_CLOSE = 7  # the peer reset the connection
+_TCP_CLOSE_WAIT = 8  # the peer closed its side (FIN)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 
 
-def install_watch(request: web.BaseRequest, transport: asyncio.BaseTransport) -> Watch:
-    """Put a :class:`Watch` (with no ``listener`` yet) between ``transport`` and aiohttp.
+def _how_peer_left(transport: asyncio.BaseTransport | None) -> Reason | None:
+    """How the peer left, as the kernel says (Linux: the socket's TCP state): ``"RST"``,
+    ``"FIN"``, or None if it has not, or the kernel cannot tell us."""
+    sock = None if transport is None or _TCP_INFO is None else transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        tcp_state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+    except (OSError, ValueError, AttributeError):  # closed already, or no TCP socket
+        return None
+    if tcp_state == _TCP_CLOSE:
+        return "RST"
+    if tcp_state == _TCP_CLOSE_WAIT:
+        return "FIN"
+    return None
+
+
+def how_peer_left(request: web.BaseRequest) -> ConnectionLost:
+    """How the request's client left, for a response that aiohttp could not write whole:
+    as the kernel says (Linux), else ``"closed"``."""
+    transport = request.transport
+    return ConnectionLost(_how_peer_left(transport) or "closed")
+
+
+def peer_gone(request: web.BaseRequest) -> ConnectionLost | None:
+    """How the request's client left, if its connection is gone or closing, else None.
+
+    Covers the moment between a transport failing (an RST read, a failed write) and asyncio
+    calling ``connection_lost`` one turn of the loop later: the transport says it is closing,
+    and anything written to it now is dropped.
+    """
+    transport = request.transport
+    if transport is None:
+        return ConnectionLost("closed")
+    if not transport.is_closing():
+        return None
+    return ConnectionLost(_how_peer_left(transport) or "RST")
+
+
+class _AccessLog(AbstractAccessLogger):
+    """aiohttp's access logger of one connection, with the true byte count of a response
+    whose write failed: aiohttp logs 0 for it; this logs what was handed to the transport
+    (when the failure was seen first, :func:`log_bytes_sent` set that already)."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: AbstractAccessLogger) -> None:
+        super().__init__(getattr(inner, "logger", None), getattr(inner, "log_format", ""))  # type: ignore[arg-type]
+        self._inner = inner
+
+    @property
+    def enabled(self) -> bool:
+        return self._inner.enabled
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if (
+            not response._body_length
+            and not response_written(request)
+            and not isinstance(response, web.WebSocketResponse)  # aiohttp logs 0 for those
+        ):
+            response._body_length = bytes_written(request)
+        self._inner.log(request, response, time)
+
+
+def install_watch(
+    request: web.BaseRequest, transport: asyncio.BaseTransport, listener: Listener
+) -> Watch:
+    """Put a :class:`Watch` (with no ``state`` yet) between ``transport`` and aiohttp.
 
     Also on a transport that is already closing (its peer left before the request reached
     aiodelay): asyncio calls ``connection_lost`` on the protocol current at that time, so the
     Watch still stands between it and aiohttp, and a shielded handler is not cancelled by
     aiohttp's ``handler_cancellation``. Its ``lost`` is then already set.
     """
-    installed = Watch(request.protocol)
+    proto = request.protocol
+    installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
         installed.lost = ConnectionLost(
-            "closed", "the connection was closed before the handler started"
+            _how_peer_left(transport) or "closed",
+            "the connection was closed before the handler started",
         )
+    access_log = getattr(proto, "access_logger", None)
+    if access_log is not None and getattr(proto, "_logging_enabled", True):
+        proto.access_logger = _AccessLog(access_log)
     transport.set_protocol(installed)
     return installed
 
 
-def installed_watch(request: web.BaseRequest) -> Watch | None:
-    """The request's connection's :class:`Watch`, if it has one and is still open."""
-    transport = request.transport
-    if transport is None:
-        return None
-    current = transport.get_protocol()
-    return current if type(current) is Watch else None
+# aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey. The
+# state is read and written in the request's mapping directly (the same dict, shared with the
+# copies ``request.clone()`` makes): no warning, no method call on the hot path.
+state_key: Any = web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay"
 
 
-def same_message(a: web.BaseRequest, b: web.BaseRequest) -> bool:
-    """Whether two request objects are the same HTTP request (``request.clone()`` makes a
-    new object; aiohttp gives each message its own writer, which a clone shares)."""
-    return a is b or a._payload_writer is b._payload_writer
+#: ``request_dict(request)[state_key] = state`` keeps ``state`` on the request, and clones
+#: made from then on share it (a C attribute getter: no Python frame on the hot path).
+request_dict = operator.attrgetter("_state")
 
 
-def closing_reason(request: web.BaseRequest) -> ConnectionLost | None:
-    """A ConnectionLost if the request's transport is gone or closing, else None.
+def state_of(request: web.BaseRequest) -> Any:
+    """What was kept on the request (or a clone of it made after) under ``state_key``, or
+    None."""
+    return request._state.get(state_key)
 
-    Covers the moment between a transport failing (RST) and asyncio calling
-    ``connection_lost`` one loop iteration later, when a write already fails.
-    """
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return ConnectionLost("RST")
-    return None
+
+#: ``transport_of(request)``: ``request.transport`` (a C attribute getter: no Python frame on
+#: the hot path).
+transport_of = operator.attrgetter("_protocol.transport")
+
+#: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
+#: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
+payload_of = operator.attrgetter("_payload")
+EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
 
 
 def response_written(request: web.BaseRequest) -> bool:
@@ -300,7 +401,7 @@ def bytes_written(request: web.BaseRequest) -> int:
     return int(request._payload_writer.output_size)
 
 
-def cut(request: web.BaseRequest) -> None:
+def abort_connection(request: web.BaseRequest) -> None:
     """Close the request's connection at once: a response that has started ends incomplete
     (no final chunk, fewer bytes than its Content-Length), not cleanly."""
     transport = request.transport
@@ -371,7 +472,7 @@ def _prepared(
     return found
 
 
-def sent_as(
+def as_sent(
     request: web.BaseRequest,
     *candidates: object,
     exc: BaseException | None = None,
@@ -408,9 +509,13 @@ def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:
 _NOTHING_SENT = _logged(499, "Client Closed Request", 0)
 
 
-def log_length(response: web.StreamResponse) -> None:
-    """Make aiohttp's access log show what was written of ``response``, if aiohttp is
-    writing it now (it logs 0 bytes for a response whose write failed)."""
-    request = response._req
-    if request is not None and response._payload_writer is request._payload_writer:
-        response._body_length = bytes_written(request)
+def log_bytes_sent(response: web.StreamResponse) -> int:
+    """The bytes of ``response`` handed to the transport, also what aiohttp's access log is to
+    show for it: the count of when this was first called (its client had left; a write
+    after that is counted by aiohttp but never handed over), or of aiohttp's log line, if
+    that came first."""
+    if not response._body_length:
+        request = response._req
+        if request is not None and response._payload_writer is request._payload_writer:
+            response._body_length = bytes_written(request)
+    return response._body_length

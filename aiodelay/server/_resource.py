@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, final
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ._errors import ConnectionLost
-from ._policy import Policy
-from ._request import call_later, is_disconnected, lifetime_of, notify_finish
+from .._core.errors import ConnectionLost
+from .._core.policy import Policy
+from .._core.requests import call_later, is_disconnected, notify_finish, request_policy
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -239,8 +239,7 @@ class ResourceRequest:
 
     def _shielded(self) -> bool:
         """The request runs under the shield policy (its route's mark, or the app's)."""
-        life = lifetime_of(self.request, create=False)
-        return life is not None and life.policy is Policy.SHIELD
+        return request_policy(self.request) is Policy.SHIELD
 
     def _end(self) -> None:
         """The render's work is done: call the errbacks the shield policy held back."""
@@ -328,7 +327,7 @@ class Resource:
     """A Twisted-style resource: subclass it and define ``render_GET``, ``render_POST``, ...
 
     ``await resource.render(request)`` dispatches on the method: ``render_<METHOD>`` is called with
-    a :class:`~aiodelay._resource.ResourceRequest`; ``HEAD`` falls back to ``render_GET`` and
+    a :class:`~aiodelay.ResourceRequest`; ``HEAD`` falls back to ``render_GET`` and
     sends no body; a method without a render method gets ``405 Method Not Allowed`` with an
     ``Allow`` header.
     Register ``resource.render`` (a coroutine function) as the aiohttp handler.

@@ -25,9 +25,9 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from yarl import URL
 
+from .._core.middleware import setup
+from .._core.policy import Policy
 from ._history import keep_history
-from ._middleware import setup
-from ._policy import Policy
 from ._script import RouteHandler, ScriptError, Scripts
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def create_app(
     root: Path | str, *, scripts: bool = True, policy: Policy | str = Policy.CANCEL
 ) -> web.Application:
     """An app with aiodelay set up (``policy``) that serves the directory ``root``, and keeps
-    a history of its interrupted requests (``aiodelay._history.history_of(app)``: what the demo's
+    a history of its interrupted requests (``aiodelay.server.history_of(app)``: what the demo's
     status page shows).
 
     ``scripts=False`` is static-only mode: ``.rpy`` files are neither run nor served; a request

@@ -30,9 +30,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ._account import add_observer
-from ._errors import ConnectionLost, Reason
-from ._observe import Outcome, OutcomeKind
+from .._core.errors import ConnectionLost, Reason
+from .._core.installation import add_observer
+from .._core.observe import Outcome, OutcomeKind
 
 __all__ = ("PATH_LIMIT", "History", "Interruption", "history_key", "history_of", "keep_history")
 
@@ -165,8 +165,8 @@ history_key = web.AppKey("aiodelay.history", History)
 
 
 def keep_history(app: web.Application, *, rows: int = 20, seconds: int = 300) -> History:
-    """Keep a :class:`History` of ``app``'s requests (and its sub-apps'), under
-    :data:`history_key`.
+    """Keep a :class:`History` of ``app``'s requests (and its sub-apps'), which
+    :func:`history_of` gives back.
 
     ``app`` must have aiodelay installed and not be started yet (``RuntimeError``), and keep
     no history yet (``RuntimeError``). Observing an app makes aiodelay write each response to
@@ -189,6 +189,6 @@ def history_of(app: web.Application) -> History:
     if history is None:
         raise RuntimeError(
             "this app keeps no history of interrupted requests: "
-            "call aiodelay._history.keep_history(app) before it starts"
+            "call aiodelay.server.keep_history(app) before it starts"
         )
     return history

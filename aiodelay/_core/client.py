@@ -19,30 +19,24 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ("trusted_remote",)
+__all__ = ("remotes_on_the_way", "trusted_remote")
 
 _REMOTES = "aiohttp_remotes"
 
 
-def trusted_remote(request: web.BaseRequest, known: dict[object, tuple[Any, ...]]) -> str | None:
-    """The client address that the request's apps trust: ``request.remote`` as seen through
-    the aiohttp-remotes middlewares of the apps it was routed through, if any.
+def remotes_on_the_way(apps: tuple[web.Application, ...]) -> tuple[Any, ...]:
+    """The aiohttp-remotes middlewares of ``apps`` (a route's way), outermost first."""
+    return tuple(
+        middleware
+        for app in apps
+        for middleware in app.middlewares
+        if type(getattr(middleware, "__self__", None)).__module__.startswith(_REMOTES)
+    )
 
-    ``known`` keeps each route's aiohttp-remotes middlewares once they were looked for (a
-    route's apps and their middlewares do not change once the app runs)."""
-    if not isinstance(request, web.Request):
-        return request.remote
-    route = request.match_info.route
-    remotes = known.get(route)
-    if remotes is None:
-        remotes = tuple(
-            middleware
-            for app in request.match_info.apps
-            for middleware in app.middlewares
-            if type(getattr(middleware, "__self__", None)).__module__.startswith(_REMOTES)
-        )
-        if isinstance(route, web.ResourceRoute):  # a route of the app (not a 404's)
-            known[route] = remotes
+
+def trusted_remote(request: web.BaseRequest, remotes: tuple[Any, ...]) -> str | None:
+    """The client address that the request's apps trust: ``request.remote`` as seen through
+    ``remotes``, the aiohttp-remotes middlewares on its way (:func:`remotes_on_the_way`)."""
     current: web.BaseRequest = request
     for middleware in remotes:
         current = _through(middleware, current)

@@ -22,8 +22,7 @@ from typing import TextIO
 from aiohttp import web
 from aiohttp.log import access_logger
 
-from . import __version__
-from ._policy import Policy
+from .._core.policy import Policy
 from ._site import create_app
 
 __all__ = ("DEMO_DIR", "main")
@@ -105,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve Prometheus metrics at /metrics (needs: pip install 'aiodelay[prometheus]')",
     )
+    from .. import __version__  # (aiodelay's __init__ imports this package)
+
     parser.add_argument("--version", action="version", version=f"aiodelay {__version__}")
     return parser
 
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.metrics:
         try:
-            from . import prometheus
+            from .. import prometheus
         except ImportError as exc:
             if not (exc.name or "").startswith("prometheus_client"):
                 raise

@@ -1,0 +1,231 @@
+"""What one ``aiodelay.setup()`` keeps (:class:`Installation`), and each route's plan.
+
+An :class:`Installation` is made by each ``aiodelay.setup(app)`` or ``aiodelay.middleware()``
+(the middleware is one): the defaults it was given, the counters behind ``aiodelay.stats()``,
+its observers, the handlers that run on after their client left, and the threads of
+``aiodelay.to_thread``.
+
+A request routed into a sub-app is handled by the installations of every app on its way that
+has aiodelay installed: the outermost one watches the connection and does all the work; each
+counts the request and tells its observers. What a route's requests get is worked out once per
+route, into a :class:`RoutePlan`: those installations, the policy (the route's mark, else the
+innermost installation's default), the deadline, the grace, and the aiohttp-remotes
+middlewares on the way (which say who the client is behind a proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import hdrs, web
+
+from .client import remotes_on_the_way
+from .observe import RequestObserver
+from .owned import ThreadJob
+from .policy import (
+    Limit,
+    Policy,
+    check_seconds,
+    coerce_policy,
+    deadline_of,
+    grace_of,
+    marks_a_deadline,
+    policy_of,
+)
+from .stats import Counters
+
+__all__ = (
+    "NOT_SET_UP",
+    "Installation",
+    "RoutePlan",
+    "add_observer",
+    "app_key",
+    "installation_of",
+    "installed_on",
+)
+
+NOT_SET_UP = (
+    "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
+    "(or add aiodelay.middleware() to its middlewares)"
+)
+
+
+class Running(Protocol):
+    """A request whose handler runs on after its client left (a ``RequestState``)."""
+
+    task: asyncio.Task[Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """What every request of one route gets, worked out once."""
+
+    #: The installations of the apps on the route's way, outermost (the watching one) first.
+    installations: tuple[Installation, ...]
+    #: What the client leaving does to the handler.
+    policy: Policy
+    #: Seconds a cancellable handler may run on after its client left, or None.
+    grace: float | None
+    #: The deadline (seconds, status), or None.
+    deadline: Limit
+    #: The deadline is the app's default, not the route's own (WebSockets are exempt).
+    deadline_by_default: bool
+    #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
+    remotes: tuple[Any, ...]
+
+    def deadline_for(self, request: web.BaseRequest) -> Limit:
+        """The request's deadline: the plan's, unless it is the app's default and the request
+        asks for a WebSocket (the default is not for a WebSocket's whole life)."""
+        if self.deadline_by_default and request.headers.get(hdrs.UPGRADE, "").lower() == (
+            "websocket"
+        ):
+            return None
+        return self.deadline
+
+
+class Installation:
+    """What one aiodelay installation keeps; the middleware is one (it subclasses this)."""
+
+    __slots__ = (
+        "_alone",
+        "_plans",
+        "counters",
+        "deadline",
+        "nested",
+        "observers",
+        "policy",
+        "running_on",
+        "shutting_down",
+        "threads",
+        "timed",
+    )
+
+    def __init__(
+        self, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+    ) -> None:
+        self.policy = coerce_policy(policy)
+        seconds = check_seconds(deadline, "deadline", allow_none=True)
+        #: The default deadline of the app's routes (answered with 504), or None.
+        self.deadline: Limit = None if seconds is None else (seconds, 504)
+        self.counters = Counters()
+        self.observers: list[RequestObserver] = []
+        #: Requests whose handler runs on after their client left (shielded, WebSockets).
+        self.running_on: set[Running] = set()
+        #: Functions that ``aiodelay.to_thread`` runs in threads now (``ThreadJob``).
+        self.threads: set[ThreadJob] = set()
+        self.shutting_down = False
+        #: Learned from the app's routes at the first request (:meth:`learn`), None before:
+        #: whether any route can have a deadline, and whether other installations are on the
+        #: way of some route (sub-apps with aiodelay of their own).
+        self.timed: bool | None = None if seconds is None else True
+        self.nested: bool | None = None
+        self._plans: dict[object, RoutePlan] = {}
+        self._alone: tuple[Installation, ...] = (self,)
+
+    def learn(self, app: web.Application) -> None:
+        """Look through ``app``'s routes and sub-apps once (it is frozen: they do not change):
+        can a route have a deadline, and do other installations handle some routes too."""
+        timed = self.deadline is not None
+        nested = False
+        apps = [app]
+        while apps:
+            current = apps.pop()
+            installed = installation_of(current)
+            if installed is not None and installed is not self:
+                nested = True
+                timed = timed or installed.deadline is not None
+            for resource in current.router.resources():
+                sub_app = resource.get_info().get("app")
+                if isinstance(sub_app, web.Application):
+                    apps.append(sub_app)
+                for route in resource:
+                    timed = timed or marks_a_deadline(route.handler)
+        self.timed, self.nested = timed, nested
+
+    def installations(self, request: web.BaseRequest) -> tuple[Installation, ...]:
+        """The installations that handle ``request`` (this one, the watching one, first)."""
+        return self.plan_for(request).installations if self.nested else self._alone
+
+    def plan_for(self, request: web.BaseRequest) -> RoutePlan:
+        """The plan of the route ``request`` matched, worked out on its first request.
+
+        Kept per route (a route's apps do not change once the app runs); a request that
+        matched no route (a 404) has a route object of its own, and its plan is not kept."""
+        if not isinstance(request, web.Request):
+            return self._plan(request, None, ())
+        match_info = request.match_info
+        route = match_info.route
+        plan = self._plans.get(route)
+        if plan is None:
+            plan = self._plan(request, route.handler, match_info.apps)
+            if isinstance(route, web.ResourceRoute):
+                self._plans[route] = plan
+        return plan
+
+    def _plan(
+        self, request: web.BaseRequest, handler: object, apps: tuple[web.Application, ...]
+    ) -> RoutePlan:
+        found = [self]
+        for app in apps:
+            installed = installation_of(app)
+            if installed is not None and installed not in found:
+                found.append(installed)
+        innermost = found[-1]
+        policy = policy_of(handler, innermost.policy)
+        limit = deadline_of(handler, innermost.deadline, policy)
+        return RoutePlan(
+            installations=tuple(found),
+            policy=policy,
+            grace=grace_of(handler),
+            deadline=limit,
+            deadline_by_default=limit is not None and limit is innermost.deadline,
+            remotes=remotes_on_the_way(apps),
+        )
+
+
+app_key = web.AppKey("aiodelay", Installation)
+
+
+def installation_of(app: web.Application) -> Installation | None:
+    """The aiodelay installation of ``app`` (by ``setup()``, or ``middleware()`` in its
+    middlewares), or None."""
+    installed = app.get(app_key)
+    if installed is None:
+        for candidate in app.middlewares:
+            if isinstance(candidate, Installation):
+                return candidate
+    return installed
+
+
+def installed_on(app: web.Application) -> Installation:
+    """The aiodelay installation of ``app``; RuntimeError if there is none."""
+    installed = installation_of(app)
+    if installed is None:
+        raise RuntimeError(
+            "aiodelay is not installed on this app: call aiodelay.setup(app) "
+            "(or add aiodelay.middleware() to its middlewares)"
+        )
+    return installed
+
+
+def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[], None]:
+    """Tell ``observer`` (a :class:`aiodelay.RequestObserver`) about each request of ``app``
+    (and of its sub-apps): its start, its client leaving, how it ended.
+
+    ``app`` must have aiodelay installed (``RuntimeError`` otherwise). Returns a function that
+    removes the observer again (a second call does nothing). An observed app pays for it on
+    every request: a request that returned a response is recorded once aiohttp is done
+    writing it (a callback on aiohttp's task of the request), so that the outcome can say
+    whether it got there (``"truncated"`` if not).
+    """
+    observers = installed_on(app).observers
+    observers.append(observer)
+
+    def remove() -> None:
+        if observer in observers:
+            observers.remove(observer)
+
+    return remove

@@ -1,0 +1,231 @@
+"""``setup(app)``, ``middleware()`` and ``stats(app)``: where a request enters aiodelay.
+
+The middleware gives each request its state (``outcome.begin``), runs the handler (or awaits
+the "not done yet" awaitable it returned) with the request's deadline armed, and hands the end
+to ``outcome.end``: everything else a request meets happens below it, in ``state`` and
+``outcome``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .aiohttp_internals import (
+    EMPTY_PAYLOAD,
+    Watch,
+    install_watch,
+    payload_of,
+    transport_of,
+)
+from .errors import ConnectionLost
+from .installation import Installation, app_key, installed_on
+from .outcome import EVENTS, end, started
+from .policy import Policy
+from .state import CANCEL_MESSAGE, RequestState, state_for
+from .stats import Stats
+
+__all__ = ("Middleware", "app_key", "middleware", "setup", "stats")
+
+logger = logging.getLogger("aiodelay")
+
+# asyncio.current_task() is C code from Python 3.12 on; on 3.10 and 3.11 it is a Python
+# function around this dict, and its frame was a tenth of aiodelay's cost per request.
+_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
+    None if sys.version_info >= (3, 12) else asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+)
+_current_task = asyncio.current_task
+_get_running_loop = asyncio.get_running_loop
+
+_NO_CONTEXT = contextvars.Context()
+
+#: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
+THREAD_CLEANUP_TIMEOUT = 5.0
+
+#: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
+#: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
+_RESPONSE_CLASSES: set[type] = set()
+
+
+class Middleware(Installation):
+    """The aiodelay middleware; one instance per :func:`setup` or :func:`middleware` call."""
+
+    __middleware_version__ = 1  # aiohttp's marker of a new-style middleware
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<aiodelay middleware policy={self.policy.value!r}>"
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = transport_of(request)
+        watch = None if transport is None else transport.get_protocol()
+        if type(watch) is not Watch:
+            # The first request on this connection (on the next ones the Watch is there);
+            # also when the transport is already closing, so that aiohttp's connection_lost
+            # still goes through the Watch. None once it is gone.
+            watch = None if transport is None else install_watch(request, transport, EVENTS)
+        if self.nested is None:
+            self.learn(request.app)
+        if _current_tasks is None:
+            task = _current_task()
+        else:
+            task = _current_tasks.get(_get_running_loop())
+        assert task is not None  # aiohttp runs each request in a task of its own
+        state = state_for(request, task, self, watch)
+        if state is None:
+            # aiodelay is installed on an app and on a sub-app: the outer one watches, counts
+            # and tells for both, under the sub-app's policy.
+            return await handler(request)
+        if watch is None:
+            gone: ConnectionLost | None = ConnectionLost(
+                "closed", "the connection was closed before the handler started"
+            )
+        else:
+            gone = watch.lost  # a pipelined request read before the peer left
+        held = timer = None
+        try:
+            if self.nested or self.observers:
+                started(state)
+            # aiohttp may pause reading for this request (an upload not all here yet, a full
+            # pipelining queue): then only the kernel can tell that the client left.
+            if watch is not None and (payload_of(request) is not EMPTY_PAYLOAD or watch.queued):
+                held = watch
+                held.hold(request)
+            if self.timed:
+                timer = self._arm(state, request)
+            if gone is not None and EVENTS.client_left(state, gone, False, in_task=True):
+                raise asyncio.CancelledError(CANCEL_MESSAGE)  # no work for a client gone
+            response = await handler(request)
+            if response.__class__ not in _RESPONSE_CLASSES:
+                response = await _not_done_yet(request, response)
+        except BaseException as exc:
+            logged = end(state, None, exc)
+            if logged is None:
+                raise
+            return logged
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if held is not None:
+                held.release()
+        return end(state, response, None)  # type: ignore[return-value]
+
+    def _arm(self, state: RequestState, request: web.Request) -> asyncio.TimerHandle | None:
+        """The request's deadline timer, if it has a deadline: at most one timer a request,
+        and nothing at all in an app where no route can have one."""
+        limit = self.plan_for(request).deadline_for(request)
+        if limit is None:
+            return None
+        seconds, status = limit
+        # The callback needs none of the request's context variables: no copy of them.
+        return _get_running_loop().call_later(
+            seconds, state.deadline_passed, seconds, status, context=_NO_CONTEXT
+        )
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.shutting_down = True
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        self.shutting_down = False
+        yield
+        # aiohttp's graceful shutdown waited for these; what still runs now would be
+        # destroyed pending when the loop closes. Cancel it and let its finally blocks run.
+        tasks = [state.task for state in self.running_on if state.task is not None]
+        tasks = [task for task in tasks if not task.done()]
+        for task in tasks:
+            task.cancel("aiodelay: the server is shutting down")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # Threads cannot be cancelled: they were told to stop when their requests ended.
+        # Wait for them a bounded time, and say which ones are left behind.
+        if self.threads:
+            _, left = await asyncio.wait(
+                [job.done for job in self.threads], timeout=THREAD_CLEANUP_TIMEOUT
+            )
+            for job in self.threads:
+                if job.done in left:
+                    logger.warning(
+                        "%r still runs %.1fs after cleanup began: left behind",
+                        job,
+                        THREAD_CLEANUP_TIMEOUT,
+                    )
+
+
+async def _not_done_yet(request: web.Request, result: object) -> web.StreamResponse:
+    """Await a handler's "not done yet" result (a Future, Task or coroutine) to its response.
+
+    Also where a response of a class not seen before is checked once."""
+    if isinstance(result, web.StreamResponse):
+        _RESPONSE_CLASSES.add(result.__class__)
+        return result
+    if inspect.isawaitable(result):
+        later = await result
+        if isinstance(later, web.StreamResponse):
+            return later
+        got = f"an awaitable that resolved to {later!r}"
+    else:
+        got = repr(result)
+    handler = request.match_info.handler
+    name = getattr(handler, "__qualname__", repr(handler))
+    logger.error(
+        "handler %s for %s %s returned %s, not a web.StreamResponse: answering 500",
+        name,
+        request.method,
+        request.path,
+        got,
+    )
+    return web.Response(status=500, text="500: Internal Server Error")
+
+
+def middleware(
+    *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+) -> Middleware:
+    """The aiodelay middleware, for ``web.Application(middlewares=[...])``.
+
+    Put it first so that it also cancels the middlewares after it. Unlike :func:`setup`, it
+    has no app lifecycle hooks: at server shutdown, ``notify_finish`` futures of stopped
+    requests are cancelled rather than failed with ``reason="shutdown"``, shielded handlers
+    still running after their client left are not cancelled at cleanup, and cleanup does not
+    wait for ``aiodelay.to_thread`` functions still running.
+    """
+    return Middleware(policy=policy, deadline=deadline)
+
+
+def setup(
+    app: web.Application, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+) -> None:
+    """Install aiodelay on ``app``: the middleware outermost, and its lifecycle hooks.
+
+    ``policy`` is what a disconnect does to handlers not marked with
+    ``@aiodelay.cancellable`` or ``@aiodelay.shielded``: ``"cancel"`` (the default) or
+    ``"shield"``. Raises ``ValueError`` for another policy, ``RuntimeError`` if aiodelay is
+    already set up on ``app`` or ``app`` is frozen (already started).
+    """
+    if not isinstance(app, web.Application):
+        raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
+    mw = Middleware(policy=policy, deadline=deadline)
+    if app_key in app or any(isinstance(m, Installation) for m in app.middlewares):
+        raise RuntimeError("aiodelay is already installed on this app")
+    if app.frozen:
+        raise RuntimeError("aiodelay.setup() must be called before the app starts")
+    app[app_key] = mw
+    app.middlewares.insert(0, mw)
+    app.on_shutdown.append(mw._on_shutdown)
+    app.cleanup_ctx.append(mw._lifecycle)
+
+
+def stats(app: web.Application) -> Stats:
+    """A snapshot of what aiodelay counted on ``app`` since it was set up.
+
+    For a sub-app with aiodelay of its own, that is the requests routed into it; for the main
+    app, all of its requests, the sub-app's included. See :class:`aiodelay.Stats`.
+    """
+    return installed_on(app).counters.snapshot()

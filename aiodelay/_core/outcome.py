@@ -1,0 +1,557 @@
+"""How a request ends: the one place that decides it, counts it, writes its INFO line, makes
+aiohttp's access log say what went on the wire, and tells the observers.
+
+A request meets this module three times: :func:`started` (observers told; only where there
+are observers, or sub-apps with aiodelay of their own), the connection's events while it runs
+or while aiohttp writes its response (:data:`EVENTS`, the listener of every connection's
+Watch), and :func:`end`, the middleware's one call when the handler returned or raised. How an
+end is classified (``cause`` is what stopped the request first, see ``state.py``; *gone* means
+that the client is gone now, so nothing more reaches it; :func:`_classify` is this table):
+
+=========================  ==============================  ========================================
+the handler...             when                            outcome; what aiohttp gets
+=========================  ==============================  ========================================
+returned (or raised an     the client left first           ``ran_on``; logged as what went out
+HTTPException)             the deadline passed first       ``timed_out``; its answer goes out (if
+                                                           gone: logged as what went out)
+                           the client is gone only now     ``ran_on`` (an RST read in the very turn
+                                                           the handler returned; asyncio's loop)
+                           otherwise                       ``completed`` once aiohttp has written
+                                                           the response, ``truncated`` if the
+                                                           client leaves first; the response
+was cancelled by aiodelay  the deadline passed             ``timed_out``; the deadline's status, or
+                                                           the connection cut if the response had
+                                                           started (if gone: what went out)
+                           the client left                 ``cancelled`` (``failed``: the server's
+                                                           shutdown); what went out, or the
+                                                           CancelledError goes on to aiohttp
+was cancelled by           a WebSocket whose client left   ``cancelled``; the CancelledError
+something else             the server shuts down           ``failed``, its reason ``"shutdown"``
+                           otherwise (an outer timeout)    ``failed``; the CancelledError
+raised ConnectionError     the client left, or is gone     ``cancelled`` under the cancel policy
+(a write or a body read                                    with no grace; else ``ran_on`` for
+failed)                                                    aiodelay's ``ConnectionLost`` (the
+                                                           handler's work ran to its end and says
+                                                           so), ``failed`` for any other;
+                                                           logged as what went out
+raised anything else       the deadline passed first       ``timed_out``; the exception goes on
+                           otherwise                       ``failed``; the exception goes on
+=========================  ==============================  ========================================
+
+A request that failed without its client leaving is counted ``completed`` (``aiodelay.Stats``):
+its client got the server's answer (aiohttp's 500).
+
+(The module is longer than the others: every way a request can end is decided, counted,
+logged and told here, and only here, so that the counters, the log lines, the access log and
+the observers cannot disagree.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import functools
+import logging
+import sys
+from time import monotonic
+from typing import Any
+
+from aiohttp import web
+
+from .aiohttp_internals import (
+    Watch,
+    abort_connection,
+    access_logged,
+    as_sent,
+    bytes_written,
+    how_peer_left,
+    log_bytes_sent,
+    peer_gone,
+    response_written,
+    status_line_sent,
+    still_writing,
+)
+from .client import trusted_remote
+from .errors import ConnectionLost, seconds_text
+from .observe import Outcome, OutcomeKind
+from .policy import Policy
+from .state import ENDED, RUNNING, SETTLED, RequestState
+
+__all__ = ("EVENTS", "end", "logger", "notify_finish", "started")
+
+logger = logging.getLogger("aiodelay")
+
+#: Hand a cancellation on to aiohttp when nothing is to be logged: from Python 3.11 on (on
+#: 3.10 the cancelled task is left in a reference cycle; a 499 response is returned instead).
+_HAND_ON = sys.version_info >= (3, 11)
+_NO_CONTEXT = contextvars.Context()
+#: How many turns of the loop a closed connection's request may take aiohttp to finish.
+_TURNS = 100
+
+
+def started(state: RequestState) -> None:
+    """A request that the other installations on its way (sub-apps with aiodelay of their
+    own) count too, or that observers watch, started: counted by those, observers told. (The
+    watching installation counted it when it made its state.)"""
+    request = state.request
+    assert request is not None
+    installations = state.installation.installations(request)
+    for each in installations[1:]:
+        each.counters.started += 1
+    for each in installations:
+        for observer in each.observers:
+            try:
+                observer.request_started(request)
+            except Exception:  # one broken observer must not break the request
+                logger.exception("observer %r failed", observer)
+
+
+class _ConnectionEvents:
+    """What a connection's events do to the request on it (the listener of every Watch)."""
+
+    def running(self, state: RequestState) -> bool:
+        return state.phase < ENDED
+
+    def client_left(
+        self, state: RequestState, lost: ConnectionLost, websocket: bool, in_task: bool = False
+    ) -> bool:
+        """The client left (``in_task``: before the handler started, told by the middleware
+        in the request's own task). True if the handler is (to be) stopped now."""
+        if state.phase == RUNNING:
+            stopping = state.client_left(lost, websocket=websocket, in_task=in_task)
+            _tell_lost(state)
+            return stopping
+        if state.phase == ENDED and state.cause is None and state.response is not None:
+            # Its response is being written: what was handed over so far is what aiohttp's
+            # access log is to show. Whether all of it gets out, the close tells.
+            log_bytes_sent(state.response)
+        return False  # stopped, or running on, already: what came first decides
+
+    def closed(self, state: RequestState) -> None:
+        watch, state.watch = state.watch, None
+        if state.phase < ENDED:
+            return  # the handler runs on (shielded): its end lets go
+        request = state.request
+        if state.phase == ENDED and request is not None:
+            extras = state.extras
+            if extras is not None and extras.settling:
+                return  # its own callback settles it once aiohttp is done, and lets go
+            if not response_written(request) and not (watch is not None and watch.is_websocket()):
+                # Counted completed when its handler returned; aiohttp may still get the rest
+                # out (a client that half-closed, and reads on): once aiohttp is done, it is
+                # known.
+                lost = (watch.lost if watch is not None else None) or how_peer_left(request)
+                asyncio.get_running_loop().call_soon(_settle_after_close, state, request, lost)
+                return
+        state.let_go()
+
+
+#: The listener of every connection's Watch.
+EVENTS = _ConnectionEvents()
+
+
+def end(
+    state: RequestState, response: web.StreamResponse | None, exc: BaseException | None
+) -> web.StreamResponse | None:
+    """The handler returned ``response`` or raised ``exc``: decide how the request ended (the
+    table above), count and record it, and say what aiohttp gets: a response (to send, or
+    only to log), or None to let ``exc`` go on unchanged."""
+    if exc is None and state.phase == RUNNING and state.extras is None:
+        installation, watch = state.installation, state.watch
+        if (
+            not (installation.nested or installation.observers)
+            and watch is not None
+            and watch.lost is None
+            and not watch.transport.is_closing()
+        ):
+            # Most requests: nothing stopped them, they own nothing, nothing waits for them,
+            # nobody observes them, their client is there. ENDED (see state.py), counted
+            # completed now; recounted as truncated if the client leaves before aiohttp has
+            # written the response (EVENTS.closed).
+            state.phase = ENDED
+            state.response = response
+            installation.counters.completed += 1
+            return response
+    return _end(state, response, exc)
+
+
+def _end(
+    state: RequestState, response: web.StreamResponse | None, exc: BaseException | None
+) -> web.StreamResponse | None:
+    """The end of a request that is not plain: first what the end itself says about the
+    client, then the table above (:func:`_classify`), then the record and the answer."""
+    request = state.request
+    assert request is not None  # the handler has just ended
+    ours = isinstance(exc, asyncio.CancelledError) and state.cancellation_is_ours()
+    state.ended()
+    gone = _gone(state, request)
+    if state.cause is None:
+        if gone is not None and not _websocket(state) and _answered_or_tripped(exc):
+            # Gone at the very end (on asyncio's loop an RST is reported a turn after it was
+            # read; the handler's result may come in between), or found gone by a write or a
+            # body read that failed: nothing reaches that client.
+            _lost_now(state, gone)
+        elif (
+            isinstance(exc, asyncio.CancelledError)
+            and not ours
+            and state.installation.shutting_down
+        ):
+            _lost_now(state, ConnectionLost("shutdown"))  # the server stopped it
+    kind, note, answer, error = _classify(state, request, exc, ours, gone)
+    if kind == "completed":
+        return _completed(state, request, response)
+    _record(state, kind, note, error)
+    if answer is _SEND:
+        return response  # (None for an HTTPException, which aiohttp sends)
+    if answer is _GO_ON:
+        return None
+    if answer is _QUIET and _HAND_ON and not access_logged(request):
+        # Nothing to log, nothing to send: the CancelledError goes on to aiohttp, which ends
+        # the request as it does its own handler_cancellation.
+        return None
+    if answer is _DEADLINE:
+        timed_out = state.timed_out
+        assert timed_out is not None
+        return web.Response(
+            status=timed_out.status,
+            text=(
+                f"{timed_out.status}: the request exceeded its "
+                f"{seconds_text(timed_out.seconds)} deadline\n"
+            ),
+        )
+    if answer is _CUT:
+        abort_connection(request)  # the response had started: the client sees it cut
+    # For aiohttp to log, not to send: what went out (499 if nothing).
+    return as_sent(request, response, exc=exc)
+
+
+# What aiohttp gets (the last column of the table above).
+_SEND = "the response goes out as it is"
+_GO_ON = "the exception goes on unchanged"
+_QUIET = "the CancelledError goes on, or is logged as what went out if aiohttp logs it"
+_DEADLINE = "the deadline's status, with a short text"
+_CUT = "the connection cut (a response had started), logged as what went out"
+_LOGGED = "logged as what went out"
+
+
+def _answered_or_tripped(exc: BaseException | None) -> bool:
+    """The handler answered, or raised a ConnectionError (a write or a body read failed)."""
+    return exc is None or isinstance(exc, (web.HTTPException, ConnectionError))
+
+
+def _classify(
+    state: RequestState,
+    request: web.BaseRequest,
+    exc: BaseException | None,
+    ours: bool,
+    gone: ConnectionLost | None,
+) -> tuple[OutcomeKind, str, str, BaseException | None]:
+    """The table above: the outcome, the INFO line's note, what aiohttp gets, and the error
+    the request ended with (for ``notify_finish``), from what the state and the wire say."""
+    timed_out, lost = state.timed_out, state.lost
+    if exc is None or isinstance(exc, web.HTTPException):
+        if timed_out is not None:
+            if gone is None:
+                return (
+                    "timed_out",
+                    "the handler caught the cancellation and answered itself",
+                    _SEND,
+                    None,
+                )
+            return (
+                "timed_out",
+                "the handler caught the cancellation and answered, but its client left "
+                "before the answer went out",
+                _LOGGED,
+                None,
+            )
+        if lost is not None:
+            return "ran_on", _ran_on_note(state), _LOGGED, None
+        return "completed", "", _SEND, None
+    raised = f"the handler raised {type(exc).__name__}"
+    if isinstance(exc, asyncio.CancelledError):
+        if ours and timed_out is not None:
+            if gone is not None:
+                return (
+                    "timed_out",
+                    "cancelled; its client left before the answer went out",
+                    _LOGGED,
+                    None,
+                )
+            if status_line_sent(request):
+                return "timed_out", "cancelled, its response cut short", _CUT, None
+            return "timed_out", f"cancelled, answered {timed_out.status}", _DEADLINE, None
+        if ours and lost is not None:
+            if lost.reason == "shutdown":
+                # A connection that aiohttp closes at shutdown stops the request as the
+                # shutdown's cancellation would: counted the same way, whichever came first.
+                return "failed", "stopped by the server's shutdown", _QUIET, None
+            grace = state.plan.grace
+            note = "" if grace is None else f"after its {seconds_text(grace)} grace"
+            return "cancelled", note, _QUIET, None
+        kind: OutcomeKind = "timed_out" if timed_out is not None else "failed"
+        if state.installation.shutting_down:
+            return kind, "stopped by the server's shutdown", _GO_ON, ConnectionLost("shutdown")
+        if lost is not None and _websocket(state):
+            # aiohttp's handler_cancellation=True cancels a WebSocket handler whose client
+            # left: it goes on to aiohttp, as without aiodelay.
+            return "cancelled", "a WebSocket, by aiohttp's handler_cancellation", _GO_ON, None
+        note = "stopped by a cancellation that was not aiodelay's (an outer timeout?)"
+        return kind, note, _GO_ON, asyncio.CancelledError()
+    if isinstance(exc, ConnectionError) and lost is not None and timed_out is None:
+        # The handler tripped over its client leaving (a write or a body read failed), before
+        # or instead of being cancelled: as quiet as a cancellation, if that is what the
+        # policy would have done; if it was to run on, it failed, unless what it raised is
+        # aiodelay's own word that the client left, once its work ran to its end.
+        plan = state.plan
+        if plan.policy is Policy.CANCEL and plan.grace is None and not _websocket(state):
+            return "cancelled", "", _LOGGED, None
+        if isinstance(exc, ConnectionLost):
+            return "ran_on", _ran_on_note(state), _LOGGED, None
+        return "failed", raised, _LOGGED, None
+    # The handler's own error (an upstream refused, a bug): it goes on to aiohttp, which logs
+    # it and answers 500 if it can.
+    if timed_out is not None:
+        return "timed_out", raised, _GO_ON, None
+    return "failed", raised if lost is not None else "", _GO_ON, _without_traceback(exc)
+
+
+def _completed(
+    state: RequestState, request: web.BaseRequest, response: web.StreamResponse | None
+) -> web.StreamResponse | None:
+    """The handler answered and its client is there: completed, once aiohttp has written the
+    response (``truncated`` if its client leaves first)."""
+    state.response = response
+    extras = state.extras
+    if (extras is not None and extras.waiters) or _observed(state):
+        # Settled once aiohttp has written the response: told then.
+        _settle_when_written(state, request, counted=False)
+        return response
+    for installation in state.installation.installations(request):
+        installation.counters.completed += 1
+    if state.watch is None:
+        state.let_go()
+    return response
+
+
+def _ran_on_note(state: RequestState) -> str:
+    """What the INFO line says of a handler that ran to its end after its client left."""
+    extras = state.extras
+    if extras is not None and extras.websocket:
+        return "WebSocket: aiohttp ended it"
+    plan = state.plan
+    if plan.policy is Policy.SHIELD:
+        return "shielded"
+    if plan.grace is not None:
+        return f"within its {seconds_text(plan.grace)} grace"
+    return "it ended before the cancellation took effect"
+
+
+def _gone(state: RequestState, request: web.BaseRequest) -> ConnectionLost | None:
+    """How the client left, if it is gone now (nothing more reaches it), else None."""
+    watch = state.watch
+    return (watch.lost if watch is not None else None) or peer_gone(request)
+
+
+def _websocket(state: RequestState) -> bool:
+    """The request is a WebSocket (a handshake was accepted on its connection)."""
+    extras, watch = state.extras, state.watch
+    return (extras is not None and extras.websocket) or (watch is not None and watch.is_websocket())
+
+
+def _lost_now(state: RequestState, lost: ConnectionLost) -> None:
+    """The client is found gone as the handler ends, before anything told the request."""
+    state.cause = lost
+    state.cause_at = monotonic()
+    _tell_lost(state)
+
+
+def _observed(state: RequestState) -> bool:
+    installation = state.installation
+    if not installation.nested:
+        return bool(installation.observers)
+    assert state.request is not None
+    return any(each.observers for each in installation.installations(state.request))
+
+
+def _tell_lost(state: RequestState) -> None:
+    """Tell the observers that the request's client left."""
+    lost, request = state.lost, state.request
+    if lost is None or request is None or not _observed(state):
+        return
+    for installation in state.installation.installations(request):
+        for observer in installation.observers:
+            try:
+                observer.request_lost(request, lost)
+            except Exception:  # called from the transport: must not break its close
+                logger.exception("observer %r failed", observer)
+
+
+def _settle_when_written(state: RequestState, request: web.BaseRequest, *, counted: bool) -> None:
+    """Settle the request once aiohttp is done with its response (its task ends);
+    ``counted``: it was counted completed when its handler returned."""
+    extras = state.more()
+    if extras.settling:
+        return
+    extras.settling = True
+    task = state.task
+    assert task is not None
+    task.add_done_callback(
+        functools.partial(_response_done, state, request, state.watch, counted),
+        context=_NO_CONTEXT,  # needs none of the request's context variables
+    )
+
+
+def _response_done(
+    state: RequestState,
+    request: web.BaseRequest,
+    watch: Watch | None,
+    counted: bool,
+    task: asyncio.Task[Any],
+) -> None:
+    """aiohttp is done with the request's response: it got there, or its client left."""
+    if state.phase == SETTLED:
+        return
+    if response_written(request):
+        if counted:
+            state.settle()
+        else:
+            _record(state, "completed", "", request=request)
+        return
+    lost = (watch.lost if watch is not None else None) or how_peer_left(request)
+    state.cause, state.cause_at = lost, monotonic()
+    _record_truncated(state, request, recount=counted)
+
+
+def _settle_after_close(
+    state: RequestState, request: web.BaseRequest, lost: ConnectionLost, turns: int = 0
+) -> None:
+    """A request counted completed whose client left while aiohttp wrote its response, once
+    its connection is closed and aiohttp is done with it."""
+    if state.phase == SETTLED:
+        return  # asked about meanwhile, and settled by its own callback
+    if response_written(request):
+        state.let_go()  # all of it went out after all
+        return
+    if still_writing(request) and turns < _TURNS:
+        asyncio.get_running_loop().call_soon(_settle_after_close, state, request, lost, turns + 1)
+        return
+    state.cause, state.cause_at = lost, monotonic()
+    _record_truncated(state, request, recount=True)
+
+
+def _record_truncated(
+    state: RequestState, request: web.BaseRequest, *, recount: bool = False
+) -> None:
+    response = state.response
+    sent = log_bytes_sent(response) if response is not None else 0
+    _record(
+        state,
+        "truncated",
+        f"{sent or bytes_written(request)} bytes handed to the transport",
+        request=request,
+        recount=recount,
+    )
+
+
+def notify_finish(state: RequestState) -> asyncio.Future[None]:
+    """``aiodelay.notify_finish``: a new future, resolved when the outcome is known."""
+    future = state.notify_finish()
+    if not future.done() and state.phase == ENDED:
+        request = state.request
+        if request is None or response_written(request):
+            # The connection moved on, or aiohttp has written it all.
+            state.settle()
+        else:
+            _settle_when_written(state, request, counted=True)
+    return future
+
+
+def _record(
+    state: RequestState,
+    kind: OutcomeKind,
+    note: str,
+    error: BaseException | None = None,
+    *,
+    request: web.BaseRequest | None = None,
+    recount: bool = False,
+) -> None:
+    """The end of one request: the ``notify_finish`` futures resolved, its counters in every
+    installation on its way, its INFO line if its client left or its deadline passed, and the
+    observers told (an :class:`Outcome` is made only for them). ``recount``: it was counted
+    ``completed`` when its handler returned."""
+    request = request or state.request
+    assert request is not None
+    state.settle(error)
+    installation = state.installation
+    installations = installation.installations(request)
+    lost = state.lost
+    disconnected = lost is not None
+    observed = False
+    for each in installations:
+        counters = each.counters
+        if recount:
+            counters.completed -= 1
+        counters.count(kind, disconnected)
+        if each.observers:
+            observed = True
+    timed_out = state.timed_out
+    logged = (disconnected or timed_out is not None) and logger.isEnabledFor(logging.INFO)
+    if observed or logged:
+        client = trusted_remote(request, installation.plan_for(request).remotes)
+        ended_at = monotonic()
+        started_at = state.started_at
+        if logged and timed_out is not None:
+            logger.info(
+                "%s %s from %s exceeded its %s deadline: %s",
+                request.method,
+                request.path,
+                client,
+                seconds_text(timed_out.seconds),
+                note,
+            )
+        elif logged and lost is not None:
+            logger.info(
+                "%s %s from %s interrupted by %s after %.3fs: %s",
+                request.method,
+                request.path,
+                client,
+                lost.reason,
+                (state.cause_at or started_at) - started_at,
+                _what(kind, note, ended_at - started_at),
+            )
+        if observed:
+            lost_at = state.cause_at if disconnected else None
+            outcome = Outcome(kind, lost, started_at, lost_at, ended_at, client)
+            for each in installations:
+                for observer in each.observers:
+                    try:
+                        observer.request_ended(request, outcome)
+                    except Exception:  # one broken observer must not take the others' record
+                        logger.exception("observer %r failed", observer)
+    if state.watch is None:
+        state.let_go()  # the connection is gone: nothing more comes for the request
+
+
+def _what(kind: OutcomeKind, note: str, total: float) -> str:
+    """What the INFO line says became of an interrupted request."""
+    if kind == "cancelled":
+        return f"cancelled ({note})" if note else "cancelled"
+    if kind == "ran_on":
+        return f"ran on ({note}), ended after {total:.3f}s"
+    if kind == "truncated":
+        return f"the handler had returned; its response was cut short ({note})"
+    return note or "failed"
+
+
+def _without_traceback(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to keep on the request for later ``notify_finish`` calls: the
+    original's traceback holds the frames that hold the request (a reference cycle)."""
+    try:
+        kept = copy.copy(exc)
+    except Exception:  # an exception class that cannot be copied: keep the original
+        return exc
+    kept.__traceback__ = None
+    kept.__context__ = kept.__cause__ = None
+    return kept

@@ -1,0 +1,638 @@
+"""How a request's end is recorded when things happen close together: a deadline and a client
+leaving, a reset in the turn a handler's result is ready, a file sent with ``sendfile()``, a
+shielded handler tripping over its gone client, and what is asked after the end. Real sockets
+on 127.0.0.1, servers started with ``handler_cancellation=False``.
+
+What each test checks is what the public API and the README promise: the counters of
+``aiodelay.stats``, the observers' calls and outcome, the INFO line of the ``aiodelay`` logger,
+and aiohttp's access log line (499 with 0 bytes when nothing went out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+import aiodelay
+from tests.conftest import RawClient, Serve
+
+# What each test checks must hold on asyncio's own loop and on uvloop alike.
+pytestmark = pytest.mark.both_loops
+
+# -- helpers: the INFO lines, the access log, an observer ------------------------------------
+
+
+async def _until(event: asyncio.Event, done: Callable[[], bool], what: Callable[[], str]) -> None:
+    """Wait (5 s at most) until ``done()``, checked each time ``event`` is set."""
+
+    async def reached() -> None:
+        while not done():
+            event.clear()
+            await event.wait()
+
+    try:
+        await asyncio.wait_for(reached(), 5)
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        raise AssertionError(what()) from None
+
+
+class _Lines(logging.Handler):
+    """The ``aiodelay`` logger's lines, with an event per line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.changed.set()
+
+    async def wait_for(self, pattern: str) -> str:
+        """The first line that matches ``pattern``, once it is logged."""
+
+        def found() -> list[str]:
+            return [line for line in self.lines if re.search(pattern, line)]
+
+        await _until(self.changed, lambda: bool(found()), lambda: f"no {pattern!r} in {self.lines}")
+        return found()[0]
+
+
+@pytest.fixture
+def lines() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("aiodelay")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class _Access(AbstractAccessLogger):
+    """aiohttp's access log, as "METHOD path status bytes" lines."""
+
+    entries: ClassVar[list[str]] = []
+    logged: ClassVar[asyncio.Event | None] = None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.entries.append(
+            f"{request.method} {request.path} {response.status} {response.body_length}"
+        )
+        if self.logged is not None:
+            self.logged.set()
+
+
+@dataclass
+class Logged:
+    """A server whose access log is recorded."""
+
+    app: web.Application
+    port: int
+    entries: list[str] = field(default_factory=list)
+    clients: list[RawClient] = field(default_factory=list)
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.port)
+        self.clients.append(client)
+        return client
+
+    async def entry(self, path: str) -> str:
+        """The access log line of ``path``, once aiohttp wrote it."""
+        event = _Access.logged
+        assert event is not None
+
+        def found() -> list[str]:
+            return [e for e in self.entries if e.split()[1] == path]
+
+        await _until(event, lambda: bool(found()), lambda: f"no {path} in {self.entries}")
+        [line] = found()
+        return line
+
+
+ServeLogged = Callable[[web.Application], Awaitable[Logged]]
+
+
+@pytest.fixture
+async def serve_logged() -> AsyncIterator[ServeLogged]:
+    """Like ``serve`` (``handler_cancellation=False``), with aiohttp's access log recorded."""
+    runners: list[web.AppRunner] = []
+    served: list[Logged] = []
+    _Access.entries = []
+    _Access.logged = asyncio.Event()
+
+    async def go(app: web.Application) -> Logged:
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=False,
+            access_log_class=_Access,
+            access_log=logging.getLogger("tests.access"),
+            shutdown_timeout=1,
+        )
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        served.append(Logged(app, runner.addresses[0][1], _Access.entries))
+        return served[-1]
+
+    yield go
+    for each in served:
+        for client in each.clients:
+            client.writer.transport.abort()
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+class _Observer:
+    """An observer that records the calls it gets, in order, and each request's outcome."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.outcomes: dict[str, aiodelay.Outcome] = {}
+        self.changed = asyncio.Event()
+        #: Set in ``request_lost``, in the transport's callback that reported the loss.
+        self.left = asyncio.Event()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        self._heard("started", request.path)
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        self._heard("lost", request.path)
+        self.left.set()
+
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+        self.outcomes[request.path] = outcome
+        self._heard("ended", request.path)
+
+    def _heard(self, call: str, path: str) -> None:
+        self.calls.append((call, path))
+        self.changed.set()
+
+    async def heard(self, call: str, path: str) -> None:
+        """Wait until ``call`` ("started", "lost", "ended") was heard for ``path``."""
+        await _until(
+            self.changed,
+            lambda: (call, path) in self.calls,
+            lambda: f"no {call} {path} in {self.calls}",
+        )
+
+    async def ended(self, path: str) -> aiodelay.Outcome:
+        """The outcome of the request for ``path``, once it ended."""
+        await self.heard("ended", path)
+        return self.outcomes[path]
+
+
+def _app(*routes: web.RouteDef) -> web.Application:
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_routes(routes)
+    return app
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` with an RST (SO_LINGER 0), as RawClient.drop("RST") does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# -- a deadline passes in a shield() section, then the client leaves --------------------------
+
+
+async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
+    serve_logged: ServeLogged, lines: _Lines
+) -> None:
+    """Nothing went out: the access log says 499 with 0 bytes, not the 504 that was never
+    sent; the request still counts and is logged as timed out (the deadline came first)."""
+
+    @aiodelay.deadline(0.1)
+    async def slow(request: web.Request) -> web.Response:
+        await aiodelay.shield(asyncio.sleep(0.3))
+        return web.Response(text="done")
+
+    served = await serve_logged(_app(web.get("/x", slow)))
+    client = await served.connect()
+    await client.get("/x")
+    await asyncio.sleep(0.2)  # the scenario: the client leaves after the deadline passed
+    client.drop("FIN")
+    assert await served.entry("/x") == "GET /x 499 0"
+    line = await lines.wait_for(r"deadline")
+    assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
+    assert "answered 504" not in line
+    assert "client left" in line
+    stats = aiodelay.stats(served.app)
+    assert (stats.timed_out, stats.completed, stats.disconnected) == (1, 0, 0)
+
+
+async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
+    serve_logged: ServeLogged, lines: _Lines
+) -> None:
+    """The handler catches the deadline's cancellation and answers itself, for a client that
+    is gone: nothing went out, so the access log says 499 with 0 bytes, not 200."""
+
+    @aiodelay.deadline(0.1)
+    async def stubborn(request: web.Request) -> web.Response:
+        try:
+            await aiodelay.shield(asyncio.sleep(0.3))
+        except asyncio.CancelledError:
+            return web.Response(text="late")
+        return web.Response(text="done")
+
+    served = await serve_logged(_app(web.get("/x", stubborn)))
+    client = await served.connect()
+    await client.get("/x")
+    await asyncio.sleep(0.2)  # the scenario: the client leaves after the deadline passed
+    client.drop("FIN")
+    assert await served.entry("/x") == "GET /x 499 0"
+    line = await lines.wait_for(r"deadline")
+    assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
+    assert aiodelay.stats(served.app).timed_out == 1
+
+
+# -- a reset read in the turn in which the handler's result is ready --------------------------
+
+
+async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_short(
+    serve_logged: ServeLogged,
+) -> None:
+    """/a's result becomes ready while the loop is blocked (in /b), and /a's client resets
+    meanwhile: the loop reads the RST in the same turn as it runs /a's result. Nothing of /a's
+    response reached its client: it is not "truncated" and its access log line says 499 0."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    a_waits = asyncio.Event()
+    blocking = threading.Event()
+
+    async def a(request: web.Request) -> web.Response:
+        a_waits.set()
+        await ready
+        return web.Response(text="a")
+
+    async def b(request: web.Request) -> web.Response:
+        loop.call_soon(ready.set_result, None)
+        blocking.set()
+        time.sleep(0.2)  # noqa: ASYNC251  # the scenario: a handler that blocks the loop
+        return web.Response(text="b")
+
+    app = _app(web.get("/a", a), web.get("/b", b))
+    observer = _Observer()
+    aiodelay.add_observer(app, observer)
+    served = await serve_logged(app)
+    a_client = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", served.port), 5)
+    await asyncio.to_thread(a_client.sendall, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+
+    def reset_while_blocked() -> None:
+        # The loop is blocked in /b: only another thread can reset /a's connection now.
+        if blocking.wait(5):
+            time.sleep(0.1)
+            _reset(a_client)
+
+    resetter = threading.Thread(target=reset_while_blocked)
+    resetter.start()
+    try:
+        await asyncio.wait_for(a_waits.wait(), 5)
+        b_client = await served.connect()
+        await b_client.get("/b")
+        assert await asyncio.wait_for(b_client.read_response(), 5) == (200, b"b")
+        outcome = await observer.ended("/a")
+    finally:
+        blocking.set()
+        await asyncio.to_thread(resetter.join, 5)
+        if a_client.fileno() >= 0:
+            a_client.close()
+    assert outcome.kind != "truncated", outcome
+    assert outcome.lost is not None
+    assert outcome.lost.reason == "RST"
+    assert outcome.kind in ("cancelled", "ran_on"), outcome
+    assert await served.entry("/a") == "GET /a 499 0"
+
+
+# -- a sub-app's observer, for a client that left before the handler started ----------------
+
+
+@pytest.mark.parametrize("policy", ["cancel", "shield"])
+@pytest.mark.parametrize("left", ["before aiodelay saw the request", "in a middleware"])
+async def test_a_sub_apps_observer_hears_the_start_before_the_loss(
+    serve: Serve, policy: str, left: str
+) -> None:
+    """aiodelay on the app and on a sub-app; the client of a request into the sub-app leaves
+    before the handler starts: the connection is closed before the request reaches aiodelay
+    (a middleware in front of it closes it), or the client leaves while a middleware of the
+    app, inside aiodelay, holds the request. The sub-app's observer, like the app's, hears the
+    request start, then the client leave, then the end, in that order."""
+    sub_observer = _Observer()
+    main_observer = _Observer()
+
+    @web.middleware
+    async def close_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return await handler(request)
+
+    @web.middleware
+    async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Until the client left (cancelled here under "cancel"); on then, before the
+        # connection is closed.
+        await main_observer.left.wait()
+        return await handler(request)
+
+    async def charge(request: web.Request) -> web.Response:
+        return web.Response(text="charged")
+
+    if left == "in a middleware":
+        app = web.Application(middlewares=[hold])
+        aiodelay.setup(app)  # outermost, in front of `hold`
+    else:
+        app = web.Application(middlewares=[close_first, aiodelay.middleware()])
+    sub = web.Application()
+    aiodelay.setup(sub, policy=policy)
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/s/", sub)
+    aiodelay.add_observer(app, main_observer)
+    aiodelay.add_observer(sub, sub_observer)
+    served = await serve(app)
+    client = await served.connect()
+    await client.send(b"POST /s/charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    if left == "in a middleware":
+        await main_observer.heard("started", "/s/charge")
+        client.drop("FIN")
+    await main_observer.ended("/s/charge")
+    await sub_observer.ended("/s/charge")
+    expected = [("started", "/s/charge"), ("lost", "/s/charge"), ("ended", "/s/charge")]
+    assert main_observer.calls == expected
+    assert sub_observer.calls == expected
+
+
+async def test_a_request_into_a_sub_app_whose_connection_closed_is_recorded_once(
+    serve: Serve,
+) -> None:
+    """aiodelay on the app and on a sub-app (shielded); a middleware of the app holds the
+    request until its client left and its connection is closed, so the sub-app's aiodelay
+    sees no connection at all: the request is still the app's, counted and told once, and
+    its shielded handler runs to its end."""
+    sub_observer = _Observer()
+    main_observer = _Observer()
+
+    @web.middleware
+    async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
+        await main_observer.left.wait()
+        for _ in range(1000):  # aiohttp lets go of the transport a turn or two later
+            if request.transport is None:
+                break
+            await asyncio.sleep(0)
+        assert request.transport is None
+        return await handler(request)
+
+    ran: list[str] = []
+
+    async def charge(request: web.Request) -> web.Response:
+        ran.append(request.path)
+        return web.Response(text="charged")
+
+    app = web.Application(middlewares=[hold])
+    aiodelay.setup(app)
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/s/", sub)
+    aiodelay.add_observer(app, main_observer)
+    aiodelay.add_observer(sub, sub_observer)
+    served = await serve(app)
+    client = await served.connect()
+    await client.send(b"POST /s/charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await main_observer.heard("started", "/s/charge")
+    client.drop("FIN")
+    await main_observer.ended("/s/charge")
+    await sub_observer.ended("/s/charge")
+    assert ran == ["/s/charge"]
+    expected = [("started", "/s/charge"), ("lost", "/s/charge"), ("ended", "/s/charge")]
+    assert main_observer.calls == expected
+    assert sub_observer.calls == expected
+    for each in (app, sub):
+        stats = aiodelay.stats(each)
+        assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+
+
+# -- asked after the end, with nothing asked while the request ran ----------------------------
+
+
+async def test_notify_finish_asked_after_the_end_fails_with_the_handlers_error(
+    serve: Serve,
+) -> None:
+    """A handler raised; nothing asked aiodelay about the request while it ran. Asked after
+    the end, notify_finish fails with what the handler raised, as it does when asked before."""
+    kept: list[web.Request] = []
+
+    async def broken(request: web.Request) -> web.Response:
+        kept.append(request)
+        raise RuntimeError("boom")
+
+    served = await serve(_app(web.get("/broken", broken)))
+    client = await served.get("/broken")
+    assert (await asyncio.wait_for(client.read_response(), 5))[0] == 500
+    assert aiodelay.stats(served.app).completed == 1  # its client did not leave: ended
+    [request] = kept
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
+
+
+async def test_a_download_cut_short_is_disconnected_when_asked_after_the_end(
+    serve: Serve, lines: _Lines
+) -> None:
+    """The handler returned a large response and its client reset the connection while aiohttp
+    wrote it; nothing asked aiodelay about the request while it ran. Asked after the end:
+    notify_finish fails with ConnectionLost, and is_disconnected is True."""
+    kept: list[web.Request] = []
+
+    async def download(request: web.Request) -> web.Response:
+        kept.append(request)
+        return web.Response(body=b"x" * 16_000_000)
+
+    served = await serve(_app(web.get("/big", download)))
+    client = await served.connect()
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await client.get("/big")
+    await client.read_until(b"HTTP/1.1 200 OK\r\n")
+    client.drop("RST")
+    await lines.wait_for("cut short")
+    assert aiodelay.stats(served.app).truncated == 1
+    [request] = kept
+    assert aiodelay.is_disconnected(request)
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
+    assert aiodelay.is_disconnected(request)
+
+
+# -- a file sent with sendfile(), reset by its client -----------------------------------------
+
+
+async def test_a_file_download_reset_by_its_client_is_truncated_by_rst_with_matching_bytes(
+    serve_logged: ServeLogged, lines: _Lines, tmp_path: Path
+) -> None:
+    """A FileResponse (aiohttp sends it with sendfile()) whose client resets the connection
+    after reading the head: truncated, by an RST; the access log line says 200 and the same
+    number of bytes as the INFO line says were handed to the transport."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (32 * 1024 * 1024))
+
+    async def download(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(big)
+
+    app = _app(web.get("/big.bin", download))
+    observer = _Observer()
+    aiodelay.add_observer(app, observer)
+    served = await serve_logged(app)
+    client = await served.connect()
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await client.get("/big.bin")
+    await client.read_until(b"\r\n\r\n")
+    client.drop("RST")
+    outcome = await observer.ended("/big.bin")
+    line = await lines.wait_for("cut short")
+    entry = await served.entry("/big.bin")
+    assert outcome.kind == "truncated", outcome
+    assert outcome.lost is not None
+    assert outcome.lost.reason == "RST", outcome
+    handed = re.search(r"\((\d+) bytes handed to the transport\)", line)
+    assert handed is not None, line
+    assert entry == f"GET /big.bin 200 {handed[1]}", (entry, line)
+
+
+# -- a shielded handler that trips over its gone client ---------------------------------------
+
+
+async def _shielded_failure(
+    serve: Serve, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], path: str
+) -> tuple[web.Application, _Observer, RawClient]:
+    app = _app(web.route("*", path, aiodelay.shielded(handler)))
+    observer = _Observer()
+    aiodelay.add_observer(app, observer)
+    served = await serve(app)
+    return app, observer, await served.connect()
+
+
+async def test_a_shielded_handler_whose_write_fails_after_its_client_left_counts_as_failed(
+    serve: Serve,
+) -> None:
+    """A shielded handler streams; its client resets; the handler's next writes fail with
+    ConnectionResetError, which it lets propagate: it did not run on to its end, it failed."""
+    raised: list[BaseException] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"y" * 1024)
+        with pytest.raises(aiodelay.ConnectionLost):
+            await asyncio.wait_for(aiodelay.notify_finish(request), 5)  # the client left
+        try:
+            for _ in range(1000):
+                await response.write(b"y" * 65536)
+        except ConnectionResetError as exc:
+            raised.append(exc)
+            raise
+        return response
+
+    app, observer, client = await _shielded_failure(serve, stream, "/stream")
+    await client.get("/stream")
+    await client.read_until(b"y" * 1024)
+    client.drop("RST")
+    outcome = await observer.ended("/stream")
+    assert raised, "the handler's writes never failed"
+    assert outcome.kind == "failed", outcome
+    stats = aiodelay.stats(app)
+    assert (stats.disconnected, stats.failed, stats.shielded_ran_on) == (1, 1, 0)
+
+
+async def test_a_shielded_handler_whose_body_read_fails_after_its_client_left_counts_as_failed(
+    serve: Serve,
+) -> None:
+    """A shielded handler reads an upload; its client resets half-way: ``request.read()``
+    raises ConnectionResetError, which the handler lets propagate: it failed."""
+    reading = asyncio.Event()
+    raised: list[BaseException] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        reading.set()
+        try:
+            body = await request.read()
+        except ConnectionResetError as exc:
+            raised.append(exc)
+            raise
+        return web.Response(text=f"{len(body)} bytes")
+
+    app, observer, client = await _shielded_failure(serve, upload, "/upload")
+    await client.send(
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"z" * 1000
+    )
+    await asyncio.wait_for(reading.wait(), 5)
+    client.drop("RST")
+    outcome = await observer.ended("/upload")
+    assert raised, "the handler's read did not fail"
+    assert outcome.kind == "failed", outcome
+    stats = aiodelay.stats(app)
+    assert (stats.disconnected, stats.failed, stats.shielded_ran_on) == (1, 1, 0)
+
+
+# -- what aiodelay says about shield() in another task, and about a tiny deadline ----------
+
+
+async def test_shield_in_a_task_the_handler_started_says_to_await_it_in_the_handlers_task(
+    serve: Serve,
+) -> None:
+    """aiodelay is installed; shield() awaited in a plain task the handler started cannot
+    protect that task: the RuntimeError says so, not that aiodelay is not installed."""
+    errors: list[RuntimeError] = []
+
+    async def section() -> None:
+        await aiodelay.shield(asyncio.sleep(0))
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            await asyncio.create_task(section())
+        except RuntimeError as exc:
+            errors.append(exc)
+        return web.Response(text="ok")
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    assert await asyncio.wait_for(client.read_response(), 5) == (200, b"ok")
+    [error] = errors
+    assert "not installed" not in str(error)
+    assert "handler's own task" in str(error)
+
+
+@pytest.mark.parametrize(("seconds", "said"), [(1e-300, "1e-300s"), (0.00012345, "0.000123s")])
+async def test_a_deadline_under_a_millisecond_is_said_with_its_significant_digits(
+    serve: Serve, lines: _Lines, seconds: float, said: str
+) -> None:
+    """A deadline of less than 0.001 s is not "0.000s": the 504 body and the INFO line give
+    it with three significant digits."""
+
+    @aiodelay.deadline(seconds)
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    served = await serve(_app(web.get("/x", slow)))
+    client = await served.get("/x")
+    status, body = await asyncio.wait_for(client.read_response(), 5)
+    assert (status, body) == (504, f"504: the request exceeded its {said} deadline\n".encode())
+    line = await lines.wait_for("deadline")
+    assert line == f"GET /x from 127.0.0.1 exceeded its {said} deadline: cancelled, answered 504"
+    assert lines.lines == [line]
