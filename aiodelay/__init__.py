@@ -13,9 +13,8 @@ from ._core.policy import Policy, cancellable, deadline, grace, shielded
 from ._core.requests import call_later, is_disconnected, notify_finish, spawn, to_thread
 from ._core.shield import shield
 from ._core.stats import Stats
-from .server._resource import NOT_DONE_YET, Resource, ResourceRequest
-
-__version__ = "0.1.0"
+from ._resource import NOT_DONE_YET, Resource, ResourceRequest
+from ._version import __version__ as __version__
 
 __all__ = (
     "NOT_DONE_YET",

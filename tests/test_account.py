@@ -583,15 +583,15 @@ async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
     assert lines.lines == []
 
 
-@pytest.mark.parametrize("with_lifetime", [False, True])
+@pytest.mark.parametrize("asked", [False, True])
 async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
-    serve: Serve, lines: _Lines, with_lifetime: bool
+    serve: Serve, lines: _Lines, asked: bool
 ) -> None:
     probe = Probe()
     finish: list[asyncio.Future[None]] = []
 
     async def slow(request: web.Request) -> web.Response:
-        if with_lifetime:
+        if asked:
             finish.append(aiodelay.notify_finish(request))
         await probe.run(request, probe.gate)
         return web.Response()
@@ -609,7 +609,7 @@ async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
     [line] = await lines.wait_for("interrupted")
     assert "interrupted by shutdown" in line
     assert line.endswith("stopped by the server's shutdown")
-    if with_lifetime:
+    if asked:
         exc = finish[0].exception()
         assert isinstance(exc, aiodelay.ConnectionLost)
         assert exc.reason == "shutdown"

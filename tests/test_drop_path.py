@@ -181,8 +181,8 @@ async def _cloning(request: web.Request, handler: Handler) -> web.StreamResponse
 async def test_a_clone_made_before_the_drop_can_ask_after_it(
     serve: Serve, drop: Drop, turns: int
 ) -> None:
-    """A clone made before the drop shares nothing that a drop writes; from the
-    handler's task it is found on the call stack (after an RST its connection is gone)."""
+    """A clone made before the drop knows of it, as the request does: it shares the
+    request's state."""
     seen: list[object] = []
     held = _Held(_asking(seen, turns))
     app = _app(web.get("/", held.handle))
@@ -222,14 +222,14 @@ async def test_a_clone_made_after_a_quick_stop_knows_it_after_the_end(
     serve: Serve, drop: Drop
 ) -> None:
     """A clone copies what the request keeps of the stop; it still says the truth after the
-    end, and (asked without creating a Lifetime) after the original made one."""
+    end, also once the original was asked."""
     clones: list[web.BaseRequest] = []
     seen: list[bool] = []
 
     async def clone_and_ask(request: web.Request) -> None:
         clone = request.clone()
         clones.append(clone)
-        seen.append(aiodelay.is_disconnected(request))  # the original makes its Lifetime
+        seen.append(aiodelay.is_disconnected(request))
         seen.append(aiodelay.is_disconnected(clone))
 
     held = _Held(clone_and_ask)

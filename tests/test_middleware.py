@@ -751,7 +751,7 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
     not left for the cyclic garbage collector."""
 
     async def ok(request: web.Request) -> web.Response:
-        aiodelay.notify_finish(request)  # makes a Lifetime
+        aiodelay.notify_finish(request)  # makes the state's extras
         return web.Response(text="ok")
 
     async def fails(request: web.Request) -> web.Response:
@@ -820,8 +820,8 @@ async def test_no_reference_cycles_are_left_per_connection_or_request(serve: Ser
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-    ours = {name: kinds[name] for name in ("Watch", "Connection", "Lifetime", "Request")}
-    assert ours == {"Watch": 0, "Connection": 0, "Lifetime": 0, "Request": 0}
+    ours = {name: kinds[name] for name in ("Watch", "RequestState", "_Extras", "Request")}
+    assert ours == {"Watch": 0, "RequestState": 0, "_Extras": 0, "Request": 0}
 
 
 async def _ping_until_idle(served: Any) -> None:

@@ -16,12 +16,12 @@ import re
 import socket
 import struct
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -29,6 +29,8 @@ from aiohttp.typedefs import Handler
 
 import aiodelay
 from tests.conftest import RawClient, Serve
+
+_AIOHTTP = tuple(int(part) for part in aiohttp.__version__.split(".")[:2])
 
 # What each test checks must hold on asyncio's own loop and on uvloop alike.
 pytestmark = pytest.mark.both_loops
@@ -213,22 +215,51 @@ def _reset(sock: socket.socket) -> None:
 # -- a deadline passes in a shield() section, then the client leaves --------------------------
 
 
+class _InAShieldSection:
+    """A handler's ``shield()`` section that lasts until its client left after the request's
+    deadline had passed."""
+
+    def __init__(self) -> None:
+        self.request: web.Request | None = None
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def run(self, request: web.Request) -> None:
+        self.request = request
+        self.started.set()
+        await aiodelay.shield(self.release.wait())
+
+    async def leave_after_the_deadline(self, client: RawClient) -> None:
+        await asyncio.wait_for(self.started.wait(), 5)
+        assert self.request is not None
+        with pytest.raises(aiodelay.DeadlineExceeded):
+            await asyncio.wait_for(aiodelay.notify_finish(self.request), 5)  # it passed
+        client.drop("FIN")
+        for _ in range(1000):  # aiohttp lets go of the closed transport a few turns later
+            if self.request.transport is None:
+                break
+            await asyncio.sleep(0)
+        assert self.request.transport is None
+        self.release.set()
+
+
 async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
     serve_logged: ServeLogged, lines: _Lines
 ) -> None:
     """Nothing went out: the access log says 499 with 0 bytes, not the 504 that was never
     sent; the request still counts and is logged as timed out (the deadline came first)."""
 
+    held = _InAShieldSection()
+
     @aiodelay.deadline(0.1)
     async def slow(request: web.Request) -> web.Response:
-        await aiodelay.shield(asyncio.sleep(0.3))
+        await held.run(request)
         return web.Response(text="done")
 
     served = await serve_logged(_app(web.get("/x", slow)))
     client = await served.connect()
     await client.get("/x")
-    await asyncio.sleep(0.2)  # the scenario: the client leaves after the deadline passed
-    client.drop("FIN")
+    await held.leave_after_the_deadline(client)
     assert await served.entry("/x") == "GET /x 499 0"
     line = await lines.wait_for(r"deadline")
     assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
@@ -244,10 +275,12 @@ async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
     """The handler catches the deadline's cancellation and answers itself, for a client that
     is gone: nothing went out, so the access log says 499 with 0 bytes, not 200."""
 
+    held = _InAShieldSection()
+
     @aiodelay.deadline(0.1)
     async def stubborn(request: web.Request) -> web.Response:
         try:
-            await aiodelay.shield(asyncio.sleep(0.3))
+            await held.run(request)
         except asyncio.CancelledError:
             return web.Response(text="late")
         return web.Response(text="done")
@@ -255,8 +288,7 @@ async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
     served = await serve_logged(_app(web.get("/x", stubborn)))
     client = await served.connect()
     await client.get("/x")
-    await asyncio.sleep(0.2)  # the scenario: the client leaves after the deadline passed
-    client.drop("FIN")
+    await held.leave_after_the_deadline(client)
     assert await served.entry("/x") == "GET /x 499 0"
     line = await lines.wait_for(r"deadline")
     assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
@@ -275,7 +307,7 @@ async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_sho
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     a_waits = asyncio.Event()
-    blocking = threading.Event()
+    blocking, reset = threading.Event(), threading.Event()
 
     async def a(request: web.Request) -> web.Response:
         a_waits.set()
@@ -285,7 +317,8 @@ async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_sho
     async def b(request: web.Request) -> web.Response:
         loop.call_soon(ready.set_result, None)
         blocking.set()
-        time.sleep(0.2)  # noqa: ASYNC251  # the scenario: a handler that blocks the loop
+        # The scenario: a handler that blocks the loop, here until /a's client has reset.
+        reset.wait(5)  # (a threading.Event: blocking the loop on purpose)
         return web.Response(text="b")
 
     app = _app(web.get("/a", a), web.get("/b", b))
@@ -296,10 +329,11 @@ async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_sho
     await asyncio.to_thread(a_client.sendall, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
 
     def reset_while_blocked() -> None:
-        # The loop is blocked in /b: only another thread can reset /a's connection now.
+        # The loop is blocked in /b: only another thread can reset /a's connection now. On
+        # 127.0.0.1 the RST has reached the server's socket when close() returns.
         if blocking.wait(5):
-            time.sleep(0.1)
             _reset(a_client)
+            reset.set()
 
     resetter = threading.Thread(target=reset_while_blocked)
     resetter.start()
@@ -311,6 +345,7 @@ async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_sho
         outcome = await observer.ended("/a")
     finally:
         blocking.set()
+        reset.set()
         await asyncio.to_thread(resetter.join, 5)
         if a_client.fileno() >= 0:
             a_client.close()
@@ -508,7 +543,12 @@ async def test_a_file_download_reset_by_its_client_is_truncated_by_rst_with_matc
     entry = await served.entry("/big.bin")
     assert outcome.kind == "truncated", outcome
     assert outcome.lost is not None
-    assert outcome.lost.reason == "RST", outcome
+    if _AIOHTTP < (3, 11) and asyncio.get_running_loop().__module__.startswith("asyncio"):
+        # aiohttp 3.10 reads on after sendfile() met the reset (and took its error): the read
+        # sees only the end of the stream, as after a FIN, and asks nothing more.
+        assert outcome.lost.reason in ("RST", "FIN"), outcome
+    else:
+        assert outcome.lost.reason == "RST", outcome
     handed = re.search(r"\((\d+) bytes handed to the transport\)", line)
     assert handed is not None, line
     assert entry == f"GET /big.bin 200 {handed[1]}", (entry, line)

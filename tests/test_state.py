@@ -4,6 +4,8 @@ middleware to the final outcome, that whatever asks about the request finds on i
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from aiohttp import web
@@ -56,3 +58,75 @@ async def test_each_keep_alive_request_answers_for_itself_after_the_end(
     assert not any(aiodelay.is_disconnected(request) for request in held)
     stats = aiodelay.stats(app)
     assert (stats.in_flight, stats.completed, stats.failed) == (0, 3, 0)
+
+
+async def test_a_state_nothing_can_reach_serves_the_connections_next_request(
+    serve: Serve,
+) -> None:
+    """Keep-alive requests that nobody holds on to share one state object, one after the
+    other (no allocation per request); one that something holds gets its own (above)."""
+    seen: list[int] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(id(state_of(request)))  # the id only: holding it would keep it apart
+        return web.Response(text="ok")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_routes([web.get("/", ok)])
+    served = await serve(app)
+    client = await served.connect()
+    for _ in range(3):
+        await client.get("/")
+        await client.read_response()
+    assert len(set(seen)) == 1
+
+
+_UNDER_A_TRACER = """
+import asyncio, sys
+
+def trace(frame, event, arg):
+    frame.f_locals  # as a debugger does: one more reference to each variable
+    return trace
+
+sys.settrace(trace)
+import aiodelay  # the state module measures what "nothing else holds it" counts now
+sys.settrace(None)
+from aiohttp import web
+from aiodelay._core.aiohttp_internals import state_of
+
+async def main():
+    held = []
+
+    async def ok(request):
+        held.append(request)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    for _ in range(2):
+        writer.write(b"GET / HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
+        await reader.readuntil(b"ok")
+    print(len({id(state_of(request)) for request in held}))
+    writer.close()
+    await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
+def test_a_tracer_at_import_never_lets_a_held_request_share_its_state() -> None:
+    """A trace function that reads frames' variables (a debugger) holds one more reference
+    to them: had the state module measured "nothing else holds it" under one, a state that a
+    request still reaches would serve the next request."""
+    run = subprocess.run(
+        [sys.executable, "-c", _UNDER_A_TRACER], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "2"

@@ -68,7 +68,6 @@ __all__ = (
     "state_key",
     "state_of",
     "status_line_sent",
-    "still_writing",
     "transport_of",
 )
 
@@ -164,9 +163,10 @@ class Watch(asyncio.Protocol):
             # (after a write failed, or at shutdown: the kernel tells whether the peer had
             # closed or reset it first), or a TLS peer's close_notify (Python 3.10's SSL
             # transport reports that without eof_received).
-            closing = bool(proto._force_close or proto._close)
-            reason = _how_peer_left(proto.transport) if closing else "FIN"
-            self._lose(ConnectionLost(reason or "closed"))
+            reason = _how_peer_left(proto.transport)
+            if reason is None:
+                reason = "closed" if proto._force_close or proto._close else "FIN"
+            self._lose(ConnectionLost(reason))
         else:
             lost = ConnectionLost("RST")
             lost.__cause__ = exc
@@ -362,8 +362,9 @@ def install_watch(
 
 
 # aiohttp >= 3.12 warns about plain string keys on a request; older ones lack RequestKey. The
-# state is read and written in the request's mapping directly (the same dict, shared with the
-# copies ``request.clone()`` makes): no warning, no method call on the hot path.
+# state is read and written in the request's mapping directly (``request.clone()`` copies the
+# mapping, so a clone made later holds the same state object): no warning, no method call on
+# the hot path.
 state_key: Any = web.RequestKey("aiodelay", object) if hasattr(web, "RequestKey") else "aiodelay"
 
 
@@ -407,12 +408,6 @@ def abort_connection(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-def still_writing(request: web.BaseRequest) -> bool:
-    """Whether aiohttp is still handling the request (its response not yet finished or
-    failed): on a closed connection, that is a matter of a few turns of the loop."""
-    return bool(request.protocol._request_in_progress)
 
 
 def access_logged(request: web.BaseRequest) -> bool:

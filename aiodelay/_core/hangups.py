@@ -5,8 +5,8 @@ not read yet, or a full pipelining queue), asyncio cannot see a FIN: the kernel 
 the unread bytes. The kernel knows, though: on Linux, ``EPOLLRDHUP`` reports a peer's FIN (and
 ``EPOLLERR``/``EPOLLHUP`` a reset) whatever is still unread. A :class:`Hangups` is one small
 ``select.epoll`` per event loop, itself one readable fd of the loop, that holds only those
-events and only for the connections held in it (``Watch.hold`` in ``_watch.py`` says which).
-Elsewhere ``CAN_HOLD`` is False and nothing is held.
+events and only for the connections held in it (``Watch.hold`` in ``aiohttp_internals.py``
+says which). Elsewhere ``CAN_HOLD`` is False and nothing is held.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``setup(app)``, ``middleware()`` and ``stats(app)``: where a request enters aiodelay.
 
-The middleware gives each request its state (``outcome.begin``), runs the handler (or awaits
+The middleware gives each request its state (``state.state_for``), runs the handler (or awaits
 the "not done yet" awaitable it returned) with the request's deadline armed, and hands the end
 to ``outcome.end``: everything else a request meets happens below it, in ``state`` and
 ``outcome``.

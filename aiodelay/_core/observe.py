@@ -1,7 +1,7 @@
 """How a request ended (:class:`Outcome`) and the hook that is told (:class:`RequestObserver`).
 
 Public as ``aiodelay.Outcome`` and ``aiodelay.RequestObserver``; ``aiodelay.add_observer`` is in
-``_account``, which owns the observers of each installation.
+``installation``, which keeps the observers of each installation; ``outcome`` tells them.
 """
 
 from __future__ import annotations

@@ -70,7 +70,6 @@ from .aiohttp_internals import (
     peer_gone,
     response_written,
     status_line_sent,
-    still_writing,
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, seconds_text
@@ -86,21 +85,14 @@ logger = logging.getLogger("aiodelay")
 #: 3.10 the cancelled task is left in a reference cycle; a 499 response is returned instead).
 _HAND_ON = sys.version_info >= (3, 11)
 _NO_CONTEXT = contextvars.Context()
-#: How many turns of the loop a closed connection's request may take aiohttp to finish.
-_TURNS = 100
 
 
 def started(state: RequestState) -> None:
-    """A request that the other installations on its way (sub-apps with aiodelay of their
-    own) count too, or that observers watch, started: counted by those, observers told. (The
-    watching installation counted it when it made its state.)"""
+    """Tell the observers of every installation on the request's way that it started."""
     request = state.request
     assert request is not None
-    installations = state.installation.installations(request)
-    for each in installations[1:]:
-        each.counters.started += 1
-    for each in installations:
-        for observer in each.observers:
+    for installation in state.installation.installations(request):
+        for observer in installation.observers:
             try:
                 observer.request_started(request)
             except Exception:  # one broken observer must not break the request
@@ -130,20 +122,21 @@ class _ConnectionEvents:
 
     def closed(self, state: RequestState) -> None:
         watch, state.watch = state.watch, None
-        if state.phase < ENDED:
-            return  # the handler runs on (shielded): its end lets go
+        if state.phase != ENDED:
+            return  # its end lets go (the handler runs on), or it has let go (SETTLED)
+        extras = state.extras
+        if extras is not None and extras.settling:
+            return  # its callback settles it (and lets go) once aiohttp is done
         request = state.request
-        if state.phase == ENDED and request is not None:
-            extras = state.extras
-            if extras is not None and extras.settling:
-                return  # its own callback settles it once aiohttp is done, and lets go
-            if not response_written(request) and not (watch is not None and watch.is_websocket()):
-                # Counted completed when its handler returned; aiohttp may still get the rest
-                # out (a client that half-closed, and reads on): once aiohttp is done, it is
-                # known.
-                lost = (watch.lost if watch is not None else None) or how_peer_left(request)
-                asyncio.get_running_loop().call_soon(_settle_after_close, state, request, lost)
-                return
+        if (
+            request is not None
+            and not response_written(request)
+            and not (watch is not None and watch.is_websocket())
+        ):
+            # Counted completed when its handler returned; aiohttp may still get the rest out
+            # (a client that half-closed, and reads on): once it is done, it is known.
+            _settle_when_written(state, request, watch, counted=True)
+            return
         state.let_go()
 
 
@@ -183,7 +176,7 @@ def _end(
     client, then the table above (:func:`_classify`), then the record and the answer."""
     request = state.request
     assert request is not None  # the handler has just ended
-    ours = isinstance(exc, asyncio.CancelledError) and state.cancellation_is_ours()
+    ours = isinstance(exc, asyncio.CancelledError) and state.take_back_cancellation()
     state.ended()
     gone = _gone(state, request)
     if state.cause is None:
@@ -326,7 +319,7 @@ def _completed(
     extras = state.extras
     if (extras is not None and extras.waiters) or _observed(state):
         # Settled once aiohttp has written the response: told then.
-        _settle_when_written(state, request, counted=False)
+        _settle_when_written(state, request, state.watch, counted=False)
         return response
     for installation in state.installation.installations(request):
         installation.counters.completed += 1
@@ -388,8 +381,11 @@ def _tell_lost(state: RequestState) -> None:
                 logger.exception("observer %r failed", observer)
 
 
-def _settle_when_written(state: RequestState, request: web.BaseRequest, *, counted: bool) -> None:
-    """Settle the request once aiohttp is done with its response (its task ends);
+def _settle_when_written(
+    state: RequestState, request: web.BaseRequest, watch: Watch | None, *, counted: bool
+) -> None:
+    """Settle the request once aiohttp is done with its response (its task ends): completed,
+    or truncated if not all of it went out (``watch`` says how the client left).
     ``counted``: it was counted completed when its handler returned."""
     extras = state.more()
     if extras.settling:
@@ -398,7 +394,7 @@ def _settle_when_written(state: RequestState, request: web.BaseRequest, *, count
     task = state.task
     assert task is not None
     task.add_done_callback(
-        functools.partial(_response_done, state, request, state.watch, counted),
+        functools.partial(_response_done, state, request, watch, counted),
         context=_NO_CONTEXT,  # needs none of the request's context variables
     )
 
@@ -424,23 +420,6 @@ def _response_done(
     _record_truncated(state, request, recount=counted)
 
 
-def _settle_after_close(
-    state: RequestState, request: web.BaseRequest, lost: ConnectionLost, turns: int = 0
-) -> None:
-    """A request counted completed whose client left while aiohttp wrote its response, once
-    its connection is closed and aiohttp is done with it."""
-    if state.phase == SETTLED:
-        return  # asked about meanwhile, and settled by its own callback
-    if response_written(request):
-        state.let_go()  # all of it went out after all
-        return
-    if still_writing(request) and turns < _TURNS:
-        asyncio.get_running_loop().call_soon(_settle_after_close, state, request, lost, turns + 1)
-        return
-    state.cause, state.cause_at = lost, monotonic()
-    _record_truncated(state, request, recount=True)
-
-
 def _record_truncated(
     state: RequestState, request: web.BaseRequest, *, recount: bool = False
 ) -> None:
@@ -464,7 +443,7 @@ def notify_finish(state: RequestState) -> asyncio.Future[None]:
             # The connection moved on, or aiohttp has written it all.
             state.settle()
         else:
-            _settle_when_written(state, request, counted=True)
+            _settle_when_written(state, request, state.watch, counted=True)
     return future
 
 
@@ -477,10 +456,10 @@ def _record(
     request: web.BaseRequest | None = None,
     recount: bool = False,
 ) -> None:
-    """The end of one request: the ``notify_finish`` futures resolved, its counters in every
-    installation on its way, its INFO line if its client left or its deadline passed, and the
-    observers told (an :class:`Outcome` is made only for them). ``recount``: it was counted
-    ``completed`` when its handler returned."""
+    """The end of one request: SETTLED (the ``notify_finish`` futures resolved, the request let
+    go), its counters in every installation on its way, its INFO line if its client left or
+    its deadline passed, and the observers told (an :class:`Outcome` is made only for them).
+    ``recount``: it was counted ``completed`` when its handler returned."""
     request = request or state.request
     assert request is not None
     state.settle(error)
@@ -530,8 +509,6 @@ def _record(
                         observer.request_ended(request, outcome)
                     except Exception:  # one broken observer must not take the others' record
                         logger.exception("observer %r failed", observer)
-    if state.watch is None:
-        state.let_go()  # the connection is gone: nothing more comes for the request
 
 
 def _what(kind: OutcomeKind, note: str, total: float) -> str:

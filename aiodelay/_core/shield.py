@@ -21,6 +21,8 @@ _T = TypeVar("_T")
 #: The code of the coroutine that runs each request's handler, whose local ``state`` is its
 #: request's state.
 _RUNS_HANDLERS = Middleware.__call__.__code__
+if "state" not in _RUNS_HANDLERS.co_varnames:  # whoever renames it learns it here, not in use
+    raise RuntimeError("Middleware.__call__ has no local variable 'state' for shield() to find")
 
 _NOT_IN_A_HANDLER = (
     "aiodelay.shield() protects the handler's own task: await it in the request's handler "

@@ -17,7 +17,8 @@ RUNNING_ON    The client left or the deadline passed, and the handler goes on fo
               is shielded (the policy), inside a ``shield()`` section, in its grace, or a
               WebSocket (aiohttp ends those itself). The end of the section leads to
               STOPPED, the end of the grace to STOPPING, unless the handler ended first.
-STOPPING      aiodelay cancelled the handler's task; its ``CancelledError`` is on the way.
+STOPPING      aiodelay cancelled the handler's task; its ``CancelledError`` is on the way
+              (STOPPED once the handler's end takes the cancellation back).
 STOPPED       aiodelay raised ``CancelledError`` in the handler's own task (the end of a
               ``shield()`` section; a client gone before the handler started).
 ENDED         The handler returned or raised, and ``outcome`` classified its end; aiohttp
@@ -31,9 +32,9 @@ SETTLED       The outcome is final: counted, logged, observers told, ``notify_fi
 "Cancelled" (the request asked) and "stopped" (the ``CancelledError`` came back) are apart, as
 in trio's ``CancelScope``: STOPPING and STOPPED say a cancellation was requested; whether the
 ``CancelledError`` that ends the handler is aiodelay's and nothing else's is decided at the
-end (:meth:`RequestState.cancellation_is_ours`). The state lets go of the request and its task
-when the connection moves on (the next request, or the close), so no reference cycle outlives
-it.
+end (:meth:`RequestState.take_back_cancellation`). The state lets go of its request and task
+once it is SETTLED, or, ENDED, when the connection moves on (its next request, or its close),
+so no reference cycle outlives it.
 
 Most requests only ever touch the first slots; what few need (``notify_finish`` futures, owned
 timers and tasks, a ``shield()`` section, a grace) is made on first use, in ``extras``.
@@ -146,21 +147,16 @@ class RequestState:
         "watch",
     )
 
-    def __init__(
-        self,
-        request: web.BaseRequest,
-        task: asyncio.Task[Any],
-        installation: Installation,
-        watch: Watch | None,
-    ) -> None:
-        self.request: web.BaseRequest | None = request
+    def __init__(self, installation: Installation, watch: Watch | None) -> None:
+        # (state_for fills in the request; a state object may serve a connection's next request)
+        self.request: web.BaseRequest | None = None
         #: aiohttp's task of the request, which runs the handler.
-        self.task: asyncio.Task[Any] | None = task
+        self.task: asyncio.Task[Any] | None = None
         #: The installation that watches the request's connection (the outermost).
         self.installation = installation
         #: The connection's Watch, None once the connection is closed.
         self.watch = watch
-        self.started_at = monotonic()
+        self.started_at = 0.0
         self.phase = RUNNING
         #: The response the handler returned (aiohttp's access log needs it if it is cut).
         self.response: web.StreamResponse | None = None
@@ -169,10 +165,6 @@ class RequestState:
         self.cause: ConnectionLost | DeadlineExceeded | None = None
         self.cause_at: float | None = None
         self.extras: _Extras | None = None
-        request_dict(request)[state_key] = self
-        installation.counters.started += 1
-        if watch is not None:
-            watch.state = self
 
     def __repr__(self) -> str:
         return f"<RequestState {self.where()} {_PHASES[self.phase]} cause={self.cause!r}>"
@@ -222,14 +214,13 @@ class RequestState:
         self.cause = lost
         self.cause_at = monotonic()
         self._fail_waiters(lost)
-        plan = self.plan
         if websocket:
             # aiohttp ends a WebSocket's receive loop itself; cancelling the handler instead
             # would change how WebSocket handlers end.
             self.more().websocket = True
-            return self._run_on()
-        if plan.policy is not Policy.CANCEL:
-            return self._run_on()  # shielded: it runs to its end
+        if not self.cancels_for_client():
+            return self._run_on()  # shielded, or a WebSocket: it runs to its end
+        plan = self.plan
         extras = self.extras
         if plan.grace is not None:
             # It may run on this much longer (counted from now, also in a shield() section):
@@ -276,16 +267,22 @@ class RequestState:
         assert self.task is not None  # the handler runs
         self.task.cancel(message)
 
+    def cancels_for_client(self) -> bool:
+        """Whether the client leaving stops this handler (once any grace is over): the cancel
+        policy, and not a WebSocket (aiohttp ends those)."""
+        extras = self.extras
+        if extras is not None and extras.websocket:
+            return False
+        return self.plan.policy is Policy.CANCEL
+
     def _stop_pending(self) -> str | None:
         """In RUNNING_ON: the message to stop the handler with now, if its cause stops it (a
         deadline; the client leaving, under the cancel policy, once any grace is over)."""
         if self.timed_out is not None:
             return DEADLINE_MESSAGE
-        extras = self.more()
-        plan = self.plan
-        if extras.websocket or plan.policy is not Policy.CANCEL:
+        if not self.cancels_for_client():
             return None
-        if plan.grace is not None and not extras.grace_over:
+        if self.plan.grace is not None and not self.more().grace_over:
             return None  # its grace, armed when the client left, still runs
         return CANCEL_MESSAGE
 
@@ -316,9 +313,11 @@ class RequestState:
             self.installation.running_on.discard(self)
         return message
 
-    def cancellation_is_ours(self) -> bool:
-        """Called at the end with the handler's CancelledError in hand: is it aiodelay's own
-        (requested in STOPPING, raised in STOPPED), and nothing else's?
+    def take_back_cancellation(self) -> bool:
+        """Called at the end with the handler's CancelledError in hand: take back aiodelay's
+        cancel request, if it made one (STOPPING becomes STOPPED), and say whether the
+        CancelledError is aiodelay's own (requested in STOPPING, raised in STOPPED) and
+        nothing else's.
 
         Python 3.10 cannot count cancel requests: there a foreign cancellation that coincides
         with aiodelay's is taken for aiodelay's."""
@@ -351,7 +350,7 @@ class RequestState:
 
     def settle(self, error: BaseException | None = None) -> None:
         """The outcome is final (``error``: what the request ended with, if not its cause):
-        resolve the ``notify_finish`` futures still waiting, and let go of the task."""
+        resolve the ``notify_finish`` futures still waiting, and let go of the request."""
         self.phase = SETTLED
         if error is not None:
             self.more().error = error
@@ -361,9 +360,10 @@ class RequestState:
             result = self.result()
             for future in waiters:
                 _resolve(future, result)
+        self.let_go()
 
     def let_go(self) -> None:
-        """The connection moved on (its next request, or its close): keep only the outcome."""
+        """Keep only the outcome (SETTLED; or ENDED, and the connection moved on)."""
         self.request = self.task = self.response = self.watch = None
 
     def result(self) -> BaseException | None:
@@ -418,42 +418,54 @@ def state_for(
     watch: Watch | None,
 ) -> RequestState | None:
     """The state of ``request``, which starts now on ``watch``'s connection (None: it is
-    closed already), counted as started by ``installation``, the watching one; None if the
-    request has its state already (aiodelay is installed on an app and on a sub-app, and this
-    is the sub-app's: the outer installation's middleware made it).
+    closed already), counted as started by ``installation`` (the watching one) and the other
+    installations on its way; None if the request has its state already (aiodelay is
+    installed on an app and on a sub-app, and this is the sub-app's: the outer installation's
+    middleware made it).
 
     The connection's previous request lets go of its request now (its response went out), so
     that no reference cycle is left. If that previous request ended plainly (nothing stopped
     it, it owned nothing, nothing waited for it) and nothing can reach its state any more (no
-    one holds that request, a clone of it, or the state), its state object is made new for
-    this request: no allocation on a keep-alive connection's every request, and nothing to
-    tell the two apart, since the old one cannot be asked.
+    one holds that request, a clone of it, or the state), its state object serves this
+    request: no allocation on a keep-alive connection's every request, and nothing can tell
+    the two apart, since the old one cannot be asked any more.
     """
+    state: RequestState | None
     if watch is None:
         if state_of(request) is not None:
             return None
-        return RequestState(request, task, installation, None)
-    previous: RequestState | None = watch.state
-    if previous is not None:
-        if previous.phase < ENDED:
-            return None  # its request in flight is this one, in the outer installation
-        previous.request = None  # the connection moved on: no cycle left behind
-        if (
-            previous.phase == ENDED
-            and previous.cause is None
-            and previous.extras is None
-            and previous.installation is installation
-            and _getrefcount(previous) <= _ONLY_THE_WATCH
-        ):
-            previous.request = request
-            previous.task = task
-            previous.started_at = monotonic()
-            previous.phase = RUNNING
-            previous.response = None
-            request_dict(request)[state_key] = previous
-            installation.counters.started += 1
-            return previous
-    return RequestState(request, task, installation, watch)
+        state = RequestState(installation, None)
+    else:
+        state = watch.state
+        if state is not None:
+            if state.phase < ENDED:
+                if state_of(request) is state:
+                    return None  # its request in flight is this one, in the outer installation
+                state = None  # (aiohttp runs a connection's requests one at a time)
+            else:
+                state.request = None  # the connection moved on: the previous request goes
+                if not (
+                    state.cause is None
+                    and state.extras is None
+                    and state.installation is installation
+                    and _getrefcount(state) <= _ONLY_THE_WATCH
+                ):
+                    state.let_go()
+                    state = None
+        if state is None:
+            state = watch.state = RequestState(installation, watch)
+    state.request = request
+    state.task = task
+    state.watch = watch
+    state.started_at = monotonic()
+    state.phase = RUNNING
+    state.response = None
+    request_dict(request)[state_key] = state
+    installation.counters.started += 1
+    if installation.nested:
+        for other in installation.installations(request)[1:]:
+            other.counters.started += 1
+    return state
 
 
 _getrefcount = getattr(sys, "getrefcount", None) or (lambda _: 1 << 30)  # (CPython has it)
@@ -467,11 +479,15 @@ class _Holder:
 def _only_the_watch() -> int:
     """What ``getrefcount`` says of an object that only one attribute holds, as a Watch holds
     a state, asked the way :func:`state_for` asks (how many references the interpreter
-    itself holds then differs between Python versions)."""
+    itself holds then differs between Python versions). 0 (never make a state serve again)
+    if a trace or profile function runs now: one that reads a frame's variables holds one
+    more reference to them, so the count would be too high for the code that runs untraced."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return 0
     holder = _Holder()
     holder.state = object()
-    previous = holder.state
-    return _getrefcount(previous)
+    state = holder.state
+    return _getrefcount(state)
 
 
 _ONLY_THE_WATCH = _only_the_watch()

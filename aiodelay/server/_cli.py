@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.log import access_logger
 
 from .._core.policy import Policy
+from .._version import __version__
 from ._site import create_app
 
 __all__ = ("DEMO_DIR", "main")
@@ -104,8 +105,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve Prometheus metrics at /metrics (needs: pip install 'aiodelay[prometheus]')",
     )
-    from .. import __version__  # (aiodelay's __init__ imports this package)
-
     parser.add_argument("--version", action="version", version=f"aiodelay {__version__}")
     return parser
 

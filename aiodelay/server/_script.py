@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .._core.policy import Policy, cancellable, policy_of, shielded
-from ._resource import Resource
+from .._resource import Resource
 
 __all__ = ("ScriptError", "Scripts")
 

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, final
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .._core.errors import ConnectionLost
-from .._core.policy import Policy
-from .._core.requests import call_later, is_disconnected, notify_finish, request_policy
+from ._core.errors import ConnectionLost
+from ._core.policy import Policy
+from ._core.requests import call_later, is_disconnected, notify_finish, request_policy
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
