@@ -86,7 +86,11 @@ _UNDER_A_TRACER = """
 import asyncio, sys
 
 def trace(frame, event, arg):
-    frame.f_locals  # as a debugger does: one more reference to each variable
+    # As a debugger does where it stops: one more reference to each variable. (Only in the
+    # function that measures: on Python 3.12 reading f_locals in a tracer breaks inlined
+    # comprehensions of the modules imported meanwhile.)
+    if frame.f_code.co_name == "_only_the_watch":
+        frame.f_locals
     return trace
 
 sys.settrace(trace)

@@ -73,9 +73,10 @@ from .aiohttp_internals import (
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, seconds_text
+from .installation import Installation
 from .observe import Outcome, OutcomeKind
 from .policy import Policy
-from .state import ENDED, RUNNING, SETTLED, RequestState
+from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
 
 __all__ = ("EVENTS", "end", "logger", "notify_finish", "started")
 
@@ -91,7 +92,8 @@ def started(state: RequestState) -> None:
     """Tell the observers of every installation on the request's way that it started."""
     request = state.request
     assert request is not None
-    for installation in state.installation.installations(request):
+    on_the_way = state.installation
+    for installation in on_the_way.installations(request) if on_the_way.nested else (on_the_way,):
         for observer in installation.observers:
             try:
                 observer.request_started(request)
@@ -114,7 +116,7 @@ class _ConnectionEvents:
             stopping = state.client_left(lost, websocket=websocket, in_task=in_task)
             _tell_lost(state)
             return stopping
-        if state.phase == ENDED and state.cause is None and state.response is not None:
+        if state.phase in (ENDED, WRITING) and state.cause is None and state.response is not None:
             # Its response is being written: what was handed over so far is what aiohttp's
             # access log is to show. Whether all of it gets out, the close tells.
             log_bytes_sent(state.response)
@@ -123,10 +125,9 @@ class _ConnectionEvents:
     def closed(self, state: RequestState) -> None:
         watch, state.watch = state.watch, None
         if state.phase != ENDED:
-            return  # its end lets go (the handler runs on), or it has let go (SETTLED)
-        extras = state.extras
-        if extras is not None and extras.settling:
-            return  # its callback settles it (and lets go) once aiohttp is done
+            # Its end lets go (the handler runs on); its callback will, once aiohttp is done
+            # (WRITING); or it has let go (SETTLED).
+            return
         request = state.request
         if (
             request is not None
@@ -151,18 +152,16 @@ def end(
     table above), count and record it, and say what aiohttp gets: a response (to send, or
     only to log), or None to let ``exc`` go on unchanged."""
     if exc is None and state.phase == RUNNING and state.extras is None:
-        installation, watch = state.installation, state.watch
-        if (
-            not (installation.nested or installation.observers)
-            and watch is not None
-            and watch.lost is None
-            and not watch.transport.is_closing()
-        ):
+        watch = state.watch
+        if watch is not None and watch.lost is None and not watch.transport.is_closing():
             # Most requests: nothing stopped them, they own nothing, nothing waits for them,
-            # nobody observes them, their client is there. ENDED (see state.py), counted
-            # completed now; recounted as truncated if the client leaves before aiohttp has
-            # written the response (EVENTS.closed).
+            # their client is there. ENDED (see state.py)...
             state.phase = ENDED
+            installation = state.installation
+            if installation.nested or installation.observers:
+                return _completed(state, state.request, response)  # type: ignore[arg-type]
+            # ...and, nobody observing them, counted completed now; recounted as truncated if
+            # the client leaves before aiohttp has written the response (EVENTS.closed).
             state.response = response
             installation.counters.completed += 1
             return response
@@ -321,7 +320,7 @@ def _completed(
         # Settled once aiohttp has written the response: told then.
         _settle_when_written(state, request, state.watch, counted=False)
         return response
-    for installation in state.installation.installations(request):
+    for installation in _installations(state, request):
         installation.counters.completed += 1
     if state.watch is None:
         state.let_go()
@@ -360,12 +359,18 @@ def _lost_now(state: RequestState, lost: ConnectionLost) -> None:
     _tell_lost(state)
 
 
+def _installations(state: RequestState, request: web.BaseRequest) -> tuple[Installation, ...]:
+    """The installations on the request's way, the watching one first."""
+    installation = state.installation
+    return installation.installations(request) if installation.nested else (installation,)
+
+
 def _observed(state: RequestState) -> bool:
     installation = state.installation
     if not installation.nested:
         return bool(installation.observers)
     assert state.request is not None
-    return any(each.observers for each in installation.installations(state.request))
+    return any(each.observers for each in _installations(state, state.request))
 
 
 def _tell_lost(state: RequestState) -> None:
@@ -373,7 +378,7 @@ def _tell_lost(state: RequestState) -> None:
     lost, request = state.lost, state.request
     if lost is None or request is None or not _observed(state):
         return
-    for installation in state.installation.installations(request):
+    for installation in _installations(state, request):
         for observer in installation.observers:
             try:
                 observer.request_lost(request, lost)
@@ -387,10 +392,9 @@ def _settle_when_written(
     """Settle the request once aiohttp is done with its response (its task ends): completed,
     or truncated if not all of it went out (``watch`` says how the client left).
     ``counted``: it was counted completed when its handler returned."""
-    extras = state.more()
-    if extras.settling:
+    if state.phase == WRITING:
         return
-    extras.settling = True
+    state.phase = WRITING
     task = state.task
     assert task is not None
     task.add_done_callback(
@@ -437,7 +441,7 @@ def _record_truncated(
 def notify_finish(state: RequestState) -> asyncio.Future[None]:
     """``aiodelay.notify_finish``: a new future, resolved when the outcome is known."""
     future = state.notify_finish()
-    if not future.done() and state.phase == ENDED:
+    if not future.done() and state.phase == ENDED:  # (in WRITING it is settled anyway)
         request = state.request
         if request is None or response_written(request):
             # The connection moved on, or aiohttp has written it all.
@@ -464,7 +468,7 @@ def _record(
     assert request is not None
     state.settle(error)
     installation = state.installation
-    installations = installation.installations(request)
+    installations = installation.installations(request) if installation.nested else (installation,)
     lost = state.lost
     disconnected = lost is not None
     observed = False

@@ -24,7 +24,11 @@ STOPPED       aiodelay raised ``CancelledError`` in the handler's own task (the 
 ENDED         The handler returned or raised, and ``outcome`` classified its end; aiohttp
               writes the response. A request that completed, that nothing waits for, is
               counted here, and stays ENDED: if its client leaves before aiohttp has
-              written the whole response, it is counted again, as truncated (SETTLED).
+              written the whole response, it is counted again, as truncated. Asked about
+              then (``notify_finish``), it moves to WRITING.
+WRITING       The handler returned a response for a client still there; ``outcome``
+              settles the request once aiohttp is done writing it (its task's done
+              callback): observers or ``notify_finish`` futures wait for that.
 SETTLED       The outcome is final: counted, logged, observers told, ``notify_finish``
               resolved.
 ============  ==========================================================================
@@ -69,13 +73,14 @@ __all__ = (
     "SETTLED",
     "STOPPED",
     "STOPPING",
+    "WRITING",
     "RequestState",
     "fail",
     "state_for",
 )
 
-RUNNING, RUNNING_ON, STOPPING, STOPPED, ENDED, SETTLED = range(6)
-_PHASES = ("RUNNING", "RUNNING_ON", "STOPPING", "STOPPED", "ENDED", "SETTLED")
+RUNNING, RUNNING_ON, STOPPING, STOPPED, ENDED, WRITING, SETTLED = range(7)
+_PHASES = ("RUNNING", "RUNNING_ON", "STOPPING", "STOPPED", "ENDED", "WRITING", "SETTLED")
 
 #: Whether asyncio counts cancel requests (``Task.uncancel``): from Python 3.11 on.
 HAS_UNCANCEL = sys.version_info >= (3, 11)
@@ -101,7 +106,6 @@ class _Extras:
         "grace_over",
         "grace_timer",
         "owned",
-        "settling",
         "shield_depth",
         "waiters",
         "websocket",
@@ -120,8 +124,6 @@ class _Extras:
         self.grace_over = False
         #: What the handler raised, kept for ``notify_finish`` after the end (no traceback).
         self.error: BaseException | None = None
-        #: ``outcome`` settles the request once aiohttp is done with its response.
-        self.settling = False
         #: The client left a WebSocket: aiohttp, not aiodelay, ends the handler.
         self.websocket = False
 
@@ -360,7 +362,7 @@ class RequestState:
             result = self.result()
             for future in waiters:
                 _resolve(future, result)
-        self.let_go()
+        self.request = self.task = self.response = self.watch = None  # (let_go, inlined)
 
     def let_go(self) -> None:
         """Keep only the outcome (SETTLED; or ENDED, and the connection moved on)."""
