@@ -1,10 +1,10 @@
 """One request's state (:class:`RequestState`), from aiodelay's middleware to the final outcome.
 
-A request gets its state when it reaches aiodelay's middleware. It is kept on the request (the
-clones ``request.clone()`` makes from then on share it), so whatever asks about the request
-(``notify_finish``, ``is_disconnected``, ``shield()``, the server's resources, a question
-after the end) finds it in one place, and is the request's listener on its connection (the
-connection's events reach it through ``outcome``). What moves it on:
+A request gets its state when it reaches aiodelay's middleware. It is kept with the request's
+HTTP message (every clone ``request.clone()`` makes shares it), so whatever asks about the
+request (``notify_finish``, ``is_disconnected``, ``shield()``, the server's resources, a
+question after the end) finds it in one place; the connection's events reach it through
+``outcome``. What moves it on:
 
 ============  ==========================================================================
 phase         what is true, and what comes next
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .aiohttp_internals import request_dict, state_key, state_of
+from .aiohttp_internals import STATE, state_of, writer_of
 from .errors import ConnectionLost, DeadlineExceeded
 from .owned import Owned
 from .policy import Policy
@@ -144,6 +144,7 @@ class RequestState:
         "phase",
         "request",
         "response",
+        "route_plan",
         "started_at",
         "task",
         "watch",
@@ -167,6 +168,8 @@ class RequestState:
         self.cause: ConnectionLost | DeadlineExceeded | None = None
         self.cause_at: float | None = None
         self.extras: _Extras | None = None
+        #: The plan of the request's route, once looked up (:attr:`plan`).
+        self.route_plan: RoutePlan | None = None
 
     def __repr__(self) -> str:
         return f"<RequestState {self.where()} {_PHASES[self.phase]} cause={self.cause!r}>"
@@ -185,9 +188,12 @@ class RequestState:
 
     @property
     def plan(self) -> RoutePlan:
-        """The plan of the request's route (its policy, grace, deadline...)."""
-        assert self.request is not None  # asked while the request is in flight
-        return self.installation.plan_for(self.request)
+        """The plan of the request's route (its policy, grace, deadline...), looked up once."""
+        plan = self.route_plan
+        if plan is None:
+            assert self.request is not None  # asked while the request is in flight
+            plan = self.route_plan = self.installation.plan_for(self.request)
+        return plan
 
     def more(self) -> _Extras:
         extras = self.extras
@@ -461,8 +467,8 @@ def state_for(
     state.watch = watch
     state.started_at = monotonic()
     state.phase = RUNNING
-    state.response = None
-    request_dict(request)[state_key] = state
+    state.response = state.route_plan = None
+    setattr(writer_of(request), STATE, state)  # (kept for the request and its clones)
     installation.counters.started += 1
     if installation.nested:
         for other in installation.installations(request)[1:]:
