@@ -250,7 +250,10 @@ class Watch(asyncio.Protocol):
             return False
         self.lost = lost
         state = self.state
-        return state is not None and self.listener.client_left(state, lost, self.is_websocket())
+        if state is None:
+            return False
+        websocket = self._proto._payload_parser is not None  # (is_websocket(), on the drop path)
+        return self.listener.client_left(state, lost, websocket)
 
 
 def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: bool) -> None:

@@ -375,6 +375,9 @@ def _observed(state: RequestState) -> bool:
 
 def _tell_lost(state: RequestState) -> None:
     """Tell the observers that the request's client left."""
+    installation = state.installation
+    if not (installation.nested or installation.observers):
+        return  # (most requests: nobody to tell, no call to ask)
     lost, request = state.lost, state.request
     if lost is None or request is None or not _observed(state):
         return
