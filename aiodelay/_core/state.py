@@ -221,7 +221,8 @@ class RequestState:
             lost = ConnectionLost("shutdown")  # aiohttp closes the connections it shuts down
         self.cause = lost
         self.cause_at = monotonic()
-        self._fail_waiters(lost)
+        if self.extras is not None:  # (most requests have none: no call on the drop path)
+            self._fail_waiters(lost)
         if websocket:
             # aiohttp ends a WebSocket's receive loop itself; cancelling the handler instead
             # would change how WebSocket handlers end.
@@ -270,7 +271,8 @@ class RequestState:
 
     def _stop(self, message: str) -> None:
         """Cancel what the request owns, and the handler at its current await."""
-        self._release(message)
+        if self.extras is not None:
+            self._release(message)
         self.phase = STOPPING
         assert self.task is not None  # the handler runs
         self.task.cancel(message)
