@@ -1,5 +1,5 @@
 """What aiodelay records about a request (counters, the INFO line, the access log) matches what
-happened on the wire: regressions of issue 7, item 3, each with real sockets on 127.0.0.1.
+happened on the wire, each with real sockets on 127.0.0.1.
 
 After every request has ended, ``disconnected == cancelled + shielded_ran_on + truncated +
 failed``: each test checks that too.

@@ -1,4 +1,4 @@
-"""Deadlines, grace and thread work (issue 9): @aiodelay.deadline, setup(deadline=...),
+"""Deadlines, grace and thread work: @aiodelay.deadline, setup(deadline=...),
 @aiodelay.grace, aiodelay.to_thread and aiodelay.check_cancelled, with real sockets.
 
 The bounds on times below are the behaviour the API promises (a 0.3 s deadline answers
