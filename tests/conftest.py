@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import pytest
 import trustme
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 Drop = Literal["FIN", "RST", "half-close"]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -219,3 +222,143 @@ class Probe:
 
     async def wait_ended(self) -> None:
         await asyncio.wait_for(self.ended.wait(), 5)
+
+
+async def until(event: asyncio.Event, done: Callable[[], bool], what: Callable[[], str]) -> None:
+    """Wait (5 s at most) until ``done()``, checked each time ``event`` is set; an
+    AssertionError saying ``what()`` if it does not come."""
+
+    async def reached() -> None:
+        while not done():
+            event.clear()
+            await event.wait()
+
+    try:
+        await asyncio.wait_for(reached(), 5)
+    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+        raise AssertionError(what()) from None
+
+
+class Lines(logging.Handler):
+    """The ``aiodelay`` logger's lines (the ``lines`` fixture), with an event per line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.changed.set()
+
+    async def wait_for(self, pattern: str, count: int = 1) -> list[str]:
+        """The lines that match ``pattern``, once ``count`` of them are logged."""
+
+        def found() -> list[str]:
+            return [line for line in self.lines if re.search(pattern, line)]
+
+        await until(
+            self.changed,
+            lambda: len(found()) >= count,
+            lambda: f"no {count} lines matching {pattern!r} in {self.lines}",
+        )
+        return found()
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    """The ``aiodelay`` logger's lines, at INFO, while the test runs."""
+    handler = Lines()
+    logger = logging.getLogger("aiodelay")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class _AccessLog(AbstractAccessLogger):
+    """aiohttp's access log, as "METHOD path status bytes" lines."""
+
+    entries: ClassVar[list[str]] = []
+    logged: ClassVar[asyncio.Event | None] = None
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.entries.append(
+            f"{request.method} {request.path} {response.status} {response.body_length}"
+        )
+        if self.logged is not None:
+            self.logged.set()
+
+
+@dataclass
+class Logged:
+    """A server whose access log is recorded (the ``serve_logged`` fixture)."""
+
+    app: web.Application
+    port: int
+    entries: list[str] = field(default_factory=list)
+    clients: list[RawClient] = field(default_factory=list)
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.port)
+        self.clients.append(client)
+        return client
+
+    async def wait_for(self, count: int = 1) -> list[str]:
+        """The access log lines, once there are ``count``."""
+        event = _AccessLog.logged
+        assert event is not None
+        await until(
+            event, lambda: len(self.entries) >= count, lambda: f"not {count} in {self.entries}"
+        )
+        return self.entries
+
+    async def entry(self, path: str) -> str:
+        """The access log line of ``path``, once aiohttp wrote it."""
+        event = _AccessLog.logged
+        assert event is not None
+
+        def found() -> list[str]:
+            return [e for e in self.entries if e.split()[1] == path]
+
+        await until(event, lambda: bool(found()), lambda: f"no {path} in {self.entries}")
+        [line] = found()
+        return line
+
+
+class ServeLogged(Protocol):
+    async def __call__(
+        self, app: web.Application, *, handler_cancellation: bool = False
+    ) -> Logged: ...
+
+
+@pytest.fixture
+async def serve_logged() -> AsyncIterator[ServeLogged]:
+    """Like ``serve``, with aiohttp's access log recorded."""
+    runners: list[web.AppRunner] = []
+    served: list[Logged] = []
+    _AccessLog.entries = []
+    _AccessLog.logged = asyncio.Event()
+
+    async def go(app: web.Application, *, handler_cancellation: bool = False) -> Logged:
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=handler_cancellation,
+            access_log_class=_AccessLog,
+            access_log=logging.getLogger("tests.access"),
+            shutdown_timeout=1,
+        )
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        served.append(Logged(app, runner.addresses[0][1], _AccessLog.entries))
+        return served[-1]
+
+    yield go
+    for each in served:
+        for client in each.clients:
+            client.writer.transport.abort()
+    for runner in reversed(runners):
+        await runner.cleanup()

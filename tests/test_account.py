@@ -8,123 +8,23 @@ failed``: each test checks that too.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import Probe, RawClient, Serve
+from tests.conftest import Lines, Probe, RawClient, Serve, ServeLogged
 
 
 def _adds_up(stats: aiodelay.Stats) -> bool:
     ended = stats.cancelled + stats.shielded_ran_on + stats.truncated + stats.failed
     return stats.disconnected == ended
-
-
-class _Lines(logging.Handler):
-    """The aiodelay logger's lines, and an event per line that matches a pattern."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        self.changed.set()
-
-    async def wait_for(self, pattern: str, count: int = 1) -> list[str]:
-        async def matched() -> list[str]:
-            while True:
-                found = [line for line in self.lines if re.search(pattern, line)]
-                if len(found) >= count:
-                    return found
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            return await asyncio.wait_for(matched(), 5)
-        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-            raise AssertionError(f"no {count} lines matching {pattern!r} in {self.lines}") from None
-
-
-@pytest.fixture
-def lines() -> Iterator[_Lines]:
-    handler = _Lines()
-    logger = logging.getLogger("aiodelay")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-class _Access(AbstractAccessLogger):
-    """aiohttp's access log, as "METHOD path status bytes" lines."""
-
-    entries: ClassVar[list[str]] = []
-    logged: ClassVar[asyncio.Event | None] = None
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.entries.append(
-            f"{request.method} {request.path} {response.status} {response.body_length}"
-        )
-        if self.logged is not None:
-            self.logged.set()
-
-
-@dataclass
-class Logged:
-    port: int
-    entries: list[str] = field(default_factory=list)
-
-    async def wait_for(self, count: int = 1) -> list[str]:
-        event = _Access.logged
-        assert event is not None
-
-        async def enough() -> None:
-            while len(self.entries) < count:
-                event.clear()
-                await event.wait()
-
-        await asyncio.wait_for(enough(), 5)
-        return self.entries
-
-
-@pytest.fixture
-async def serve_logged() -> AsyncIterator[Callable[..., Awaitable[Logged]]]:
-    """Like ``serve``, with aiohttp's access log recorded."""
-    runners: list[web.AppRunner] = []
-    _Access.entries = []
-    _Access.logged = asyncio.Event()
-
-    async def go(app: web.Application, *, handler_cancellation: bool = False) -> Logged:
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=handler_cancellation,
-            access_log_class=_Access,
-            access_log=logging.getLogger("tests.access"),
-            shutdown_timeout=1,
-        )
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Logged(runner.addresses[0][1], _Access.entries)
-
-    yield go
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 async def _fire_and_close(port: int, path: str, times: int) -> None:
@@ -288,7 +188,7 @@ async def test_stats_of_a_sub_app_count_its_requests_and_the_main_app_counts_all
 
 
 async def test_shielded_handler_runs_on_under_handler_cancellation_when_client_left_first(
-    serve: Serve, lines: _Lines
+    serve: Serve, lines: Lines
 ) -> None:
     ran = _Ran()
 
@@ -319,7 +219,7 @@ async def test_shielded_handler_runs_on_under_handler_cancellation_when_client_l
     ],
 )
 async def test_a_websocket_whose_client_left_is_counted_and_logged_by_what_happened(
-    serve: Serve, lines: _Lines, handler_cancellation: bool, kind: str, said: str
+    serve: Serve, lines: Lines, handler_cancellation: bool, kind: str, said: str
 ) -> None:
     probe = Probe()
 
@@ -360,8 +260,8 @@ _BIG = 16 * 1024 * 1024
 
 @pytest.mark.parametrize("body", ["bytes", "file"])
 async def test_a_client_that_leaves_during_the_response_body_is_truncated_not_completed(
-    serve_logged: Callable[..., Awaitable[Logged]],
-    lines: _Lines,
+    serve_logged: ServeLogged,
+    lines: Lines,
     tmp_path: Path,
     body: str,
 ) -> None:
@@ -400,7 +300,7 @@ async def test_a_client_that_leaves_during_the_response_body_is_truncated_not_co
 
 
 async def test_a_complete_response_followed_by_a_close_is_completed(
-    serve: Serve, lines: _Lines
+    serve: Serve, lines: Lines
 ) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
@@ -438,7 +338,7 @@ async def test_an_observed_request_whose_client_leaves_during_the_body_ends_trun
 
 
 async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_bytes(
-    serve_logged: Callable[..., Awaitable[Logged]],
+    serve_logged: ServeLogged,
 ) -> None:
     probe = Probe()
 
@@ -471,7 +371,7 @@ async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_byte
 
 
 async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
-    serve_logged: Callable[..., Awaitable[Logged]],
+    serve_logged: ServeLogged,
 ) -> None:
     probe = Probe()
 
@@ -499,7 +399,7 @@ async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
 
 
 async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
-    serve_logged: Callable[..., Awaitable[Logged]],
+    serve_logged: ServeLogged,
 ) -> None:
     probe = Probe()
 
@@ -524,7 +424,7 @@ async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
 
 @pytest.mark.parametrize("observed", [False, True])
 async def test_a_client_that_half_closes_and_reads_everything_is_completed(
-    serve: Serve, lines: _Lines, observed: bool
+    serve: Serve, lines: Lines, observed: bool
 ) -> None:
     """aiohttp answers a FIN by closing, and a close sends what the transport still holds: a
     client that half-closed and read on got the whole response."""
@@ -557,7 +457,7 @@ async def test_a_client_that_half_closes_and_reads_everything_is_completed(
 
 
 async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
-    serve: Serve, lines: _Lines
+    serve: Serve, lines: Lines
 ) -> None:
     """aiodelay watches the handler's response; aiohttp sends what the outer middleware
     returned instead. What counts is what went out."""
@@ -585,7 +485,7 @@ async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
 
 @pytest.mark.parametrize("asked", [False, True])
 async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
-    serve: Serve, lines: _Lines, asked: bool
+    serve: Serve, lines: Lines, asked: bool
 ) -> None:
     probe = Probe()
     finish: list[asyncio.Future[None]] = []

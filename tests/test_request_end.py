@@ -11,153 +11,27 @@ and aiohttp's access log line (499 with 0 bytes when nothing went out).
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import socket
 import struct
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import ClassVar
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import RawClient, Serve
+from tests.conftest import Lines, RawClient, Serve, ServeLogged, until
 
 _AIOHTTP = tuple(int(part) for part in aiohttp.__version__.split(".")[:2])
 
 # What each test checks must hold on asyncio's own loop and on uvloop alike.
 pytestmark = pytest.mark.both_loops
 
-# -- helpers: the INFO lines, the access log, an observer ------------------------------------
-
-
-async def _until(event: asyncio.Event, done: Callable[[], bool], what: Callable[[], str]) -> None:
-    """Wait (5 s at most) until ``done()``, checked each time ``event`` is set."""
-
-    async def reached() -> None:
-        while not done():
-            event.clear()
-            await event.wait()
-
-    try:
-        await asyncio.wait_for(reached(), 5)
-    except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-        raise AssertionError(what()) from None
-
-
-class _Lines(logging.Handler):
-    """The ``aiodelay`` logger's lines, with an event per line."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.changed = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        self.changed.set()
-
-    async def wait_for(self, pattern: str) -> str:
-        """The first line that matches ``pattern``, once it is logged."""
-
-        def found() -> list[str]:
-            return [line for line in self.lines if re.search(pattern, line)]
-
-        await _until(self.changed, lambda: bool(found()), lambda: f"no {pattern!r} in {self.lines}")
-        return found()[0]
-
-
-@pytest.fixture
-def lines() -> Iterator[_Lines]:
-    handler = _Lines()
-    logger = logging.getLogger("aiodelay")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-class _Access(AbstractAccessLogger):
-    """aiohttp's access log, as "METHOD path status bytes" lines."""
-
-    entries: ClassVar[list[str]] = []
-    logged: ClassVar[asyncio.Event | None] = None
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.entries.append(
-            f"{request.method} {request.path} {response.status} {response.body_length}"
-        )
-        if self.logged is not None:
-            self.logged.set()
-
-
-@dataclass
-class Logged:
-    """A server whose access log is recorded."""
-
-    app: web.Application
-    port: int
-    entries: list[str] = field(default_factory=list)
-    clients: list[RawClient] = field(default_factory=list)
-
-    async def connect(self) -> RawClient:
-        client = await RawClient.connect(self.port)
-        self.clients.append(client)
-        return client
-
-    async def entry(self, path: str) -> str:
-        """The access log line of ``path``, once aiohttp wrote it."""
-        event = _Access.logged
-        assert event is not None
-
-        def found() -> list[str]:
-            return [e for e in self.entries if e.split()[1] == path]
-
-        await _until(event, lambda: bool(found()), lambda: f"no {path} in {self.entries}")
-        [line] = found()
-        return line
-
-
-ServeLogged = Callable[[web.Application], Awaitable[Logged]]
-
-
-@pytest.fixture
-async def serve_logged() -> AsyncIterator[ServeLogged]:
-    """Like ``serve`` (``handler_cancellation=False``), with aiohttp's access log recorded."""
-    runners: list[web.AppRunner] = []
-    served: list[Logged] = []
-    _Access.entries = []
-    _Access.logged = asyncio.Event()
-
-    async def go(app: web.Application) -> Logged:
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=False,
-            access_log_class=_Access,
-            access_log=logging.getLogger("tests.access"),
-            shutdown_timeout=1,
-        )
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        served.append(Logged(app, runner.addresses[0][1], _Access.entries))
-        return served[-1]
-
-    yield go
-    for each in served:
-        for client in each.clients:
-            client.writer.transport.abort()
-    for runner in reversed(runners):
-        await runner.cleanup()
+# -- helpers: an observer (the INFO lines and the access log: tests/conftest.py) -------------
 
 
 class _Observer:
@@ -187,7 +61,7 @@ class _Observer:
 
     async def heard(self, call: str, path: str) -> None:
         """Wait until ``call`` ("started", "lost", "ended") was heard for ``path``."""
-        await _until(
+        await until(
             self.changed,
             lambda: (call, path) in self.calls,
             lambda: f"no {call} {path} in {self.calls}",
@@ -244,7 +118,7 @@ class _InAShieldSection:
 
 
 async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
-    serve_logged: ServeLogged, lines: _Lines
+    serve_logged: ServeLogged, lines: Lines
 ) -> None:
     """Nothing went out: the access log says 499 with 0 bytes, not the 504 that was never
     sent; the request still counts and is logged as timed out (the deadline came first)."""
@@ -261,7 +135,7 @@ async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
     await client.get("/x")
     await held.leave_after_the_deadline(client)
     assert await served.entry("/x") == "GET /x 499 0"
-    line = await lines.wait_for(r"deadline")
+    line = (await lines.wait_for(r"deadline"))[0]
     assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
     assert "answered 504" not in line
     assert "client left" in line
@@ -270,7 +144,7 @@ async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
 
 
 async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
-    serve_logged: ServeLogged, lines: _Lines
+    serve_logged: ServeLogged, lines: Lines
 ) -> None:
     """The handler catches the deadline's cancellation and answers itself, for a client that
     is gone: nothing went out, so the access log says 499 with 0 bytes, not 200."""
@@ -290,7 +164,7 @@ async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
     await client.get("/x")
     await held.leave_after_the_deadline(client)
     assert await served.entry("/x") == "GET /x 499 0"
-    line = await lines.wait_for(r"deadline")
+    line = (await lines.wait_for(r"deadline"))[0]
     assert line.startswith("GET /x from 127.0.0.1 exceeded its 0.100s deadline: "), line
     assert aiodelay.stats(served.app).timed_out == 1
 
@@ -486,7 +360,7 @@ async def test_notify_finish_asked_after_the_end_fails_with_the_handlers_error(
 
 
 async def test_a_download_cut_short_is_disconnected_when_asked_after_the_end(
-    serve: Serve, lines: _Lines
+    serve: Serve, lines: Lines
 ) -> None:
     """The handler returned a large response and its client reset the connection while aiohttp
     wrote it; nothing asked aiodelay about the request while it ran. Asked after the end:
@@ -517,7 +391,7 @@ async def test_a_download_cut_short_is_disconnected_when_asked_after_the_end(
 
 
 async def test_a_file_download_reset_by_its_client_is_truncated_by_rst_with_matching_bytes(
-    serve_logged: ServeLogged, lines: _Lines, tmp_path: Path
+    serve_logged: ServeLogged, lines: Lines, tmp_path: Path
 ) -> None:
     """A FileResponse (aiohttp sends it with sendfile()) whose client resets the connection
     after reading the head: truncated, by an RST; the access log line says 200 and the same
@@ -539,7 +413,7 @@ async def test_a_file_download_reset_by_its_client_is_truncated_by_rst_with_matc
     await client.read_until(b"\r\n\r\n")
     client.drop("RST")
     outcome = await observer.ended("/big.bin")
-    line = await lines.wait_for("cut short")
+    line = (await lines.wait_for("cut short"))[0]
     entry = await served.entry("/big.bin")
     assert outcome.kind == "truncated", outcome
     assert outcome.lost is not None
@@ -659,7 +533,7 @@ async def test_shield_in_a_task_the_handler_started_says_to_await_it_in_the_hand
 
 @pytest.mark.parametrize(("seconds", "said"), [(1e-300, "1e-300s"), (0.00012345, "0.000123s")])
 async def test_a_deadline_under_a_millisecond_is_said_with_its_significant_digits(
-    serve: Serve, lines: _Lines, seconds: float, said: str
+    serve: Serve, lines: Lines, seconds: float, said: str
 ) -> None:
     """A deadline of less than 0.001 s is not "0.000s": the 504 body and the INFO line give
     it with three significant digits."""
@@ -673,6 +547,6 @@ async def test_a_deadline_under_a_millisecond_is_said_with_its_significant_digit
     client = await served.get("/x")
     status, body = await asyncio.wait_for(client.read_response(), 5)
     assert (status, body) == (504, f"504: the request exceeded its {said} deadline\n".encode())
-    line = await lines.wait_for("deadline")
+    line = (await lines.wait_for("deadline"))[0]
     assert line == f"GET /x from 127.0.0.1 exceeded its {said} deadline: cancelled, answered 504"
     assert lines.lines == [line]
