@@ -73,7 +73,6 @@ from .aiohttp_internals import (
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, seconds_text
-from .installation import Installation
 from .observe import Outcome, OutcomeKind
 from .policy import Policy
 from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
@@ -92,8 +91,7 @@ def started(state: RequestState) -> None:
     """Tell the observers of every installation on the request's way that it started."""
     request = state.request
     assert request is not None
-    on_the_way = state.installation
-    for installation in on_the_way.installations(request) if on_the_way.nested else (on_the_way,):
+    for installation in state.installation.installations(request):
         for observer in installation.observers:
             try:
                 observer.request_started(request)
@@ -320,7 +318,7 @@ def _completed(
         # Settled once aiohttp has written the response: told then.
         _settle_when_written(state, request, state.watch, counted=False)
         return response
-    for installation in _installations(state, request):
+    for installation in state.installation.installations(request):
         installation.counters.completed += 1
     if state.watch is None:
         state.let_go()
@@ -359,18 +357,12 @@ def _lost_now(state: RequestState, lost: ConnectionLost) -> None:
     _tell_lost(state)
 
 
-def _installations(state: RequestState, request: web.BaseRequest) -> tuple[Installation, ...]:
-    """The installations on the request's way, the watching one first."""
-    installation = state.installation
-    return installation.installations(request) if installation.nested else (installation,)
-
-
 def _observed(state: RequestState) -> bool:
     installation = state.installation
     if not installation.nested:
         return bool(installation.observers)
     assert state.request is not None
-    return any(each.observers for each in _installations(state, state.request))
+    return any(each.observers for each in installation.installations(state.request))
 
 
 def _tell_lost(state: RequestState) -> None:
@@ -381,7 +373,7 @@ def _tell_lost(state: RequestState) -> None:
     lost, request = state.lost, state.request
     if lost is None or request is None or not _observed(state):
         return
-    for installation in _installations(state, request):
+    for installation in state.installation.installations(request):
         for observer in installation.observers:
             try:
                 observer.request_lost(request, lost)
@@ -471,7 +463,7 @@ def _record(
     assert request is not None
     state.settle(error)
     installation = state.installation
-    installations = installation.installations(request) if installation.nested else (installation,)
+    installations = installation.installations(request)
     lost = state.lost
     disconnected = lost is not None
     observed = False
