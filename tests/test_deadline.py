@@ -695,3 +695,61 @@ async def test_a_client_leaving_after_the_deadline_while_a_shield_section_runs(
     stats = aiodelay.stats(served.app)
     assert (stats.timed_out, stats.disconnected) == (1, 0)
     assert lost == []
+
+
+# -- one timer per deadline -------------------------------------------------------------------
+
+
+async def test_requests_of_one_deadline_each_pass_it_on_their_own_time(serve: Serve) -> None:
+    """The routes of one deadline share a queue and its timer: a request that ends early
+    leaves it (the timer set for it finds nothing due, and waits for the next), and each
+    request's deadline counts from its own start, also once the queue was empty."""
+
+    @aiodelay.deadline(0.3)
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="quick")
+
+    @aiodelay.deadline(0.3)
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    served = await serve(_app(web.get("/quick", quick), web.get("/slow", slow)))
+    client = await served.connect()
+    assert (await _get(client, "/quick"))[:2] == (200, b"quick")
+    for _ in range(2):  # the second starts after the first passed: the queue was empty
+        status, _, took = await _get(client, "/slow")
+        assert status == 504
+        assert 0.3 <= took < 0.5
+    stats = aiodelay.stats(served.app)
+    assert (stats.completed, stats.timed_out, stats.in_flight) == (1, 2, 0)
+
+
+class _Waiting:
+    """A request in a DeadlineQueue: what its deadline passing did, and when."""
+
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.passed: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def deadline_passed(self, seconds: float, status: int) -> None:
+        assert (seconds, status) == (0.2, 504)
+        self.passed.set_result(time.monotonic())
+
+
+async def test_a_deadline_queue_stops_each_request_at_its_own_deadline_and_no_other() -> None:
+    from aiodelay._core.deadlines import DeadlineQueue
+
+    queue = DeadlineQueue(0.2, 504)
+    now = time.monotonic()
+    early, left, late = _Waiting(now - 0.1), _Waiting(now - 0.05), _Waiting(now)
+    for waiting in (early, left, late):
+        queue.add(waiting)  # type: ignore[arg-type]
+    del queue.pending[left]  # type: ignore[arg-type]  # it ended
+    early_at = await asyncio.wait_for(early.passed, 5)
+    assert not late.passed.done()
+    late_at = await asyncio.wait_for(late.passed, 5)
+    assert now + 0.1 <= early_at < late_at
+    assert now + 0.2 <= late_at
+    assert not left.passed.done()
+    assert queue.pending == {}

@@ -58,6 +58,7 @@ __all__ = (
     "abort_connection",
     "access_logged",
     "as_sent",
+    "asks_upgrade",
     "bytes_written",
     "how_peer_left",
     "install_watch",
@@ -386,6 +387,11 @@ transport_of = operator.attrgetter("_protocol.transport")
 #: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
 payload_of = operator.attrgetter("_payload")
 EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
+
+#: ``asks_upgrade(request)``: whether the request asked to switch protocols (``Connection:
+#: upgrade`` with an ``Upgrade`` header, as aiohttp's parser saw it; a WebSocket handshake is
+#: one), from the parsed message (a C attribute getter: no Python frame on the hot path).
+asks_upgrade = operator.attrgetter("_message.upgrade")
 
 
 def response_written(request: web.BaseRequest) -> bool:

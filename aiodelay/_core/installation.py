@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from aiohttp import hdrs, web
 
 from .client import remotes_on_the_way
+from .deadlines import DeadlineQueue
 from .observe import RequestObserver
 from .owned import ThreadJob
 from .policy import (
@@ -73,6 +74,9 @@ class RoutePlan:
     deadline: Limit
     #: The deadline is the app's default, not the route's own (WebSockets are exempt).
     deadline_by_default: bool
+    #: Where the route's requests wait for their deadline (shared by the routes of one
+    #: deadline), or None without one.
+    deadlines: DeadlineQueue | None
     #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
     remotes: tuple[Any, ...]
 
@@ -91,6 +95,7 @@ class Installation:
 
     __slots__ = (
         "_alone",
+        "_deadline_queues",
         "_plans",
         "counters",
         "deadline",
@@ -123,6 +128,7 @@ class Installation:
         self.timed: bool | None = None if seconds is None else True
         self.nested: bool | None = None
         self._plans: dict[object, RoutePlan] = {}
+        self._deadline_queues: dict[tuple[float, int], DeadlineQueue] = {}
         self._alone: tuple[Installation, ...] = (self,)
 
     def learn(self, app: web.Application) -> None:
@@ -182,8 +188,16 @@ class Installation:
             grace=grace_of(handler),
             deadline=limit,
             deadline_by_default=limit is not None and limit is innermost.deadline,
+            deadlines=None if limit is None else self._deadline_queue(limit),
             remotes=remotes_on_the_way(apps),
         )
+
+    def _deadline_queue(self, limit: tuple[float, int]) -> DeadlineQueue:
+        """The queue of this installation's requests whose deadline is ``limit``."""
+        queue = self._deadline_queues.get(limit)
+        if queue is None:
+            queue = self._deadline_queues[limit] = DeadlineQueue(*limit)
+        return queue
 
 
 app_key = web.AppKey("aiodelay", Installation)

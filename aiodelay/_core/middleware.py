@@ -9,7 +9,6 @@ to ``outcome.end``: everything else a request meets happens below it, in ``state
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import sys
@@ -22,10 +21,12 @@ from aiohttp.typedefs import Handler
 from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
+    asks_upgrade,
     install_watch,
     payload_of,
     transport_of,
 )
+from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .installation import Installation, app_key, installed_on
 from .outcome import EVENTS, end, started
@@ -44,8 +45,6 @@ _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
 )
 _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
-
-_NO_CONTEXT = contextvars.Context()
 
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
@@ -90,7 +89,7 @@ class Middleware(Installation):
             )
         else:
             gone = watch.lost  # a pipelined request read before the peer left
-        held = timer = None
+        held = deadlines = None
         try:
             if self.nested or self.observers:
                 started(state)
@@ -100,7 +99,7 @@ class Middleware(Installation):
                 held = watch
                 held.hold(request)
             if self.timed:
-                timer = self._arm(state, request)
+                deadlines = self._arm(state, request)
             if gone is not None and EVENTS.client_left(state, gone, False, in_task=True):
                 raise asyncio.CancelledError(CANCEL_MESSAGE)  # no work for a client gone
             response = await handler(request)
@@ -112,23 +111,24 @@ class Middleware(Installation):
                 raise
             return logged
         finally:
-            if timer is not None:
-                timer.cancel()
+            if deadlines is not None:
+                deadlines.pending.pop(state, None)  # (gone already if it passed)
             if held is not None:
                 held.release()
         return end(state, response, None)  # type: ignore[return-value]
 
-    def _arm(self, state: RequestState, request: web.Request) -> asyncio.TimerHandle | None:
-        """The request's deadline timer, if it has a deadline: at most one timer a request,
-        and nothing at all in an app where no route can have one."""
-        limit = self.plan_for(request).deadline_for(request)
-        if limit is None:
+    def _arm(self, state: RequestState, request: web.Request) -> DeadlineQueue | None:
+        """Put the request in the queue of its deadline, if it has one (and return the
+        queue, which it leaves when it ends); nothing at all in an app where no route can
+        have a deadline."""
+        plan = state.route_plan = self.plan_for(request)
+        deadlines = plan.deadlines
+        if deadlines is None or (
+            plan.deadline_by_default and asks_upgrade(request) and not plan.deadline_for(request)
+        ):
             return None
-        seconds, status = limit
-        # The callback needs none of the request's context variables: no copy of them.
-        return _get_running_loop().call_later(
-            seconds, state.deadline_passed, seconds, status, context=_NO_CONTEXT
-        )
+        deadlines.add(state)
+        return deadlines
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True

@@ -1,0 +1,89 @@
+"""Deadlines that cost a request almost nothing: the requests of one deadline share a timer.
+
+One asyncio timer per request (``loop.call_later``, cancelled when the request ends) is what a
+deadline would naively cost: a ``TimerHandle``, a push onto the loop's heap of timers, and a
+cancelled handle left in that heap until its time comes. With a default deadline of 30 s, every
+request of the last 30 s sits in the heap, and nearly all of them ended long ago.
+
+Here the requests of one deadline length wait in one :class:`DeadlineQueue`: a dict from the
+request's state to the moment its deadline passes, in the order the requests started, which
+is also the order their deadlines pass (one length, one clock). The queue keeps at most one
+timer, for the oldest request in it. A request that ends leaves the queue (a dict delete: no
+timer to cancel); when the timer fires, the requests whose deadline has passed are stopped,
+and the timer is set again for the oldest one left, if any. A deadline passes on time, not
+rounded to a tick, as with a timer of its own.
+
+The watching installation keeps one queue per deadline (seconds and status) that its routes
+have; a route's plan points at its queue (``installation.RoutePlan.deadlines``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from time import monotonic
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .state import RequestState
+
+__all__ = ("DeadlineQueue",)
+
+_NO_CONTEXT = contextvars.Context()
+_get_running_loop = asyncio.get_running_loop
+
+
+class DeadlineQueue:
+    """The requests in flight whose deadline is ``seconds`` (answered ``status``)."""
+
+    __slots__ = ("_loop", "_timer", "pending", "seconds", "status")
+
+    def __init__(self, seconds: float, status: int) -> None:
+        self.seconds = seconds
+        self.status = status
+        #: The requests in flight, each with the ``monotonic()`` moment its deadline passes,
+        #: oldest first.
+        self.pending: dict[RequestState, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<DeadlineQueue {self.seconds}s -> {self.status}, {len(self.pending)} pending>"
+
+    def add(self, state: RequestState) -> None:
+        """``state``'s request started (at ``state.started_at``): its deadline runs from then.
+        The request must leave the queue when it ends (``pending.pop(state, None)``)."""
+        self.pending[state] = state.started_at + self.seconds
+        if self._timer is None or self._loop is not _get_running_loop():
+            self._arm()
+
+    def _arm(self) -> None:
+        """Set the timer for the oldest request waiting (the queue is not empty)."""
+        loop = _get_running_loop()
+        if loop is not self._loop:
+            # The app is served on another loop than before: what waited on the old one (and
+            # its timer) went with it.
+            self._loop = loop
+            first = next(reversed(self.pending))
+            self.pending = {first: self.pending[first]}
+        at = next(iter(self.pending.values()))
+        # The callback needs none of the request's context variables: no copy of them.
+        self._timer = loop.call_later(at - monotonic(), self._expired, context=_NO_CONTEXT)
+
+    def _expired(self) -> None:
+        """The timer fired: stop the requests whose deadline has passed; set the timer for
+        the oldest one left."""
+        self._timer = None
+        pending = self.pending
+        now = monotonic()
+        due = []
+        for state, at in pending.items():
+            if at > now:
+                break
+            due.append(state)
+        for state in due:
+            del pending[state]
+        if pending:
+            self._arm()
+        for state in due:
+            state.deadline_passed(self.seconds, self.status)
