@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -157,3 +158,91 @@ async def test_an_observed_app_serves_files_without_an_error_and_keeps_alive(
     await recorder.wait_ends(2)
     assert recorder.events == ["started /data.bin", "ended completed"] * 2
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_middleware_outside_aiodelay_still_changes_an_observed_response(
+    serve: Serve,
+) -> None:
+    """aiodelay writes an observed response itself only where nothing but aiohttp sees it
+    after aiodelay: here a middleware outside it adds a header after the handler."""
+
+    @web.middleware
+    async def stamp(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        response.headers["X-Stamp"] = "outer"
+        return response
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application(middlewares=[stamp, aiodelay.middleware()])
+    app.router.add_get("/", hello)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.connect()
+    for _ in range(2):
+        await client.get("/")
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        assert b"\r\nX-Stamp: outer\r\n" in head
+        assert await client.reader.readexactly(2) == b"hi"
+    await recorder.wait_ends(2)
+    assert recorder.events == ["started /", "ended completed"] * 2
+
+
+async def test_a_response_that_fails_to_prepare_is_one_failed_outcome(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An on_response_prepare handler that raises, met where aiodelay writes an observed
+    response: the request failed (once), the error goes on to aiohttp, the server serves on."""
+    caplog.set_level(logging.ERROR)
+    fail = [True]
+
+    async def refuse(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        if fail and response.status == 200:
+            fail.clear()
+            raise RuntimeError("refused")
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.on_response_prepare.append(refuse)
+    app.router.add_get("/", hello)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    await served.get("/")  # (aiohttp answers 500 if it can, or closes the connection)
+    await recorder.wait_ends(1)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+    await recorder.wait_ends(2)
+    assert recorder.events == ["started /", "ended failed", "started /", "ended completed"]
+    assert aiodelay.stats(app).completed == 2  # its client did not leave: see Stats
+
+
+async def test_a_response_class_with_its_own_prepare_is_observed_as_completed(
+    serve: Serve,
+) -> None:
+    prepared: list[str] = []
+
+    class Counted(web.Response):
+        async def prepare(self, request: web.BaseRequest) -> Any:
+            prepared.append(request.path)
+            return await super().prepare(request)
+
+    async def hello(request: web.Request) -> web.Response:
+        return Counted(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+    await recorder.wait_ends(1)
+    assert recorder.events == ["started /", "ended completed"]
+    assert prepared == ["/"]  # aiohttp prepared it, once

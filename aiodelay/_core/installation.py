@@ -106,6 +106,8 @@ class Installation:
         "shutting_down",
         "threads",
         "timed",
+        "trusts_remotes",
+        "writes_itself",
     )
 
     def __init__(
@@ -127,18 +129,27 @@ class Installation:
         #: way of some route (sub-apps with aiodelay of their own).
         self.timed: bool | None = None if seconds is None else True
         self.nested: bool | None = None
+        #: Learned too: this is the outermost middleware of the server's app, so that nothing
+        #: but aiohttp sees the response after it (see ``outcome.writes_here``).
+        self.writes_itself = False
+        #: Learned too: an aiohttp-remotes middleware is in the app (``client``).
+        self.trusts_remotes = False
         self._plans: dict[object, RoutePlan] = {}
         self._deadline_queues: dict[tuple[float, int], DeadlineQueue] = {}
         self._alone: tuple[Installation, ...] = (self,)
 
-    def learn(self, app: web.Application) -> None:
+    def learn(self, app: web.Application, root: web.Application) -> None:
         """Look through ``app``'s routes and sub-apps once (it is frozen: they do not change):
-        can a route have a deadline, and do other installations handle some routes too."""
+        can a route have a deadline, and do other installations handle some routes too; and
+        is this the first middleware of ``root``, the app the server serves."""
+        first: object = app.middlewares[0] if app.middlewares else None
+        self.writes_itself = app is root and first is self
         timed = self.deadline is not None
         nested = False
-        apps = [app]
+        apps, seen = [app], []
         while apps:
             current = apps.pop()
+            seen.append(current)
             installed = installation_of(current)
             if installed is not None and installed is not self:
                 nested = True
@@ -150,6 +161,7 @@ class Installation:
                 for route in resource:
                     timed = timed or marks_a_deadline(route.handler)
         self.timed, self.nested = timed, nested
+        self.trusts_remotes = bool(remotes_on_the_way(tuple(seen)))
 
     def installations(self, request: web.BaseRequest) -> tuple[Installation, ...]:
         """The installations that handle ``request`` (this one, the watching one, first)."""

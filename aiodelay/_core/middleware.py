@@ -29,9 +29,9 @@ from .aiohttp_internals import (
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .installation import Installation, app_key, installed_on
-from .outcome import EVENTS, end, started
+from .outcome import EVENTS, WRITES_HERE, end, started, write_failed, written
 from .policy import Policy
-from .state import CANCEL_MESSAGE, RequestState, state_for
+from .state import CANCEL_MESSAGE, WRITING, RequestState, state_for
 from .stats import Stats
 
 __all__ = ("Middleware", "app_key", "middleware", "setup", "stats")
@@ -72,7 +72,7 @@ class Middleware(Installation):
             # still goes through the Watch. None once it is gone.
             watch = None if transport is None else install_watch(request, transport, EVENTS)
         if self.nested is None:
-            self.learn(request.app)
+            self.learn(request.app, request.match_info.apps[0])
         if _current_tasks is None:
             task = _current_task()
         else:
@@ -115,7 +115,22 @@ class Middleware(Installation):
                 deadlines.pending.pop(state, None)  # (gone already if it passed)
             if held is not None:
                 held.release()
-        return end(state, response, None)  # type: ignore[return-value]
+        response = end(state, response, None)  # type: ignore[assignment]
+        if state.phase == WRITING and self.writes_itself and response.__class__ in WRITES_HERE:
+            # Observed, or awaited with notify_finish: its outcome waits for the write, done
+            # here as aiohttp would do it next (see outcome.written).
+            watch = state.watch
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # its client left: truncated (aiohttp's own write_eof finds that out)
+            except Exception as exc:
+                write_failed(state, exc)
+                raise
+            finally:
+                written(state, request, watch)
+        return response
 
     def _arm(self, state: RequestState, request: web.Request) -> DeadlineQueue | None:
         """Put the request in the queue of its deadline, if it has one (and return the

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .errors import ConnectionLost
 
-__all__ = ("Outcome", "OutcomeKind", "RequestObserver")
+__all__ = ("Outcome", "OutcomeKind", "RequestObserver", "make_outcome")
 
 #: ``completed``: the handler finished and the client did not leave while aiodelay watched.
 #: ``cancelled``: the client left and the handler was cancelled.
@@ -47,6 +47,31 @@ class Outcome:
     lost_at: float | None
     ended_at: float
     client: str | None = None
+
+
+_new = object.__new__
+
+
+def make_outcome(
+    kind: OutcomeKind,
+    lost: ConnectionLost | None,
+    started_at: float,
+    lost_at: float | None,
+    ended_at: float,
+    client: str | None,
+) -> Outcome:
+    """``Outcome(kind, lost, started_at, lost_at, ended_at, client)``, made for every observed
+    request: the frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``, which took a third of what one no-op observer cost a request."""
+    outcome = _new(Outcome)
+    fields = outcome.__dict__
+    fields["kind"] = kind
+    fields["lost"] = lost
+    fields["started_at"] = started_at
+    fields["lost_at"] = lost_at
+    fields["ended_at"] = ended_at
+    fields["client"] = client
+    return outcome
 
 
 class RequestObserver(Protocol):

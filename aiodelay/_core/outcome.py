@@ -73,11 +73,21 @@ from .aiohttp_internals import (
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, seconds_text
-from .observe import Outcome, OutcomeKind
+from .observe import OutcomeKind, make_outcome
 from .policy import Policy
 from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
 
-__all__ = ("EVENTS", "end", "logger", "notify_finish", "started")
+__all__ = (
+    "EVENTS",
+    "WRITES_HERE",
+    "end",
+    "logger",
+    "notify_finish",
+    "started",
+    "write_failed",
+    "writes_here",
+    "written",
+)
 
 logger = logging.getLogger("aiodelay")
 
@@ -91,8 +101,9 @@ def started(state: RequestState) -> None:
     """Tell the observers of every installation on the request's way that it started."""
     request = state.request
     assert request is not None
-    for installation in state.installation.installations(request):
-        for observer in installation.observers:
+    installation = state.installation
+    for each in installation.installations(request) if installation.nested else (installation,):
+        for observer in each.observers:
             try:
                 observer.request_started(request)
             except Exception:  # one broken observer must not break the request
@@ -157,6 +168,16 @@ def end(
             state.phase = ENDED
             installation = state.installation
             if installation.nested or installation.observers:
+                if (
+                    not installation.nested
+                    and response.__class__ in WRITES_HERE
+                    and installation.writes_itself
+                ):
+                    # Observed (all but the first request of a response class): the
+                    # middleware writes it and settles it (written()).
+                    state.response = response
+                    state.phase = WRITING
+                    return response
                 return _completed(state, state.request, response)  # type: ignore[arg-type]
             # ...and, nobody observing them, counted completed now; recounted as truncated if
             # the client leaves before aiohttp has written the response (EVENTS.closed).
@@ -315,8 +336,11 @@ def _completed(
     state.response = response
     extras = state.extras
     if (extras is not None and extras.waiters) or _observed(state):
-        # Settled once aiohttp has written the response: told then.
-        _settle_when_written(state, request, state.watch, counted=False)
+        # Settled once the response is written: told then.
+        if writes_here(state, response):
+            state.phase = WRITING  # the middleware writes it next (written())
+        else:
+            _settle_when_written(state, request, state.watch, counted=False)
         return response
     for installation in state.installation.installations(request):
         installation.counters.completed += 1
@@ -381,6 +405,76 @@ def _tell_lost(state: RequestState) -> None:
                 logger.exception("observer %r failed", observer)
 
 
+def writes_here(state: RequestState, response: web.StreamResponse | None) -> bool:
+    """Whether the middleware writes the response of a request whose outcome waits for the
+    write (:func:`written`) rather than leaving it to aiohttp and asking once aiohttp's task is
+    done (:func:`_settle_when_written`): where nothing but aiohttp would see the response
+    after aiodelay, and for a response class whose ``prepare`` and ``write_eof`` do nothing
+    the second time (aiohttp's): not a ``FileResponse``, a WebSocket, or a class that
+    overrides them. Such classes are then in :data:`WRITES_HERE`."""
+    if not state.installation.writes_itself or response is None:
+        return False
+    cls = response.__class__
+    if cls in WRITES_HERE:
+        return True
+    if cls in _WRITTEN_BY_AIOHTTP:
+        return False
+    if cls.prepare is web.StreamResponse.prepare and cls.write_eof in (
+        web.StreamResponse.write_eof,
+        web.Response.write_eof,
+    ):
+        WRITES_HERE.add(cls)
+        return True
+    _WRITTEN_BY_AIOHTTP.add(cls)
+    return False
+
+
+#: Response classes whose ``prepare`` and ``write_eof`` return at once once the response is
+#: sent (:func:`writes_here`), and those found otherwise.
+WRITES_HERE: set[type] = set()
+_WRITTEN_BY_AIOHTTP: set[type] = set()
+
+
+def write_failed(state: RequestState, exc: Exception) -> None:
+    """Writing the response (the middleware's, see :func:`written`) raised ``exc``, which
+    aiohttp would have met writing it (an ``on_response_prepare`` handler that raised): the
+    request failed; ``exc`` goes on to aiohttp, which answers 500 if it still can."""
+    if state.phase == WRITING:
+        _record(state, "failed", f"writing the response raised {type(exc).__name__}", exc)
+
+
+def written(state: RequestState, request: web.BaseRequest, watch: Watch | None) -> None:
+    """The middleware wrote the response (:func:`writes_here`), as aiohttp would have right
+    after the middleware returned it (``prepare``, then ``write_eof``; aiohttp's own calls
+    then find it sent and return at once), or its client left first: settle the request,
+    ``completed`` or ``truncated``. Writing in the middleware costs an observed request
+    nothing more than aiohttp's writing, where asking after aiohttp's task ended (a done
+    callback) cost a callback scheduled and run on the loop."""
+    if state.phase != WRITING:
+        return
+    installation = state.installation
+    if (
+        response_written(request)
+        and state.extras is None
+        and not installation.nested
+        and not installation.trusts_remotes
+    ):
+        # The observers' every request, in one frame: _record_completed, inlined.
+        installation.counters.completed += 1
+        state.phase = SETTLED
+        state.request = state.task = state.response = state.watch = None  # (let_go)
+        outcome = make_outcome(
+            "completed", None, state.started_at, None, monotonic(), request.remote
+        )
+        for observer in installation.observers:
+            try:
+                observer.request_ended(request, outcome)
+            except Exception:  # one broken observer must not take the others' record
+                logger.exception("observer %r failed", observer)
+    else:
+        _response_done(state, request, watch, False, None)
+
+
 def _settle_when_written(
     state: RequestState, request: web.BaseRequest, watch: Watch | None, *, counted: bool
 ) -> None:
@@ -403,16 +497,17 @@ def _response_done(
     request: web.BaseRequest,
     watch: Watch | None,
     counted: bool,
-    task: asyncio.Task[Any],
+    task: asyncio.Task[Any] | None,
 ) -> None:
-    """aiohttp is done with the request's response: it got there, or its client left."""
+    """aiohttp (or :func:`write`) is done with the request's response: it got there, or its
+    client left."""
     if state.phase == SETTLED:
         return
     if response_written(request):
         if counted:
             state.settle()
         else:
-            _record(state, "completed", "", request=request)
+            _record_completed(state, request)
         return
     lost = (watch.lost if watch is not None else None) or how_peer_left(request)
     state.cause, state.cause_at = lost, monotonic()
@@ -501,13 +596,39 @@ def _record(
             )
         if observed:
             lost_at = state.cause_at if disconnected else None
-            outcome = Outcome(kind, lost, started_at, lost_at, ended_at, client)
+            outcome = make_outcome(kind, lost, started_at, lost_at, ended_at, client)
             for each in installations:
                 for observer in each.observers:
                     try:
                         observer.request_ended(request, outcome)
                     except Exception:  # one broken observer must not take the others' record
                         logger.exception("observer %r failed", observer)
+
+
+def _record_completed(state: RequestState, request: web.BaseRequest) -> None:
+    """:func:`_record` of an observed request that completed (its response written, nothing
+    stopped it), the observers' every request: counted, and the observers told."""
+    plan = state.route_plan or state.installation.plan_for(request)
+    state.settle()
+    outcome = None
+    for each in plan.installations:
+        each.counters.completed += 1
+        if each.observers:
+            if outcome is None:
+                remotes = plan.remotes
+                outcome = make_outcome(
+                    "completed",
+                    None,
+                    state.started_at,
+                    None,
+                    monotonic(),
+                    trusted_remote(request, remotes) if remotes else request.remote,
+                )
+            for observer in each.observers:
+                try:
+                    observer.request_ended(request, outcome)
+                except Exception:  # one broken observer must not take the others' record
+                    logger.exception("observer %r failed", observer)
 
 
 def _what(kind: OutcomeKind, note: str, total: float) -> str:
