@@ -242,10 +242,11 @@ def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[]
     (and of its sub-apps): its start, its client leaving, how it ended.
 
     ``app`` must have aiodelay installed (``RuntimeError`` otherwise). Returns a function that
-    removes the observer again (a second call does nothing). An observed app pays for it on
-    every request: a request that returned a response is recorded once aiohttp is done
-    writing it (a callback on aiohttp's task of the request), so that the outcome can say
-    whether it got there (``"truncated"`` if not).
+    removes the observer again (a second call does nothing). A request that returned a
+    response is recorded once the response is written, so that the outcome can say whether
+    it got there (``"truncated"`` if not): aiodelay, the first middleware of the app, writes
+    it itself as aiohttp would next (a ``FileResponse``, or a response class with its own
+    ``prepare``, is left to aiohttp and recorded when aiohttp's task of the request ends).
     """
     observers = installed_on(app).observers
     observers.append(observer)
