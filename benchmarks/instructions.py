@@ -7,7 +7,7 @@ which the app is served on a free port of 127.0.0.1 by a plain ``web.AppRunner(a
 ``TCPSite`` (aiohttp's defaults; no access log, logging being unconfigured) and a minimal
 client, in the same loop, sends N ``GET / HTTP/1.1`` one after the other on one keep-alive
 connection (``asyncio.open_connection``; after the first response, whose headers it parses,
-it reads each response as that many bytes). The kinds:
+it reads each response as that many bytes). The kinds (the apps of ``_serve.make_app``):
 
 - ``bare``: the app alone (one route returning ``web.Response(text="Hello, world")``);
 - ``empty``: the app with one empty pass-through ``@web.middleware``;
@@ -16,6 +16,9 @@ it reads each response as that many bytes). The kinds:
 - ``observer``: with ``aiodelay.setup(app)`` and ``aiodelay.add_observer(app, obs)``, ``obs``
   an observer whose three methods do nothing;
 - ``metrics``: with ``aiodelay.setup(app)`` and ``aiodelay.prometheus.setup(app)``;
+- ``handwritten``: without aiodelay, the Prometheus middleware people write by hand: a
+  counter of requests by method, route and status and a histogram of the handler's time by
+  route (prometheus-client, a registry of its own);
 - ``protocol`` (always measured): no aiohttp server but a minimal ``asyncio.Protocol`` that
   answers each request with a response of the same bytes. It measures what the client and the
   loop spend, which is subtracted from every other kind: what remains is the server's share.
@@ -72,67 +75,31 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from _serve import add_checkout_option, base_kind, checkout_env, checkout_kinds, describe_checkouts
+from _serve import (
+    AIODELAY_KINDS,
+    APP_KINDS,
+    TEXT,
+    add_checkout_option,
+    base_kind,
+    checkout_env,
+    checkout_kinds,
+    describe_checkouts,
+    make_app,
+)
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-if TYPE_CHECKING:
-    from aiodelay import ConnectionLost, Outcome
-
-KINDS = ("bare", "empty", "aiodelay", "deadline", "observer", "metrics")
+KINDS = APP_KINDS
 #: The kinds with aiodelay: those that --aiodelay-path runs again with another checkout.
-AIODELAY = ("aiodelay", "deadline", "observer", "metrics")
+AIODELAY = AIODELAY_KINDS
 #: The client and the loop alone, subtracted from every other kind.
 PROTOCOL = "protocol"
 
-TEXT = "Hello, world"
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 # -- the measured process ------------------------------------------------------------------
-
-
-async def hello(request: web.Request) -> web.Response:
-    return web.Response(text=TEXT)
-
-
-@web.middleware
-async def passthrough(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await handler(request)
-
-
-class NoOpObserver:
-    """An observer that does nothing: what being observed costs by itself."""
-
-    def request_started(self, request: web.BaseRequest) -> None:
-        pass
-
-    def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
-        pass
-
-    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
-        pass
-
-
-def make_app(kind: str) -> web.Application:
-    app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
-    app.router.add_get("/", hello)
-    if kind in AIODELAY:
-        import aiodelay  # only here: the other kinds never import it
-
-        if kind == "deadline":
-            aiodelay.setup(app, deadline=30)
-        else:
-            aiodelay.setup(app)
-        if kind == "observer":
-            aiodelay.add_observer(app, NoOpObserver())
-        if kind == "metrics":
-            from aiodelay import prometheus
-
-            prometheus.setup(app)
-    return app
 
 
 def protocol_response() -> bytes:
@@ -314,8 +281,9 @@ def check_aiodelay(runs: Sequence[Run], checkouts: Sequence[tuple[str, str]]) ->
     return lines
 
 
-def report(runs: Sequence[Run], kinds: Sequence[str], n1: int, n2: int) -> None:
-    """The server's instructions per request, per kind, and the ratios."""
+def report(runs: Sequence[Run], kinds: Sequence[str], n1: int, n2: int) -> dict[str, list[float]]:
+    """Print the server's instructions per request, per kind, and the ratios; return those
+    instructions per request, a list per kind with a value per repeat (seed), in order."""
     count = {(run.kind, run.requests, run.repeat): run.instructions for run in runs}
     repeats = sorted({run.repeat for run in runs})
 
@@ -371,13 +339,18 @@ def report(runs: Sequence[Run], kinds: Sequence[str], n1: int, n2: int) -> None:
                 f"{this:10s} vs {kind:18s} {statistics.median(diffs):+9,.0f} {spread(diffs)}"
                 f"   {median[kind] / median[this]:.3f}x   ({each})"
             )
+    return server
 
 
-def measure(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Measure the kinds of ``args`` (from :func:`parse_args`) and print the report; return
+    the server's instructions per request, per kind, a value per repeat (see :func:`report`).
+    ``RuntimeError`` if a run fails."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
-        print("instructions.py: valgrind is not on PATH (apt-get install valgrind)")
-        return 1
+        raise RuntimeError("valgrind is not on PATH (apt-get install valgrind)")
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
     n1, n2 = args.requests
     kinds = checkout_kinds(
         [kind for kind in KINDS if kind in args.kinds], args.aiodelay_path, AIODELAY
@@ -429,8 +402,7 @@ def measure(args: argparse.Namespace) -> int:
         print(f"note: the responses differ in size: {sized}")
     for line in check_aiodelay(runs, args.aiodelay_path):
         print(line)
-    report(runs, kinds, n1, n2)
-    return 0
+    return report(runs, kinds, n1, n2)
 
 
 def comma_list(value: str) -> list[str]:
@@ -450,10 +422,12 @@ def two_counts(value: str) -> tuple[int, int]:
     return n1, n2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``argv``, checked (a bad one exits through ``parser.error``)."""
     parser = argparse.ArgumentParser(
+        prog=os.path.basename(__file__),  # also when features.py runs this
         description="instructions the server spends per hello-world request (callgrind), "
-        "for several kinds of app"
+        "for several kinds of app",
     )
     parser.add_argument(
         "--kinds",
@@ -502,15 +476,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.hash_seed.isdigit() and int(args.hash_seed) + args.repeat <= 4294967295
     ):
         parser.error("--hash-seed must be 'random' or a number from 0 to 4294967295")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.measure:
         return run_measured(args.measure, args.count)
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
     try:
-        return measure(args)
+        measure(args)
     except RuntimeError as exc:
         print(f"instructions.py: error: {exc}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,29 @@
 """What aiodelay costs per request: requests/s of a hello-world app with and without it.
 
-Three copies of the same app, each served in a process of its own by a plain
-``web.AppRunner(app)`` (aiohttp's defaults) on a free port of 127.0.0.1:
+Copies of the same app (``_serve.make_app``), each served in a process of its own by a plain
+``web.AppRunner(app)`` (aiohttp's defaults) on a free port of 127.0.0.1; by default three:
 
 - ``bare``: the app alone;
 - ``empty``: the app with one empty pass-through ``@web.middleware`` (what any middleware
   costs: aiohttp's middleware chain);
 - ``aiodelay``: the app with ``aiodelay.setup(app)``;
-- ``metrics`` (with ``--metrics``): the app with ``aiodelay.setup(app)`` and
+
+and with ``--kinds`` any of these too:
+
+- ``deadline``: with ``aiodelay.setup(app, deadline=30)``;
+- ``observer``: with ``aiodelay.setup(app)`` and an observer whose three methods do nothing;
+- ``metrics`` (also ``--metrics``): with ``aiodelay.setup(app)`` and
   ``aiodelay.prometheus.setup(app)`` (needs ``pip install 'aiodelay[prometheus]'``);
-- ``aiodelay@LABEL`` (and ``metrics@LABEL``), with ``--aiodelay-path [LABEL=]DIR``: the same
-  app served with the aiodelay of another checkout, DIR (first on the server's PYTHONPATH), to
-  compare two versions of the code in one run.
+- ``handwritten``: without aiodelay, the Prometheus middleware people write by hand (a
+  request counter and a duration histogram, prometheus-client);
+- ``aiodelay@LABEL`` (``deadline@LABEL``, ...), with ``--aiodelay-path [LABEL=]DIR``: the
+  same app served with the aiodelay of another checkout, DIR (first on the server's
+  PYTHONPATH), to compare two versions of the code in one run.
 
 Load runs alternate between them for several rounds (the order rotates each round), so that
-drift of a shared machine hits all three alike; the script prints requests/s of each run, the
-median per app and the ratios aiodelay/bare and aiodelay/empty. The load generator is ``wrk``
+drift of a shared machine hits all alike; the script prints requests/s of each run, the
+median per app and the ratios aiodelay/bare and aiodelay/empty (and each other kind against
+its reference: ``aiodelay``, or ``empty`` for ``handwritten``). The load generator is ``wrk``
 (``-t1 -cN -dS``) when it is on PATH, else a bounded aiohttp client loop in another process
 (much slower per request than wrk: its numbers say less). With two or more CPUs, the servers
 are pinned to one and the load generator to another.
@@ -32,6 +40,7 @@ Run (from the repository root, in the project's virtualenv)::
     python benchmarks/overhead.py                  # 5 rounds x 5 s per app, about 1.5 min
     python benchmarks/overhead.py --uvloop --rounds 7 --duration 10
     python benchmarks/overhead.py --metrics        # and the app with Prometheus metrics
+    python benchmarks/overhead.py --kinds empty,aiodelay,deadline,observer
     python benchmarks/overhead.py --aiodelay-path /tmp/base   # and aiodelay@base
 """
 
@@ -51,46 +60,27 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from _serve import (
+    AIODELAY_KINDS,
+    APP_KINDS,
     ServerProcess,
     add_checkout_option,
     base_kind,
     checkout_env,
     checkout_kinds,
+    cpu_model,
     cpu_seconds,
     describe_checkouts,
+    make_app,
     run_server,
     two_cpus,
 )
-from aiohttp import ClientSession, TCPConnector, web
-from aiohttp.typedefs import Handler
+from aiohttp import ClientSession, TCPConnector
 
-import aiodelay
-
+#: The kinds measured by default.
 KINDS = ("bare", "empty", "aiodelay")
-ALL_KINDS = (*KINDS, "metrics")
+ALL_KINDS = APP_KINDS
 #: The kinds that --aiodelay-path serves again with another checkout's aiodelay.
-AIODELAY = ("aiodelay", "metrics")
-
-
-async def hello(request: web.Request) -> web.Response:
-    return web.Response(text="Hello, world")
-
-
-@web.middleware
-async def passthrough(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await handler(request)
-
-
-def make_app(kind: str) -> web.Application:
-    app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
-    app.router.add_get("/", hello)
-    if kind in ("aiodelay", "metrics"):
-        aiodelay.setup(app)
-    if kind == "metrics":
-        from aiodelay import prometheus  # only here: the other apps never import it
-
-        prometheus.setup(app)
-    return app
+AIODELAY = AIODELAY_KINDS
 
 
 class Run(NamedTuple):
@@ -161,15 +151,17 @@ async def client_load(url: str, connections: int, duration: float) -> int:
 # -- the comparison ----------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace) -> int:
-    kinds = checkout_kinds(ALL_KINDS if args.metrics else KINDS, args.aiodelay_path, AIODELAY)
+def measure(args: argparse.Namespace) -> dict[str, list[Run]]:
+    """Load the kinds of ``args`` (from :func:`parse_args`) in rounds and print the report;
+    return the runs of each kind, one per round, in the order of the rounds."""
+    kinds = checkout_kinds(args.kinds, args.aiodelay_path, AIODELAY)
     cpus = two_cpus()
     server_cpu, load_cpu = cpus if cpus is not None else (None, None)
     wrk = None if args.no_wrk else shutil.which("wrk")
     loop_name = "uvloop" if args.uvloop else "asyncio"
     pinning = f"servers on CPU {server_cpu}, load on CPU {load_cpu}" if cpus else "not pinned"
     print(f"python {sys.version.split()[0]}, aiohttp {_aiohttp_version()}, {loop_name} loop")
-    print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}")
+    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}")
     print(
         f"load: {'wrk -t1' if wrk else 'aiohttp client (wrk not found)'}, "
         f"{args.connections} connections, {args.rounds} rounds x {args.duration} s per app; "
@@ -210,7 +202,7 @@ def measure(args: argparse.Namespace) -> int:
             cells = (f"{runs[k][-1].rps:10.0f} {runs[k][-1].per_cpu:10.0f}" for k in kinds)
             print(f"{rnd + 1:5d}   " + "  ".join(cells), flush=True)
     report(runs)
-    return 0
+    return runs
 
 
 def report(runs: dict[str, list[Run]]) -> None:
@@ -237,15 +229,18 @@ def report(runs: dict[str, list[Run]]) -> None:
         ("aiodelay/bare", "aiodelay", "bare", 0.97),
         ("aiodelay/empty", "aiodelay", "empty", 0.98),
     ]
-    if "metrics" in runs:  # what the metrics add to aiodelay, and to any middleware
-        ratios += [("metrics/aiodelay", "metrics", "aiodelay", None)]
-        ratios += [("metrics/empty", "metrics", "empty", None)]
+    # What each feature adds to aiodelay; the metrics also against any middleware, as the
+    # hand-written ones.
+    ratios += [(f"{kind}/aiodelay", kind, "aiodelay", None) for kind in AIODELAY[1:]]
+    ratios += [(f"{kind}/empty", kind, "empty", None) for kind in ("metrics", "handwritten")]
     for kind in kinds:  # another checkout (--aiodelay-path): against empty, and this one's
         if "@" in kind:
             target = 0.98 if base_kind(kind) == "aiodelay" else None
             ratios += [(f"{kind}/empty", kind, "empty", target)]
             ratios += [(f"{base_kind(kind)}/{kind}", base_kind(kind), kind, None)]
     for name, num, den, target in ratios:
+        if num not in runs or den not in runs:
+            continue
         wall, cpu = rps[num] / rps[den], per_cpu[num] / per_cpu[den]
         paired = statistics.median(
             n.per_cpu / d.per_cpu for n, d in zip(runs[num], runs[den], strict=True) if d.per_cpu
@@ -268,21 +263,30 @@ def _aiohttp_version() -> str:
     return aiohttp.__version__
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+def comma_list(value: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items or any(item not in ALL_KINDS for item in items):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(ALL_KINDS)}"
+        )
+    return list(dict.fromkeys(items))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``argv``, checked (a bad one exits through ``parser.error``);
+    ``args.kinds`` includes ``metrics`` if ``--metrics`` was given."""
     parser = argparse.ArgumentParser(
+        prog=os.path.basename(__file__),  # also when features.py runs this
         description="requests/s of a hello-world app: bare, with an empty middleware, with "
-        "aiodelay (and with --metrics: with aiodelay and its Prometheus metrics)"
+        "aiodelay (and with --kinds: with aiodelay's features, or the hand-written Prometheus "
+        "middleware)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=comma_list,
+        default=list(KINDS),
+        help=f"apps to load, in this order (default {','.join(KINDS)}; any of "
+        f"{','.join(ALL_KINDS)})",
     )
     parser.add_argument("--rounds", type=int, default=5, help="load runs per app (default 5)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
@@ -293,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metrics",
         action="store_true",
-        help="also the app with aiodelay.prometheus.setup(app) (needs aiodelay[prometheus])",
+        help="also the app with aiodelay.prometheus.setup(app) (needs aiodelay[prometheus]): "
+        "the kind metrics",
     )
     add_checkout_option(parser)
     # The children this script runs: a server, or the fallback load generator.
@@ -303,9 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1 or args.warmup < 1 or args.connections < 1:
         parser.error("--rounds, --duration, --warmup and --connections must be at least 1")
-    kinds = checkout_kinds(ALL_KINDS if args.metrics else KINDS, args.aiodelay_path, AIODELAY)
+    if args.metrics and "metrics" not in args.kinds:
+        args.kinds.append("metrics")
+    kinds = checkout_kinds(args.kinds, args.aiodelay_path, AIODELAY)
     if args.rounds * len(kinds) * args.duration > 3600:
         parser.error("that would run for more than an hour: lower --rounds or --duration")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.serve:
         kind: str = args.serve
         run_server(lambda: make_app(kind), use_uvloop=args.uvloop, cpu=args.cpu)
@@ -315,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.sched_setaffinity(0, {args.cpu})
         print(asyncio.run(client_load(args.load, args.connections, args.duration)))
         return 0
-    return measure(args)
+    measure(args)
+    return 0
 
 
 if __name__ == "__main__":
