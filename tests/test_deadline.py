@@ -728,28 +728,52 @@ async def test_requests_of_one_deadline_each_pass_it_on_their_own_time(serve: Se
 class _Waiting:
     """A request in a DeadlineQueue: what its deadline passing did, and when."""
 
-    def __init__(self, started_at: float) -> None:
-        self.started_at = started_at
+    def __init__(self) -> None:
         self.passed: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
     def deadline_passed(self, seconds: float, status: int) -> None:
         assert (seconds, status) == (0.2, 504)
-        self.passed.set_result(time.monotonic())
+        self.passed.set_result(asyncio.get_running_loop().time())
 
 
 async def test_a_deadline_queue_stops_each_request_at_its_own_deadline_and_no_other() -> None:
     from aiodelay._core.deadlines import DeadlineQueue
 
+    loop = asyncio.get_running_loop()
     queue = DeadlineQueue(0.2, 504)
-    now = time.monotonic()
-    early, left, late = _Waiting(now - 0.1), _Waiting(now - 0.05), _Waiting(now)
-    for waiting in (early, left, late):
-        queue.add(waiting)  # type: ignore[arg-type]
+    queue._use(loop)
+    early, left, late = _Waiting(), _Waiting(), _Waiting()
+    now = loop.time()
+    # Three requests that started 0.1 s, 0.05 s and no time ago (the queue's own order).
+    queue.pending.update({early: now + 0.1, left: now + 0.15, late: now + 0.2})  # type: ignore[dict-item]
+    queue._arm(loop)
     del queue.pending[left]  # type: ignore[arg-type]  # it ended
     early_at = await asyncio.wait_for(early.passed, 5)
     assert not late.passed.done()
     late_at = await asyncio.wait_for(late.passed, 5)
-    assert now + 0.1 <= early_at < late_at
-    assert now + 0.2 <= late_at
+    assert now + 0.1 <= early_at < now + 0.2 <= late_at
     assert not left.passed.done()
     assert queue.pending == {}
+
+
+async def test_a_deadline_queue_stops_the_others_when_one_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiodelay._core.deadlines import DeadlineQueue
+
+    caplog.set_level(logging.ERROR, logger="aiodelay")
+
+    class Failing(_Waiting):
+        def deadline_passed(self, seconds: float, status: int) -> None:
+            raise RuntimeError("broken")
+
+    loop = asyncio.get_running_loop()
+    queue = DeadlineQueue(0.2, 504)
+    queue._use(loop)
+    failing, other = Failing(), _Waiting()
+    now = loop.time()
+    queue.pending.update({failing: now, other: now})  # type: ignore[dict-item]
+    queue._arm(loop)
+    await asyncio.wait_for(other.passed, 5)
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    assert "at its deadline failed" in record.getMessage()

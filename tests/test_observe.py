@@ -190,18 +190,18 @@ async def test_a_middleware_outside_aiodelay_still_changes_an_observed_response(
     assert recorder.events == ["started /", "ended completed"] * 2
 
 
-async def test_a_response_that_fails_to_prepare_is_one_failed_outcome(
-    serve: Serve, caplog: pytest.LogCaptureFixture
+async def test_an_on_response_prepare_handler_that_raises_is_met_as_without_aiodelay(
+    serve: Serve,
 ) -> None:
-    """An on_response_prepare handler that raises, met where aiodelay writes an observed
-    response: the request failed (once), the error goes on to aiohttp, the server serves on."""
-    caplog.set_level(logging.ERROR)
+    """aiohttp writes the responses of an app with on_response_prepare handlers itself (they
+    see request.app as aiohttp sets it): one that raises closes the connection with nothing
+    sent, as without aiodelay; the observer hears one end; the server serves on."""
     fail = [True]
 
     async def refuse(request: web.BaseRequest, response: web.StreamResponse) -> None:
-        if fail and response.status == 200:
+        if fail:
             fail.clear()
-            raise RuntimeError("refused")
+            raise ConnectionRefusedError("the session store is down")
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
@@ -213,13 +213,87 @@ async def test_a_response_that_fails_to_prepare_is_one_failed_outcome(
     recorder = _Recorder()
     aiodelay.add_observer(app, recorder)
     served = await serve(app)
-    await served.get("/")  # (aiohttp answers 500 if it can, or closes the connection)
+    client = await served.get("/")
+    assert await client.reader.read() == b""  # closed, no byte of a response
     await recorder.wait_ends(1)
     client = await served.get("/")
     assert await client.read_response() == (200, b"hi")
     await recorder.wait_ends(2)
-    assert recorder.events == ["started /", "ended failed", "started /", "ended completed"]
-    assert aiodelay.stats(app).completed == 2  # its client did not leave: see Stats
+    assert recorder.events[:1] == ["started /"]
+    assert recorder.events[2:] == ["started /", "ended completed"]
+
+
+async def test_a_sub_app_on_response_prepare_handler_sees_its_app(serve: Serve) -> None:
+    key = web.AppKey("key", str)
+    seen: list[str] = []
+
+    async def mark(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        assert isinstance(request, web.Request)
+        seen.append(request.app[key])
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    sub = web.Application()
+    sub[key] = "sub"
+    sub.on_response_prepare.append(mark)
+    sub.router.add_get("/x", hello)
+    app.add_subapp("/s", sub)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/s/x")
+    assert await client.read_response() == (200, b"hi")
+    await recorder.wait_ends(1)
+    assert seen == ["sub"]
+    assert recorder.events == ["started /s/x", "ended completed"]
+
+
+async def test_a_response_aiohttp_cannot_write_is_logged_and_closed_as_without_aiodelay(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header aiohttp refuses to write, where aiodelay writes the observed response: logged
+    as aiohttp logs it, the connection closed with nothing sent, the request failed."""
+    caplog.set_level(logging.ERROR)
+
+    async def bad(request: web.Request) -> web.Response:
+        return web.Response(text="hi", headers={"X-Bad": "a\r\nb"})
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/bad", bad)
+    app.router.add_get("/", hello)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/")  # (the first response of its class)
+    assert await client.read_response() == (200, b"hi")
+    await client.get("/bad")
+    assert await client.reader.read() == b""
+    await recorder.wait_ends(2)
+    assert recorder.events[2:] == ["started /bad", "ended failed"]
+    assert any(r.getMessage() == "Unhandled exception" for r in caplog.records)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+
+
+def test_make_outcome_makes_what_the_dataclass_makes() -> None:
+    import dataclasses
+
+    from aiodelay._core.observe import make_outcome
+
+    lost = aiodelay.ConnectionLost("RST")
+    values = ("cancelled", lost, 1.0, 1.5, 2.0, "127.0.0.1")
+    made, built = make_outcome(*values), aiodelay.Outcome(*values)  # type: ignore[arg-type]
+    assert [f.name for f in dataclasses.fields(built)] == list(vars(made))
+    assert (made, hash(made), repr(made)) == (built, hash(built), repr(built))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.kind = "completed"  # type: ignore[misc]
 
 
 async def test_a_response_class_with_its_own_prepare_is_observed_as_completed(

@@ -60,12 +60,14 @@ __all__ = (
     "as_sent",
     "asks_upgrade",
     "bytes_written",
+    "fail_as_aiohttp",
     "how_peer_left",
     "install_watch",
     "log_bytes_sent",
     "payload_of",
     "peer_gone",
     "response_written",
+    "route_of",
     "state_of",
     "status_line_sent",
     "transport_of",
@@ -388,6 +390,10 @@ transport_of = operator.attrgetter("_protocol.transport")
 payload_of = operator.attrgetter("_payload")
 EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
 
+#: ``route_of(request)``: ``request.match_info.route`` of a ``web.Request`` (a C attribute
+#: getter: those are two Python properties, paid by every request whose plan is asked for).
+route_of = operator.attrgetter("_match_info._route")
+
 #: ``asks_upgrade(request)``: whether the request asked to switch protocols (``Connection:
 #: upgrade`` with an ``Upgrade`` header, as aiohttp's parser saw it; a WebSocket handshake is
 #: one), from the parsed message (a C attribute getter: no Python frame on the hot path).
@@ -405,6 +411,15 @@ def bytes_written(request: web.BaseRequest) -> int:
     headers included (what aiohttp's access log counts). A file that aiohttp sends with
     ``sendfile()`` is not counted: the kernel sends it, and aiohttp does not add it up."""
     return int(request._payload_writer.output_size)
+
+
+def fail_as_aiohttp(request: web.BaseRequest, exc: BaseException) -> None:
+    """What aiohttp does when writing a response raises an error of its own (not a
+    ``ConnectionError``): it logs it, "Unhandled exception", and force-closes the connection
+    (its own write of the response, next, then fails, and the connection ends)."""
+    protocol = request.protocol
+    protocol.log_exception("Unhandled exception", exc_info=exc)
+    protocol.force_close()
 
 
 def abort_connection(request: web.BaseRequest) -> None:

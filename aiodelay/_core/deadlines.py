@@ -6,12 +6,13 @@ cancelled handle left in that heap until its time comes. With a default deadline
 request of the last 30 s sits in the heap, and nearly all of them ended long ago.
 
 Here the requests of one deadline length wait in one :class:`DeadlineQueue`: a dict from the
-request's state to the moment its deadline passes, in the order the requests started, which
-is also the order their deadlines pass (one length, one clock). The queue keeps at most one
-timer, for the oldest request in it. A request that ends leaves the queue (a dict delete: no
-timer to cancel); when the timer fires, the requests whose deadline has passed are stopped,
-and the timer is set again for the oldest one left, if any. A deadline passes on time, not
-rounded to a tick, as with a timer of its own.
+request's state to the moment its deadline passes (on the loop's clock), in the order the
+requests started, which is also the order their deadlines pass (one length, one clock). The
+queue keeps at most one timer, for the oldest request in it. A request that ends (nearly all,
+long before their deadline) leaves the queue: a dict delete, no timer to cancel. When the timer
+fires, the requests whose deadline has passed are stopped, and the timer is set again for the
+oldest one left, if any. A deadline passes on time, not rounded to a tick, as with a timer of
+its own.
 
 The watching installation keeps one queue per deadline (seconds and status) that its routes
 have; a route's plan points at its queue (``installation.RoutePlan.deadlines``).
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from time import monotonic
+import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,53 +32,71 @@ if TYPE_CHECKING:
 
 __all__ = ("DeadlineQueue",)
 
+logger = logging.getLogger("aiodelay")
+
 _NO_CONTEXT = contextvars.Context()
 _get_running_loop = asyncio.get_running_loop
+
+#: The shortest wait the timer is set for: a loop whose clock counts in milliseconds (uvloop)
+#: may fire a timer up to a millisecond before the moment it was set for.
+_MIN_WAIT = 0.001
 
 
 class DeadlineQueue:
     """The requests in flight whose deadline is ``seconds`` (answered ``status``)."""
 
-    __slots__ = ("_loop", "_timer", "pending", "seconds", "status")
+    __slots__ = ("_clock", "_loop", "_timer", "pending", "seconds", "status")
 
     def __init__(self, seconds: float, status: int) -> None:
         self.seconds = seconds
         self.status = status
-        #: The requests in flight, each with the ``monotonic()`` moment its deadline passes,
-        #: oldest first.
+        #: The requests in flight, each with the moment its deadline passes on the loop's
+        #: clock (``loop.time()``), oldest first.
         self.pending: dict[RequestState, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The loop's clock: ``loop.time``, or the function it calls on asyncio's own loop.
+        self._clock: Callable[[], float] = time.monotonic
 
     def __repr__(self) -> str:
         return f"<DeadlineQueue {self.seconds}s -> {self.status}, {len(self.pending)} pending>"
 
     def add(self, state: RequestState) -> None:
-        """``state``'s request started (at ``state.started_at``): its deadline runs from then.
-        The request must leave the queue when it ends (``pending.pop(state, None)``)."""
-        self.pending[state] = state.started_at + self.seconds
-        if self._timer is None or self._loop is not _get_running_loop():
-            self._arm()
-
-    def _arm(self) -> None:
-        """Set the timer for the oldest request waiting (the queue is not empty)."""
+        """``state``'s request starts now: its deadline runs from now. The request must leave
+        the queue when it ends (``pending.pop(state, None)``)."""
         loop = _get_running_loop()
         if loop is not self._loop:
-            # The app is served on another loop than before: what waited on the old one (and
-            # its timer) went with it.
-            self._loop = loop
-            first = next(reversed(self.pending))
-            self.pending = {first: self.pending[first]}
+            self._use(loop)
+        self.pending[state] = self._clock() + self.seconds
+        if self._timer is None:
+            self._arm(loop)
+
+    def _use(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve ``loop`` from now on (the first, or another loop than before: a
+        middleware() object used again, and what waited on the old loop went with it)."""
+        self._loop = loop
+        self._timer = None
+        self.pending = {}
+        # asyncio's loop.time() is a Python frame that returns time.monotonic().
+        own_clock = type(loop).time is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if own_clock else loop.time
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Set the timer for the oldest request waiting (the queue is not empty)."""
         at = next(iter(self.pending.values()))
         # The callback needs none of the request's context variables: no copy of them.
-        self._timer = loop.call_later(at - monotonic(), self._expired, context=_NO_CONTEXT)
+        self._timer = loop.call_at(
+            max(at, self._clock() + _MIN_WAIT), self._expired, context=_NO_CONTEXT
+        )
 
     def _expired(self) -> None:
         """The timer fired: stop the requests whose deadline has passed; set the timer for
         the oldest one left."""
         self._timer = None
+        loop = self._loop
+        assert loop is not None
         pending = self.pending
-        now = monotonic()
+        now = self._clock()
         due = []
         for state, at in pending.items():
             if at > now:
@@ -84,6 +105,9 @@ class DeadlineQueue:
         for state in due:
             del pending[state]
         if pending:
-            self._arm()
+            self._arm(loop)
         for state in due:
-            state.deadline_passed(self.seconds, self.status)
+            try:
+                state.deadline_passed(self.seconds, self.status)
+            except Exception:  # one request's failure must not strand the others
+                logger.exception("stopping %r at its deadline failed", state)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 
+from .aiohttp_internals import route_of
 from .client import remotes_on_the_way
 from .deadlines import DeadlineQueue
 from .observe import RequestObserver
@@ -77,6 +78,10 @@ class RoutePlan:
     #: Where the route's requests wait for their deadline (shared by the routes of one
     #: deadline), or None without one.
     deadlines: DeadlineQueue | None
+    #: Nothing but aiohttp touches a response of the route after aiodelay: aiodelay is the
+    #: first middleware of the served app, and no app on the way has ``on_response_prepare``
+    #: handlers (see ``outcome.writes_here``).
+    last_to_touch: bool
     #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
     remotes: tuple[Any, ...]
 
@@ -104,10 +109,9 @@ class Installation:
         "policy",
         "running_on",
         "shutting_down",
+        "tells_alone",
         "threads",
         "timed",
-        "trusts_remotes",
-        "writes_itself",
     )
 
     def __init__(
@@ -129,21 +133,17 @@ class Installation:
         #: way of some route (sub-apps with aiodelay of their own).
         self.timed: bool | None = None if seconds is None else True
         self.nested: bool | None = None
-        #: Learned too: this is the outermost middleware of the server's app, so that nothing
-        #: but aiohttp sees the response after it (see ``outcome.writes_here``).
-        self.writes_itself = False
-        #: Learned too: an aiohttp-remotes middleware is in the app (``client``).
-        self.trusts_remotes = False
+        #: Learned too: this installation alone counts and tells its requests (no other on
+        #: their way), and their client is ``request.remote`` (no aiohttp-remotes middleware
+        #: in the app, see ``client``).
+        self.tells_alone = False
         self._plans: dict[object, RoutePlan] = {}
         self._deadline_queues: dict[tuple[float, int], DeadlineQueue] = {}
         self._alone: tuple[Installation, ...] = (self,)
 
-    def learn(self, app: web.Application, root: web.Application) -> None:
+    def learn(self, app: web.Application) -> None:
         """Look through ``app``'s routes and sub-apps once (it is frozen: they do not change):
-        can a route have a deadline, and do other installations handle some routes too; and
-        is this the first middleware of ``root``, the app the server serves."""
-        first: object = app.middlewares[0] if app.middlewares else None
-        self.writes_itself = app is root and first is self
+        can a route have a deadline, and do other installations handle some routes too."""
         timed = self.deadline is not None
         nested = False
         apps, seen = [app], []
@@ -161,7 +161,7 @@ class Installation:
                 for route in resource:
                     timed = timed or marks_a_deadline(route.handler)
         self.timed, self.nested = timed, nested
-        self.trusts_remotes = bool(remotes_on_the_way(tuple(seen)))
+        self.tells_alone = not nested and not remotes_on_the_way(tuple(seen))
 
     def installations(self, request: web.BaseRequest) -> tuple[Installation, ...]:
         """The installations that handle ``request`` (this one, the watching one, first)."""
@@ -172,13 +172,12 @@ class Installation:
 
         Kept per route (a route's apps do not change once the app runs); a request that
         matched no route (a 404) has a route object of its own, and its plan is not kept."""
-        if not isinstance(request, web.Request):
+        if request.__class__ is not web.Request and not isinstance(request, web.Request):
             return self._plan(request, None, ())
-        match_info = request.match_info
-        route = match_info.route
+        route = route_of(request)
         plan = self._plans.get(route)
         if plan is None:
-            plan = self._plan(request, route.handler, match_info.apps)
+            plan = self._plan(request, route.handler, request.match_info.apps)
             if isinstance(route, web.ResourceRoute):
                 self._plans[route] = plan
         return plan
@@ -201,6 +200,9 @@ class Installation:
             deadline=limit,
             deadline_by_default=limit is not None and limit is innermost.deadline,
             deadlines=None if limit is None else self._deadline_queue(limit),
+            last_to_touch=bool(apps)
+            and _first_middleware(apps[0]) is self
+            and not any(app.on_response_prepare for app in apps),
             remotes=remotes_on_the_way(apps),
         )
 
@@ -210,6 +212,10 @@ class Installation:
         if queue is None:
             queue = self._deadline_queues[limit] = DeadlineQueue(*limit)
         return queue
+
+
+def _first_middleware(app: web.Application) -> object:
+    return app.middlewares[0] if app.middlewares else None
 
 
 app_key = web.AppKey("aiodelay", Installation)

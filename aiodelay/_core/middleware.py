@@ -72,7 +72,7 @@ class Middleware(Installation):
             # still goes through the Watch. None once it is gone.
             watch = None if transport is None else install_watch(request, transport, EVENTS)
         if self.nested is None:
-            self.learn(request.app, request.match_info.apps[0])
+            self.learn(request.app)
         if _current_tasks is None:
             task = _current_task()
         else:
@@ -116,7 +116,12 @@ class Middleware(Installation):
             if held is not None:
                 held.release()
         response = end(state, response, None)  # type: ignore[assignment]
-        if state.phase == WRITING and self.writes_itself and response.__class__ in WRITES_HERE:
+        if (
+            state.phase == WRITING
+            and response.__class__ in WRITES_HERE
+            and (plan := state.route_plan) is not None
+            and plan.last_to_touch
+        ):
             # Observed, or awaited with notify_finish: its outcome waits for the write, done
             # here as aiohttp would do it next (see outcome.written).
             watch = state.watch
@@ -126,8 +131,7 @@ class Middleware(Installation):
             except ConnectionError:
                 pass  # its client left: truncated (aiohttp's own write_eof finds that out)
             except Exception as exc:
-                write_failed(state, exc)
-                raise
+                write_failed(state, request, exc)  # as aiohttp would have: logged, closed
             finally:
                 written(state, request, watch)
         return response

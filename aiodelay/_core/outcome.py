@@ -65,6 +65,7 @@ from .aiohttp_internals import (
     access_logged,
     as_sent,
     bytes_written,
+    fail_as_aiohttp,
     how_peer_left,
     log_bytes_sent,
     peer_gone,
@@ -102,11 +103,18 @@ def started(state: RequestState) -> None:
     request = state.request
     assert request is not None
     installation = state.installation
-    for each in installation.installations(request) if installation.nested else (installation,):
-        for observer in each.observers:
+    if not installation.nested:
+        for observer in installation.observers:
             try:
                 observer.request_started(request)
             except Exception:  # one broken observer must not break the request
+                logger.exception("observer %r failed", observer)
+        return
+    for each in installation.installations(request):
+        for observer in each.observers:
+            try:
+                observer.request_started(request)
+            except Exception:
                 logger.exception("observer %r failed", observer)
 
 
@@ -168,16 +176,15 @@ def end(
             state.phase = ENDED
             installation = state.installation
             if installation.nested or installation.observers:
-                if (
-                    not installation.nested
-                    and response.__class__ in WRITES_HERE
-                    and installation.writes_itself
-                ):
-                    # Observed (all but the first request of a response class): the
-                    # middleware writes it and settles it (written()).
-                    state.response = response
-                    state.phase = WRITING
-                    return response
+                if not installation.nested and response.__class__ in WRITES_HERE:
+                    plan = state.route_plan or installation.plan_for(state.request)  # type: ignore[arg-type]
+                    if plan.last_to_touch:
+                        # Observed (all but the first request of a response class): the
+                        # middleware writes it and settles it (written()).
+                        state.route_plan = plan
+                        state.response = response
+                        state.phase = WRITING
+                        return response
                 return _completed(state, state.request, response)  # type: ignore[arg-type]
             # ...and, nobody observing them, counted completed now; recounted as truncated if
             # the client leaves before aiohttp has written the response (EVENTS.closed).
@@ -407,12 +414,15 @@ def _tell_lost(state: RequestState) -> None:
 
 def writes_here(state: RequestState, response: web.StreamResponse | None) -> bool:
     """Whether the middleware writes the response of a request whose outcome waits for the
-    write (:func:`written`) rather than leaving it to aiohttp and asking once aiohttp's task is
-    done (:func:`_settle_when_written`): where nothing but aiohttp would see the response
-    after aiodelay, and for a response class whose ``prepare`` and ``write_eof`` do nothing
-    the second time (aiohttp's): not a ``FileResponse``, a WebSocket, or a class that
-    overrides them. Such classes are then in :data:`WRITES_HERE`."""
-    if not state.installation.writes_itself or response is None:
+    write (:func:`written`) rather than leaving it to aiohttp and asking once aiohttp's task
+    is done (:func:`_settle_when_written`): where nothing but aiohttp would touch the response
+    after aiodelay (``RoutePlan.last_to_touch``: aiodelay is the served app's first
+    middleware, and no ``on_response_prepare`` handlers, which see ``request.app`` as aiohttp
+    sets it), and for a response class whose ``prepare`` and ``write_eof`` do nothing the
+    second time (aiohttp's): not a ``FileResponse``, a WebSocket, or a class that overrides
+    them. Such classes are then in :data:`WRITES_HERE` (the middleware asks that, and
+    ``RoutePlan.last_to_touch``, once the request is WRITING)."""
+    if response is None or not state.plan.last_to_touch:
         return False
     cls = response.__class__
     if cls in WRITES_HERE:
@@ -435,10 +445,11 @@ WRITES_HERE: set[type] = set()
 _WRITTEN_BY_AIOHTTP: set[type] = set()
 
 
-def write_failed(state: RequestState, exc: Exception) -> None:
-    """Writing the response (the middleware's, see :func:`written`) raised ``exc``, which
-    aiohttp would have met writing it (an ``on_response_prepare`` handler that raised): the
-    request failed; ``exc`` goes on to aiohttp, which answers 500 if it still can."""
+def write_failed(state: RequestState, request: web.BaseRequest, exc: Exception) -> None:
+    """Writing the response in the middleware raised ``exc`` (not a ``ConnectionError``: a
+    header aiohttp cannot write, say): what aiohttp does when its own write raises, it logs
+    the error and closes the connection; the request failed."""
+    fail_as_aiohttp(request, exc)
     if state.phase == WRITING:
         _record(state, "failed", f"writing the response raised {type(exc).__name__}", exc)
 
@@ -450,14 +461,12 @@ def written(state: RequestState, request: web.BaseRequest, watch: Watch | None) 
     ``completed`` or ``truncated``. Writing in the middleware costs an observed request
     nothing more than aiohttp's writing, where asking after aiohttp's task ended (a done
     callback) cost a callback scheduled and run on the loop."""
-    if state.phase != WRITING:
-        return
     installation = state.installation
     if (
-        response_written(request)
+        state.phase == WRITING
+        and installation.tells_alone
         and state.extras is None
-        and not installation.nested
-        and not installation.trusts_remotes
+        and response_written(request)
     ):
         # The observers' every request, in one frame: _record_completed, inlined.
         installation.counters.completed += 1
@@ -471,7 +480,7 @@ def written(state: RequestState, request: web.BaseRequest, watch: Watch | None) 
                 observer.request_ended(request, outcome)
             except Exception:  # one broken observer must not take the others' record
                 logger.exception("observer %r failed", observer)
-    else:
+    elif state.phase == WRITING:
         _response_done(state, request, watch, False, None)
 
 
@@ -499,8 +508,8 @@ def _response_done(
     counted: bool,
     task: asyncio.Task[Any] | None,
 ) -> None:
-    """aiohttp (or :func:`write`) is done with the request's response: it got there, or its
-    client left."""
+    """aiohttp (or the middleware, :func:`written`) is done with the request's response: it
+    got there, or its client left."""
     if state.phase == SETTLED:
         return
     if response_written(request):

@@ -27,8 +27,9 @@ ENDED         The handler returned or raised, and ``outcome`` classified its end
               written the whole response, it is counted again, as truncated. Asked about
               then (``notify_finish``), it moves to WRITING.
 WRITING       The handler returned a response for a client still there; ``outcome``
-              settles the request once aiohttp is done writing it (its task's done
-              callback): observers or ``notify_finish`` futures wait for that.
+              settles the request once it is written (by the middleware, or by aiohttp:
+              then in its task's done callback): observers or ``notify_finish``
+              futures wait for that.
 SETTLED       The outcome is final: counted, logged, observers told, ``notify_finish``
               resolved.
 ============  ==========================================================================
