@@ -27,13 +27,17 @@ client (this process) pinned to another:
 1. **Storm**: ``--count`` clients (default 5,000) each connect and send ``GET /hold/<i>``;
    the handler records ``time.monotonic()`` at its start and waits for ever. When the N-th
    handler has started, the server says so on its stdout; the server's RSS is read (after
-   ``gc.collect()`` in the server); then the client closes every socket in one tight loop,
-   taking ``time.monotonic()`` just before each ``close()``: a FIN, or with ``SO_LINGER`` 0
-   an RST (a server per storm). The handler's ``except CancelledError`` (Twisted: the
+   ``gc.collect()`` in the server; with ``--no-collect`` without one: a real server meets a
+   storm uncollected, and a collection its held requests made due may then land in the
+   storm); then the client closes every socket in one tight loop, taking
+   ``time.monotonic()`` just before each ``close()``: a FIN, or with ``SO_LINGER`` 0 an RST
+   (a server per storm). The handler's ``except CancelledError`` (Twisted: the
    errback) takes ``time.monotonic()`` too; CLOCK_MONOTONIC is one clock for the whole
    machine on Linux, so latency_i = cancelled_i - closed_i across the two processes. The
-   script prints p50/p90/p99/max per kind and each kind's p99 over aiohttp's. Two storms
-   of each close (``--storms``):
+   script prints p50/p90/p99/max per kind and each kind's p99 over aiohttp's, and the
+   garbage collections of each generation that ran in the server from just before the
+   first close until it was idle again (counted with ``gc.callbacks``), with their CPU time
+   and longest pause. Two storms of each close (``--storms``):
 
    - ``paced``: the server runs while the client closes; each latency counts from the
      request's own close. The storm goes at the client's pace, which varies (below);
@@ -71,6 +75,7 @@ Run (from the repository root, in the project's virtualenv, with ``.[bench]`` fo
     python benchmarks/storm.py                      # 5,000 per storm, all kinds, ~1.5 min
     python benchmarks/storm.py --count 1000 --closes FIN --kinds aiohttp,aiodelay
     python benchmarks/storm.py --uvloop --repeat 3 --tracemalloc
+    python benchmarks/storm.py --count 5000 --no-collect --repeat 3 --rounds 0
     python benchmarks/storm.py --kinds aiohttp,aiodelay --aiodelay-path /tmp/base
 """
 
@@ -141,13 +146,45 @@ SINGLE_PAUSE = 0.002
 # -- the server side -----------------------------------------------------------------------
 
 
+class Collections:
+    """The garbage collections of this process, per generation, counted with ``gc.callbacks``
+    since the last :meth:`take`: how many ran, the CPU time they took (the thread's: a
+    collection during which other processes ran costs no more) and the longest pause (wall
+    clock). An explicit ``gc.collect()`` counts too."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = 0.0
+        self._began = (0.0, 0.0)
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        now = (time.thread_time(), time.perf_counter())
+        if phase == "start":
+            self._began = now
+            return
+        generation = info["generation"]
+        self.counts[generation] += 1
+        self.seconds[generation] += now[0] - self._began[0]
+        self.longest = max(self.longest, now[1] - self._began[1])
+
+    def take(self) -> dict[str, Any]:
+        """What was counted since the last call, which starts counting afresh."""
+        taken = {"counts": self.counts, "seconds": self.seconds, "longest": self.longest}
+        self.counts, self.seconds, self.longest = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        return taken
+
+
 class Recorder:
     """The server's record: when each ``/hold/<i>`` handler started and saw its client leave.
 
     It also answers the harness's commands, one line each on the server's stdin:
     ``ARM n`` (say ``STARTED`` when n more handlers have started and ``CANCELLED`` when n
     more have seen their client leave), ``MEM`` (RSS and traced bytes after
-    ``gc.collect()``), ``REPORT`` (the record as JSON, then forgotten) and ``COUNT``.
+    ``gc.collect()``; ``MEM raw``: without it), ``GC`` (the garbage collections since the
+    last ``GC``, as JSON: :class:`Collections`), ``REPORT`` (the record as JSON, then
+    forgotten) and ``COUNT``.
     """
 
     def __init__(self, emit: Callable[[str], None], extra: Callable[[], dict[str, Any]]) -> None:
@@ -159,6 +196,7 @@ class Recorder:
         self.n_cancelled = 0
         self.want_started = -1
         self.want_cancelled = -1
+        self.collections = Collections()
 
     def start(self, i: int, now: float) -> None:
         self.started[i] = now
@@ -179,13 +217,16 @@ class Recorder:
             self.want_cancelled = self.n_cancelled + int(arg)
             self.emit("ARMED")
         elif word == "MEM":
-            gc.collect()
+            if arg != "raw":
+                gc.collect()
             traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else -1
             self.emit(f"MEM {read_rss()} {traced}")
         elif word == "REPORT":
             report = {"started": self.started, "cancelled": self.cancelled, **self.extra()}
             self.started, self.cancelled = {}, {}
             self.emit("REPORT " + json.dumps(report))
+        elif word == "GC":
+            self.emit("GC " + json.dumps(self.collections.take()))
         elif word == "COUNT":
             self.emit(f"COUNT {self.n_started} {self.n_cancelled}")
         else:
@@ -441,9 +482,14 @@ class Server:
     def arm(self, n: int) -> None:
         self.command(f"ARM {n}")
 
-    def memory(self) -> tuple[int, int]:
-        _, rss, traced = self.command("MEM").split()
+    def memory(self, collect: bool = True) -> tuple[int, int]:
+        _, rss, traced = self.command("MEM" if collect else "MEM raw").split()
         return int(rss), int(traced)
+
+    def collections(self) -> dict[str, Any]:
+        """The server's garbage collections since the last call (see :class:`Collections`)."""
+        taken: dict[str, Any] = json.loads(self.command("GC").split(" ", 1)[1])
+        return taken
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = json.loads(self.command("REPORT").split(" ", 1)[1])
@@ -602,6 +648,11 @@ class Storm:
     waited: float  # seconds the server waited for its CPU meanwhile (other processes ran)
     rss_per_request: float
     load: float  # 1-minute load average right after the storm
+    # The server's garbage collections from just before the first close until it was idle
+    # again: how many of each generation, their CPU seconds, the longest pause (wall clock).
+    gc_counts: list[int] = field(default_factory=lambda: [0, 0, 0])
+    gc_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    gc_longest: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -636,10 +687,12 @@ def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: i
         close_all(hold(server, warm, args.timeout), close)
         server.expect("CANCELLED")
         server.report()
-        rss_idle, _ = server.memory()
+        collect = not args.no_collect
+        rss_idle, _ = server.memory(collect)
         ids = range(count)
         socks = hold(server, ids, args.timeout)
-        rss_held, _ = server.memory()
+        rss_held, _ = server.memory(collect)
+        server.collections()  # counted from here
         if mode == "paced":
             cpu_before, wait_before = sched(server.pid)
             closed_at, ended = close_all(socks, close)
@@ -651,6 +704,7 @@ def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: i
             start = resumed[0]
         server.expect("CANCELLED")
         cpu_after, wait_after = settle(server.pid, min(args.timeout, 5.0))
+        collections = server.collections()
         report = server.report()
         # burst: every close is in the kernel before the server runs again; each request's
         # latency is from that moment.
@@ -667,6 +721,9 @@ def run_storm(kind: str, close: str, mode: str, args: argparse.Namespace, cpu: i
             waited=wait_after - wait_before,
             rss_per_request=(rss_held - rss_idle) / count,
             load=os.getloadavg()[0],
+            gc_counts=collections["counts"],
+            gc_seconds=collections["seconds"],
+            gc_longest=collections["longest"],
         )
         if storm.waited > 0.1 * storm.drained:
             share = storm.waited / storm.drained
@@ -812,10 +869,11 @@ def print_storms(
             print(f"{kind:13s} {mode:6s} {close:4s}{cells}  {ratio}  p99s {each}")
     print(
         "\nwhat a drop cost the server (CPU time from the first close until idle, per drop; "
-        "little disturbed by other processes) and the storms' conditions (medians)"
+        "little disturbed by other processes), the part of it in garbage collections, and the "
+        "storms' conditions (medians)"
     )
-    print(f"{'':26s}{'cpu us/drop':>12s}{'vs aiohttp':>11s}{'client closing ms':>19s}"
-          f"{'server waited ms':>18s}")  # fmt: skip
+    print(f"{'':26s}{'cpu us/drop':>12s}{'vs aiohttp':>11s}{'gc us/drop':>11s}"
+          f"{'client closing ms':>19s}{'server waited ms':>18s}")  # fmt: skip
     for mode, close in groups:
         base = None
         for kind in kinds:
@@ -826,12 +884,14 @@ def print_storms(
             if kind == "aiohttp":
                 base = per_drop
             ratio = f"{per_drop / base:10.2f}x" if base else f"{'':11s}"
+            in_gc = statistics.median(sum(s.gc_seconds) / len(s.latencies) for s in runs)
             closing = statistics.median(s.closing for s in runs)
             waited = statistics.median(s.waited for s in runs)
             print(
-                f"{kind:13s} {mode:6s} {close:4s}{per_drop * 1e6:12.1f}{ratio}{closing * 1e3:19.1f}"
-                f"{waited * 1e3:18.1f}"
+                f"{kind:13s} {mode:6s} {close:4s}{per_drop * 1e6:12.1f}{ratio}{in_gc * 1e6:11.1f}"
+                f"{closing * 1e3:19.1f}{waited * 1e3:18.1f}"
             )
+    print_collections(storms, kinds, groups)
     print("\nmemory per held request (RSS, from the storms' servers; KB = 1000 B)")
     base_rss = None
     for kind in kinds:
@@ -846,6 +906,35 @@ def print_storms(
         print(f"{kind:13s} {mean / 1e3:6.2f} KB{diff}   (storms: {each})")
 
 
+def gc_text(counts: Sequence[float]) -> str:
+    """Collections per generation as ``gen0/gen1/gen2``."""
+    return "/".join(f"{count:g}" for count in counts)
+
+
+def print_collections(
+    storms: list[Storm], kinds: Sequence[str], groups: Sequence[tuple[str, str]]
+) -> None:
+    print(
+        "\ngarbage collections in the server during the storm (from just before the first close "
+        "until idle; medians), per generation 0/1/2, the CPU time they took and the longest "
+        "pause (wall clock)"
+    )
+    print(f"{'':26s}{'gen 0/1/2':>12s}{'cpu ms':>9s}{'longest ms':>12s}  runs")
+    for mode, close in groups:
+        for kind in kinds:
+            runs = [s for s in storms if (s.kind, s.close, s.mode) == (kind, close, mode)]
+            if not runs:
+                continue
+            counts = [statistics.median(s.gc_counts[gen] for s in runs) for gen in range(3)]
+            total = statistics.median(sum(s.gc_seconds) for s in runs)
+            longest = statistics.median(s.gc_longest for s in runs)
+            each = ", ".join(gc_text(s.gc_counts) for s in runs)
+            print(
+                f"{kind:13s} {mode:6s} {close:4s}{gc_text(counts):>12s}{total * 1e3:9.1f}"
+                f"{longest * 1e3:12.1f}  {each}"
+            )
+
+
 def print_storm(storm: Storm) -> None:
     lat = storm.latencies
     count = len(lat)
@@ -854,7 +943,8 @@ def print_storm(storm: Storm) -> None:
         f"  closing {storm.closing * 1e3:6.1f} ms ({storm.closing / count * 1e6:5.1f} us/close)"
         f"  drained {storm.drained * 1e3:6.1f} ms  server cpu {storm.cpu / count * 1e6:5.1f} "
         f"us/drop, waited {storm.waited * 1e3:6.1f} ms  rss {storm.rss_per_request / 1e3:5.2f} "
-        f"KB/req  load {storm.load:.2f}",
+        f"KB/req  load {storm.load:.2f}  gc {gc_text(storm.gc_counts)} "
+        f"({sum(storm.gc_seconds) * 1e3:.1f} ms cpu, longest {storm.gc_longest * 1e3:.1f})",
         flush=True,
     )
     for note in storm.notes:
@@ -900,6 +990,8 @@ def measure(args: argparse.Namespace) -> int:
         f"{loop_name}, listen backlog {BACKLOG}, warm-up {WARMUP} held+dropped, timeout "
         f"{args.timeout:g} s"
     )
+    collected = "none (--no-collect)" if args.no_collect else "gc.collect() before each storm"
+    print(f"servers' collection before a storm: {collected}")
     log_sink = "a file" if args.log_to == "file" else "/dev/null"
     print(f"log kinds: a line per drop to the server's stderr, redirected to {log_sink}")
 
@@ -997,6 +1089,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("file", "devnull"),
         default="file",
         help="where the log kinds' servers' stderr goes (default: a temporary file)",
+    )
+    parser.add_argument(
+        "--no-collect",
+        action="store_true",
+        help="no gc.collect() in the servers before a storm, as in a real server (the RSS "
+        "per held request is then read without one too)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds allowed per wait (default 60)"
