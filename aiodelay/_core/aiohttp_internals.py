@@ -56,7 +56,6 @@ __all__ = (
     "Listener",
     "Watch",
     "abort_connection",
-    "access_logged",
     "as_sent",
     "asks_upgrade",
     "bytes_written",
@@ -428,14 +427,6 @@ def abort_connection(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-def access_logged(request: web.BaseRequest) -> bool:
-    """Whether aiohttp may write an access log line for the request (True where it cannot be
-    told: aiohttp < 3.11, whose request task, ended by a CancelledError, is also left in a
-    reference cycle)."""
-    enabled: bool = getattr(request.protocol, "_logging_enabled", True)
-    return enabled
 
 
 def status_line_sent(request: web.BaseRequest) -> bool:

@@ -23,8 +23,7 @@ was cancelled by aiodelay  the deadline passed             ``timed_out``; the de
                                                            the connection cut if the response had
                                                            started (if gone: what went out)
                            the client left                 ``cancelled`` (``failed``: the server's
-                                                           shutdown); what went out, or the
-                                                           CancelledError goes on to aiohttp
+                                                           shutdown); logged as what went out
 was cancelled by           a WebSocket whose client left   ``cancelled``; the CancelledError
 something else             the server shuts down           ``failed``, its reason ``"shutdown"``
                            otherwise (an outer timeout)    ``failed``; the CancelledError
@@ -53,7 +52,6 @@ import contextvars
 import copy
 import functools
 import logging
-import sys
 from time import monotonic
 from typing import Any
 
@@ -62,7 +60,6 @@ from aiohttp import web
 from .aiohttp_internals import (
     Watch,
     abort_connection,
-    access_logged,
     as_sent,
     bytes_written,
     fail_as_aiohttp,
@@ -92,9 +89,6 @@ __all__ = (
 
 logger = logging.getLogger("aiodelay")
 
-#: Hand a cancellation on to aiohttp when nothing is to be logged: from Python 3.11 on (on
-#: 3.10 the cancelled task is left in a reference cycle; a 499 response is returned instead).
-_HAND_ON = sys.version_info >= (3, 11)
 _NO_CONTEXT = contextvars.Context()
 
 
@@ -203,7 +197,9 @@ def _end(
     assert request is not None  # the handler has just ended
     ours = isinstance(exc, asyncio.CancelledError) and state.take_back_cancellation()
     state.ended()
-    gone = _gone(state, request)
+    # Whether the client is gone now matters only where its leaving did not stop the request
+    # (the table above): not asked on the drop path, where an RST's socket is closed already.
+    gone = None if state.lost is not None else _gone(state, request)
     if state.cause is None:
         if gone is not None and not _websocket(state) and _answered_or_tripped(exc):
             # Gone at the very end (on asyncio's loop an RST is reported a turn after it was
@@ -224,10 +220,6 @@ def _end(
         return response  # (None for an HTTPException, which aiohttp sends)
     if answer is _GO_ON:
         return None
-    if answer is _QUIET and _HAND_ON and not access_logged(request):
-        # Nothing to log, nothing to send: the CancelledError goes on to aiohttp, which ends
-        # the request as it does its own handler_cancellation.
-        return None
     if answer is _DEADLINE:
         timed_out = state.timed_out
         assert timed_out is not None
@@ -247,7 +239,6 @@ def _end(
 # What aiohttp gets (the last column of the table above).
 _SEND = "the response goes out as it is"
 _GO_ON = "the exception goes on unchanged"
-_QUIET = "the CancelledError goes on, or is logged as what went out if aiohttp logs it"
 _DEADLINE = "the deadline's status, with a short text"
 _CUT = "the connection cut (a response had started), logged as what went out"
 _LOGGED = "logged as what went out"
@@ -304,10 +295,13 @@ def _classify(
             if lost.reason == "shutdown":
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
-                return "failed", "stopped by the server's shutdown", _QUIET, None
+                return "failed", "stopped by the server's shutdown", _LOGGED, None
             grace = state.plan.grace
             note = "" if grace is None else f"after its {seconds_text(grace)} grace"
-            return "cancelled", note, _QUIET, None
+            # Logged as what went out, even where aiohttp logs nothing: a CancelledError
+            # handed on would stay, with its traceback and every frame in it, on aiohttp's
+            # task of the connection until the connection's deferred teardown (teardown.py).
+            return "cancelled", note, _LOGGED, None
         kind: OutcomeKind = "timed_out" if timed_out is not None else "failed"
         if state.installation.shutting_down:
             return kind, "stopped by the server's shutdown", _GO_ON, ConnectionLost("shutdown")
@@ -581,7 +575,8 @@ def _record(
     timed_out = state.timed_out
     logged = (disconnected or timed_out is not None) and logger.isEnabledFor(logging.INFO)
     if observed or logged:
-        client = trusted_remote(request, installation.plan_for(request).remotes)
+        remotes = (state.route_plan or installation.plan_for(request)).remotes
+        client = trusted_remote(request, remotes) if remotes else request.remote
         ended_at = monotonic()
         started_at = state.started_at
         if logged and timed_out is not None:
