@@ -491,6 +491,22 @@ async def test_metrics_of_both_workers_add_up_in_every_scrape(tmp_path: Path) ->
         # worker), until each worker has answered two; bounded. Each one shows the sum over
         # both workers, and not itself (the /metrics route is not counted). Which worker
         # answered a scrape: its witness's line.
+        # A worker writes its counts to its files at most half a second after they changed
+        # (and right before it answers a scrape): until then, a scrape answered by the other
+        # worker misses them. Scrape until the sums show (each scrape a round trip; bounded);
+        # every scrape after that must show them.
+        polls = 0
+        deadline = time.monotonic() + 5
+        while True:
+            polls += 1
+            client = await RawClient.connect(deployment.gunicorn.port)
+            await client.get("/metrics", close=True)
+            status, body = await asyncio.wait_for(client.read_response(), 10)
+            await client.aclose()
+            assert status == 200, body
+            if _metrics(body.decode()) == expected:
+                break
+            assert time.monotonic() < deadline, body.decode()
         answered: list[int] = []
         # (400: on a loaded machine the kernel once gave 99 of 100 new connections to one.)
         for n in range(1, 401):
@@ -501,7 +517,9 @@ async def test_metrics_of_both_workers_add_up_in_every_scrape(tmp_path: Path) ->
             await client.aclose()
             assert status == 200, body
             found = await deployment.app.wait(
-                lambda line: _event(line, "ended", "metrics"), f"scrape {n}'s end", count=n
+                lambda line: _event(line, "ended", "metrics"),
+                f"scrape {n}'s end",
+                count=polls + n,
             )
             answered.append(_parse(found[-1])["pid"])
             assert _metrics(body.decode()) == expected, (answered[-1], body.decode())

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Protocol, cast
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -256,6 +260,115 @@ async def test_default_registry_path_none_and_a_custom_path(serve: Serve) -> Non
     assert (count("/hello"), count("(unmatched)")) == (before[0] + 4, before[1] + 1)
 
 
+# How the setups of an app and its sub-app report: into one registry (the sub-app's setup adds
+# nothing: the outer one counts its requests already), or each into its own (each counts them).
+SUB_APP_REGISTRIES = ["shared", "separate"]
+
+
+@pytest.mark.parametrize("registries", SUB_APP_REGISTRIES)
+async def test_a_sub_app_with_a_setup_of_its_own_counts_each_request_once(
+    serve: Serve, registries: str
+) -> None:
+    """Regression: with setup() on an app and on its sub-app, each request of the sub-app was
+    counted twice (and, in multiprocess mode, stayed in flight for good)."""
+    probe = Probe()
+
+    async def x(request: web.Request) -> web.Response:
+        return web.Response(text="x")
+
+    async def hold(request: web.Request) -> web.Response:
+        await probe.run(request, asyncio.Future())
+        raise AssertionError("not reached")
+
+    outer, inner = CollectorRegistry(), CollectorRegistry()
+    if registries == "shared":
+        inner = outer
+    app = web.Application()
+    aiodelay.setup(app)
+    sub = web.Application()
+    aiodelay.setup(sub)
+    sub.router.add_get("/x", x)
+    sub.router.add_get("/hold", hold)
+    aiodelay.prometheus.setup(sub, registry=inner)  # before add_subapp, which freezes its routes
+    app.add_subapp("/s", sub)
+    aiodelay.prometheus.setup(app, registry=outer)
+    ends = _Ends()
+    aiodelay.add_observer(app, ends)
+    served = await serve(app)
+
+    client = await served.get("/s/x")
+    for _ in range(2):
+        assert await client.read_response() == (200, b"x")
+        await client.get("/s/x")
+    assert await client.read_response() == (200, b"x")
+    await client.get("/s/nope")
+    assert (await client.read_response())[0] == 404
+    await ends.wait(4)
+    labels = {"route": "/s/x", "outcome": "completed"}
+    for registry in (outer, inner):
+        assert registry.get_sample_value("aiodelay_requests_total", labels) == 3
+    held = await served.get("/s/hold")
+    await probe.wait_started()
+    for registry in (outer, inner):
+        assert registry.get_sample_value("aiodelay_requests_in_flight") == 1
+    if registries == "shared":  # either app's /metrics serves it, and is not counted
+        _, text = await _scrape(served.port, "/s/metrics")
+        assert _samples(text) == _samples((await _scrape(served.port))[1])
+    else:
+        await _scrape(served.port, "/s/metrics")
+        await _scrape(served.port)
+    held.drop("RST")
+    await ends.wait(5 + 2)
+    total, disconnects = "aiodelay_requests_total", "aiodelay_disconnects_total"
+    expected = {
+        _key(total, route="/s/x", outcome="completed"): 3,
+        _key(total, route="(unmatched)", outcome="completed"): 1,
+        _key(total, route="/s/hold", outcome="cancelled"): 1,
+        _key(disconnects, route="/s/hold", reason="RST"): 1,
+        _key("aiodelay_requests_in_flight"): 0,
+        _key("aiodelay_cancel_latency_seconds_count"): 1,
+    }
+    if registries == "separate":  # to the outer setup, the sub-app's /metrics is a route
+        expected[_key(total, route="/s/metrics", outcome="completed")] = 1
+    assert _split_histogram(_samples((await _scrape(served.port))[1]))[0] == expected
+    if registries == "separate":
+        del expected[_key(total, route="/s/metrics", outcome="completed")]
+    assert _split_histogram(_samples((await _scrape(served.port, "/s/metrics"))[1]))[0] == (
+        expected
+    )
+
+
+async def test_the_counts_of_an_app_that_is_gone_stay_in_its_registry() -> None:
+    """Counters never go down: an app's counts outlive it in its registry, which does not keep
+    the app's observer for them. (The observer is driven by hand: aiohttp keeps an app it
+    served in a cache of its own for a while.)"""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    registry = CollectorRegistry()
+    labels = {"route": "/hello", "outcome": "completed"}
+    for count in (1, 2):
+        app = web.Application()
+        aiodelay.setup(app)
+        app.router.add_get("/hello", hello)
+        aiodelay.prometheus.setup(app, registry=registry, path=None)
+        match_info = await app.router.resolve(make_mocked_request("GET", "/hello", app=app))
+        # What the observer reads of a request: the route it matched (``match_info.route``,
+        # read through aiohttp's attribute behind it, ``_match_info``).
+        matched = SimpleNamespace(match_info=match_info, _match_info=match_info)
+        request = cast(web.Request, matched)
+        observer = app[aiodelay.prometheus.metrics_key]
+        observer.request_started(request)
+        observer.request_ended(request, aiodelay.Outcome("completed", None, 0.0, None, 0.1))
+        gone = weakref.ref(observer)
+        del app, match_info, matched, request, observer
+        gc.collect()
+        assert gone() is None
+        assert registry.get_sample_value("aiodelay_requests_total", labels) == count
+        assert registry.get_sample_value("aiodelay_requests_in_flight") == 0
+
+
 class _NotAnApp:
     pass
 
@@ -301,6 +414,15 @@ def test_setup_twice_on_one_app_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="already called on this app"):
         aiodelay.prometheus.setup(app, registry=registry, path="/other")
     assert len([r for r in app.router.resources() if r.canonical.endswith("metrics")]) == 1
+
+
+def test_setup_on_a_sub_app_already_added_names_the_fix() -> None:
+    app, sub = web.Application(), web.Application()
+    aiodelay.setup(sub)
+    app.add_subapp("/s", sub)
+    with pytest.raises(RuntimeError, match="on a sub-app before it is added to its parent"):
+        aiodelay.prometheus.setup(sub, registry=CollectorRegistry())
+    aiodelay.prometheus.setup(sub, registry=CollectorRegistry(), path=None)  # adds no route
 
 
 def test_multiprocess_dir_set_after_import_is_a_clear_error(
@@ -349,10 +471,13 @@ def test_aiodelay_without_setup_never_imports_prometheus_client() -> None:
     assert done.stdout.split() == ["1", "False"]
 
 
-# -- multiprocess mode: two server processes, one directory -------------------------------
+# -- multiprocess mode: server processes, one directory -----------------------------------
 
+# A worker: /work and /hold, or with "nested" on its command line, a sub-app at /s with its
+# own setup() and those routes. Its lines: PORT, each request's end and each flush of its
+# counts into its files (with time.monotonic()).
 WORKER = """\
-import asyncio, signal, sys
+import asyncio, signal, sys, time
 from aiohttp import web
 import aiodelay, aiodelay.prometheus
 
@@ -360,7 +485,7 @@ class Said:
     def request_started(self, request): pass
     def request_lost(self, request, lost): pass
     def request_ended(self, request, outcome):
-        print("ended", request.path, outcome.kind, flush=True)
+        print("ended", request.path, outcome.kind, time.monotonic(), flush=True)
 
 async def work(request):
     return web.Response(text="done")
@@ -374,10 +499,23 @@ async def hold(request):
 async def main():
     app = web.Application()
     aiodelay.setup(app)
-    app.router.add_get("/work", work)
-    app.router.add_get("/hold", hold)
+    routes = app
+    if sys.argv[1:] == ["nested"]:
+        routes = web.Application()
+        aiodelay.setup(routes)
+    routes.router.add_get("/work", work)
+    routes.router.add_get("/hold", hold)
+    if routes is not app:
+        aiodelay.prometheus.setup(routes)
+        app.add_subapp("/s", routes)
     aiodelay.prometheus.setup(app)
     aiodelay.add_observer(app, Said())
+    flusher = aiodelay.prometheus._flusher
+    flush = flusher.flush
+    def said_flush():
+        flush()
+        print("flushed", time.monotonic(), flush=True)
+    flusher.flush = said_flush
     runner = web.AppRunner(app, handler_cancellation=False, access_log=None, shutdown_timeout=0.2)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -400,6 +538,7 @@ class _Worker:
         self.clients: list[RawClient] = []
 
     async def line(self, prefix: str) -> str:
+        """The next line that starts with ``prefix`` (the lines before it are skipped)."""
         assert self.proc.stdout is not None
         while True:
             line = (await asyncio.wait_for(self.proc.stdout.readline(), 20)).decode()
@@ -410,8 +549,10 @@ class _Worker:
             if line.startswith(prefix):
                 return line.strip()
 
-    async def scrape(self) -> Samples:
-        _, text = await _scrape(self.port)
+    async def scrape(self, path: str = "/metrics") -> Samples:
+        """The samples (without the histogram's buckets) of a scrape; the worker writes its
+        own counts to its files first."""
+        _, text = await _scrape(self.port, path)
         return _split_histogram(_samples(text))[0]
 
     async def connect(self) -> RawClient:
@@ -419,76 +560,96 @@ class _Worker:
         self.clients.append(client)
         return client
 
-    async def hold(self) -> RawClient:
+    async def hold(self, path: str = "/hold") -> RawClient:
         client = await self.connect()
-        await client.get("/hold")
+        await client.get(path)
         await client.read_until(b"started\n")
         return client
 
+    async def work(self, count: int, path: str = "/work") -> None:
+        """``count`` requests of ``path`` on one connection, each to its end."""
+        client = await self.connect()
+        for _ in range(count):
+            await client.get(path)
+            assert await client.read_response() == (200, b"done")
+            await self.line(f"ended {path} completed")
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class StartWorker(Protocol):
+    async def __call__(self, *args: str) -> _Worker: ...
+
 
 @pytest.fixture
-async def workers(tmp_path: Path) -> AsyncIterator[tuple[_Worker, _Worker, Path]]:
+async def start_worker(tmp_path: Path) -> AsyncIterator[StartWorker]:
+    """Start workers (``python -c WORKER *args``) on one multiprocess directory, which exists
+    and is empty when the first starts; all stopped at teardown."""
     directory = tmp_path / "multiproc"
-    directory.mkdir()  # exists and is empty when the servers start
+    directory.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     started: list[_Worker] = []
+
+    async def start(*args: str) -> _Worker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WORKER,
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        worker = _Worker(proc)
+        started.append(worker)
+        worker.port = int((await worker.line("PORT")).split()[1])
+        return worker
+
     try:
-        for _ in range(2):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                WORKER,
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            worker = _Worker(proc)
-            started.append(worker)
-            worker.port = int((await worker.line("PORT")).split()[1])
-        yield started[0], started[1], directory
+        yield start
     finally:
         for worker in started:
             for client in worker.clients:
                 client.writer.transport.abort()
-            if worker.proc.returncode is None:
-                worker.proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(worker.proc.wait(), 10)
-                except asyncio.TimeoutError:
-                    worker.proc.kill()
-                    await worker.proc.wait()
+            await worker.stop()
+
+
+TOTAL, DISCONNECTS = "aiodelay_requests_total", "aiodelay_disconnects_total"
 
 
 async def test_multiprocess_one_scrape_on_either_process_shows_the_sum(
-    workers: tuple[_Worker, _Worker, Path],
+    start_worker: StartWorker, tmp_path: Path
 ) -> None:
-    a, b, directory = workers
-    for worker, count in ((a, 2), (b, 3)):
-        client = await worker.connect()
-        await client.get("/work")
-        for _ in range(count):
-            assert await client.read_response() == (200, b"done")
-            await worker.line("ended /work completed")
-            await client.get("/work")
-        assert await client.read_response() == (200, b"done")
-        await worker.line("ended /work completed")
+    """A worker writes its counts to its files before it answers a scrape (and on its own
+    within a second, see below): scraping b, then a, shows both."""
+    a, b = await start_worker(), await start_worker()
+    await a.work(3)
+    await b.work(4)
     held = [await a.hold(), await b.hold()]
-    # The gauge is summed over the live processes.
+    # The gauge is summed over the live processes. (b's scrape writes b's counts.)
+    await b.scrape()
     assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 2
     held[0].drop("RST")
     held[1].drop("FIN")
     await a.line("ended /hold cancelled")
     await b.line("ended /hold cancelled")
 
-    total, disconnects = "aiodelay_requests_total", "aiodelay_disconnects_total"
     expected = {
-        _key(total, route="/work", outcome="completed"): 2 + 1 + 3 + 1,
-        _key(total, route="/hold", outcome="cancelled"): 2,
-        _key(disconnects, route="/hold", reason="RST"): 1,
-        _key(disconnects, route="/hold", reason="FIN"): 1,
+        _key(TOTAL, route="/work", outcome="completed"): 3 + 4,
+        _key(TOTAL, route="/hold", outcome="cancelled"): 2,
+        _key(DISCONNECTS, route="/hold", reason="RST"): 1,
+        _key(DISCONNECTS, route="/hold", reason="FIN"): 1,
         _key("aiodelay_requests_in_flight"): 0,
         _key("aiodelay_cancel_latency_seconds_count"): 2,
     }
+    await b.scrape()
     assert await a.scrape() == expected
     assert await b.scrape() == expected
 
@@ -496,12 +657,67 @@ async def test_multiprocess_one_scrape_on_either_process_shows_the_sum(
     # until gunicorn's child_exit hook (here: the test) calls mark_process_dead; its
     # counters stay in the sum for good.
     held.append(await b.hold())
+    await b.scrape()
     assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 1
     b.proc.kill()
     await b.proc.wait()
     assert (await a.scrape())[_key("aiodelay_requests_in_flight")] == 1
-    multiprocess.mark_process_dead(b.proc.pid, str(directory))  # type: ignore[no-untyped-call]
+    directory = str(tmp_path / "multiproc")
+    multiprocess.mark_process_dead(b.proc.pid, directory)  # type: ignore[no-untyped-call]
     assert await a.scrape() == expected
+
+
+async def test_multiprocess_a_worker_writes_its_counts_by_itself_within_a_second(
+    start_worker: StartWorker,
+) -> None:
+    """Not scraped itself, a worker writes its counts to its files less than a second after a
+    request ended: a scrape of another worker shows them."""
+    a, b = await start_worker(), await start_worker()
+    client = await b.connect()
+    await client.get("/work")
+    assert await client.read_response() == (200, b"done")
+    ended = float((await b.line("ended /work completed")).split()[-1])
+    flushed = float((await b.line("flushed")).split()[-1])
+    assert flushed - ended < 1
+    samples = await a.scrape()
+    assert samples[_key(TOTAL, route="/work", outcome="completed")] == 1
+    assert samples[_key("aiodelay_requests_in_flight")] == 0
+
+
+async def test_multiprocess_a_worker_that_stops_writes_its_last_counts(
+    start_worker: StartWorker,
+) -> None:
+    """Stopped right after its requests (sooner than a flush would come by itself), a
+    worker still leaves all of them in its files."""
+    a, b = await start_worker(), await start_worker()
+    await b.work(2)
+    await b.stop()
+    assert b.proc.returncode == 0
+    samples = await a.scrape()
+    assert samples[_key(TOTAL, route="/work", outcome="completed")] == 2
+    assert samples[_key("aiodelay_requests_in_flight")] == 0
+
+
+async def test_multiprocess_a_sub_app_with_a_setup_of_its_own_counts_each_request_once(
+    start_worker: StartWorker,
+) -> None:
+    """Regression: with setup() on an app and on its sub-app, each request of the sub-app was
+    counted twice, and stayed in flight for good."""
+    worker = await start_worker("nested")
+    await worker.work(3, "/s/work")
+    held = await worker.hold("/s/hold")
+    assert (await worker.scrape())[_key("aiodelay_requests_in_flight")] == 1
+    held.drop("RST")
+    await worker.line("ended /s/hold cancelled")
+    expected = {
+        _key(TOTAL, route="/s/work", outcome="completed"): 3,
+        _key(TOTAL, route="/s/hold", outcome="cancelled"): 1,
+        _key(DISCONNECTS, route="/s/hold", reason="RST"): 1,
+        _key("aiodelay_requests_in_flight"): 0,
+        _key("aiodelay_cancel_latency_seconds_count"): 1,
+    }
+    assert await worker.scrape("/s/metrics") == expected
+    assert await worker.scrape() == expected
 
 
 async def test_a_file_served_with_metrics_on_logs_no_error(
