@@ -280,6 +280,22 @@ async def test_script_loads_on_first_request_and_again_only_on_change(
     assert log.read_text() == "loaded\nloaded\n"
 
 
+async def test_the_plans_of_script_requests_stay_bounded(
+    aiodelay_server: AiodelayServer, tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The site makes a route per script request: aiodelay's per-route plans are a bounded
+    cache, not one more entry per request for the server's life."""
+    from aiodelay._core import installation
+
+    monkeypatch.setattr(installation, "PLANS_KEPT", 3)
+    _write_script(tree.root / "count.rpy", tree.outside / "loads.log", 1)
+    app = create_app(tree.root)
+    server = await aiodelay_server(app)
+    for _ in range(10):
+        assert (await _fetch(server, "/count.rpy"))[2] == b"version 1"
+    assert len(installation.installed_on(app)._plans) <= 3
+
+
 @pytest.mark.parametrize(
     ("source", "reason"),
     [

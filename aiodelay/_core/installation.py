@@ -49,6 +49,9 @@ __all__ = (
     "installed_on",
 )
 
+#: How many routes' plans an installation keeps (:meth:`Installation.plan_for`).
+PLANS_KEPT = 1024
+
 NOT_SET_UP = (
     "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
     "(or add aiodelay.middleware() to its middlewares)"
@@ -179,6 +182,10 @@ class Installation:
         if plan is None:
             plan = self._plan(request, route.handler, request.match_info.apps)
             if isinstance(route, web.ResourceRoute):
+                if len(self._plans) >= PLANS_KEPT:
+                    # A custom resource may make a route per request (the server's scripts
+                    # do): the plans are a cache, not a registry of every route ever seen.
+                    self._plans.clear()
                 self._plans[route] = plan
         return plan
 
