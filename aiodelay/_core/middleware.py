@@ -24,6 +24,7 @@ from .aiohttp_internals import (
     asks_upgrade,
     install_watch,
     payload_of,
+    route_of,
     transport_of,
 )
 from .deadlines import DeadlineQueue
@@ -140,7 +141,8 @@ class Middleware(Installation):
         """Put the request in the queue of its deadline, if it has one (and return the
         queue, which it leaves when it ends); nothing at all in an app where no route can
         have a deadline."""
-        plan = state.route_plan = self.plan_for(request)
+        # (plan_for's lookup, without its frame: a kept plan of the route, else plan_for)
+        plan = state.route_plan = self._plans.get(route_of(request)) or self.plan_for(request)
         deadlines = plan.deadlines
         if deadlines is None or (
             plan.deadline_by_default and asks_upgrade(request) and not plan.deadline_for(request)
