@@ -56,6 +56,7 @@ __all__ = (
     "Listener",
     "Watch",
     "abort_connection",
+    "access_logged",
     "as_sent",
     "asks_upgrade",
     "bytes_written",
@@ -429,6 +430,13 @@ def abort_connection(request: web.BaseRequest) -> None:
         transport.abort()
 
 
+def access_logged(request: web.BaseRequest) -> bool:
+    """Whether aiohttp may write an access log line for the request (True where it cannot be
+    told)."""
+    enabled: bool = getattr(request.protocol, "_logging_enabled", True)
+    return enabled
+
+
 def status_line_sent(request: web.BaseRequest) -> bool:
     """Whether the status line of the request's response has gone to the transport."""
     writer = request._payload_writer
@@ -482,6 +490,7 @@ def as_sent(
     request: web.BaseRequest,
     *candidates: object,
     exc: BaseException | None = None,
+    shared: bool = False,
 ) -> web.StreamResponse:
     """A response for aiohttp to log, not to send, for a request whose client left: the status
     line that went on the wire and the bytes handed to the transport, or 499 (nginx's "client
@@ -490,10 +499,12 @@ def as_sent(
     ``candidates`` and ``exc``'s traceback are where the response the handler prepared may be
     found (see :func:`_prepared`). Not promised: if it is not found there (a handler that keeps
     its response deeper in other objects), the status is not known, and the line says 499
-    with the bytes that went out.
+    with the bytes that went out. ``shared``: nothing but aiohttp sees the response (no
+    middleware outside aiodelay's), so the 499 of a request that sent nothing may be one
+    object for all.
     """
     if not status_line_sent(request):
-        return _NOTHING_SENT
+        return _NOTHING_SENT if shared else _logged(499, "Client Closed Request", 0)
     prepared = _prepared(request, candidates, None if exc is None else exc.__traceback__)
     if prepared is None:
         return _logged(499, "Client Closed Request", bytes_written(request))

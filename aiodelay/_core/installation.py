@@ -81,9 +81,11 @@ class RoutePlan:
     #: Where the route's requests wait for their deadline (shared by the routes of one
     #: deadline), or None without one.
     deadlines: DeadlineQueue | None
-    #: Nothing but aiohttp touches a response of the route after aiodelay: aiodelay is the
-    #: first middleware of the served app, and no app on the way has ``on_response_prepare``
-    #: handlers (see ``outcome.writes_here``).
+    #: aiodelay is the first middleware of the served app: no other middleware sees what it
+    #: returns.
+    outermost: bool
+    #: Nothing but aiohttp touches a response of the route after aiodelay: it is outermost,
+    #: and no app on the way has ``on_response_prepare`` handlers (``outcome.writes_here``).
     last_to_touch: bool
     #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
     remotes: tuple[Any, ...]
@@ -198,6 +200,7 @@ class Installation:
             if installed is not None and installed not in found:
                 found.append(installed)
         innermost = found[-1]
+        outermost = bool(apps) and _first_middleware(apps[0]) is self
         policy = policy_of(handler, innermost.policy)
         limit = deadline_of(handler, innermost.deadline, policy)
         return RoutePlan(
@@ -207,9 +210,8 @@ class Installation:
             deadline=limit,
             deadline_by_default=limit is not None and limit is innermost.deadline,
             deadlines=None if limit is None else self._deadline_queue(limit),
-            last_to_touch=bool(apps)
-            and _first_middleware(apps[0]) is self
-            and not any(app.on_response_prepare for app in apps),
+            outermost=outermost,
+            last_to_touch=outermost and not any(app.on_response_prepare for app in apps),
             remotes=remotes_on_the_way(apps),
         )
 

@@ -23,7 +23,9 @@ was cancelled by aiodelay  the deadline passed             ``timed_out``; the de
                                                            the connection cut if the response had
                                                            started (if gone: what went out)
                            the client left                 ``cancelled`` (``failed``: the server's
-                                                           shutdown); logged as what went out
+                                                           shutdown); what went out (a middleware
+                                                           outside aiodelay's: the CancelledError,
+                                                           where aiohttp logs nothing)
 was cancelled by           a WebSocket whose client left   ``cancelled``; the CancelledError
 something else             the server shuts down           ``failed``, its reason ``"shutdown"``
                            otherwise (an outer timeout)    ``failed``; the CancelledError
@@ -52,6 +54,7 @@ import contextvars
 import copy
 import functools
 import logging
+import sys
 from time import monotonic
 from typing import Any
 
@@ -60,6 +63,7 @@ from aiohttp import web
 from .aiohttp_internals import (
     Watch,
     abort_connection,
+    access_logged,
     as_sent,
     bytes_written,
     fail_as_aiohttp,
@@ -89,6 +93,9 @@ __all__ = (
 
 logger = logging.getLogger("aiodelay")
 
+#: Hand a cancellation on to a middleware outside aiodelay's when aiohttp logs nothing: from
+#: Python 3.11 on (on 3.10 the cancelled task is left in a reference cycle).
+_HAND_ON = sys.version_info >= (3, 11)
 _NO_CONTEXT = contextvars.Context()
 
 
@@ -220,6 +227,14 @@ def _end(
         return response  # (None for an HTTPException, which aiohttp sends)
     if answer is _GO_ON:
         return None
+    outermost = state.plan.outermost
+    if answer is _QUIET and not outermost and _HAND_ON and not access_logged(request):
+        # A middleware outside aiodelay's sees the cancellation, as without aiodelay, where
+        # aiohttp logs nothing. Where aiodelay is outermost, the response goes to aiohttp
+        # alone, and not the CancelledError: that would stay, with its traceback and every
+        # frame in it, on aiohttp's task of the connection until the connection's deferred
+        # teardown (teardown.py), and make the collector run more often in a storm of drops.
+        return None
     if answer is _DEADLINE:
         timed_out = state.timed_out
         assert timed_out is not None
@@ -232,8 +247,9 @@ def _end(
         )
     if answer is _CUT:
         abort_connection(request)  # the response had started: the client sees it cut
-    # For aiohttp to log, not to send: what went out (499 if nothing).
-    return as_sent(request, response, exc=exc)
+    # For aiohttp to log, not to send: what went out (499 if nothing; one shared response
+    # where no other middleware can see it).
+    return as_sent(request, response, exc=exc, shared=outermost)
 
 
 # What aiohttp gets (the last column of the table above).
@@ -242,6 +258,10 @@ _GO_ON = "the exception goes on unchanged"
 _DEADLINE = "the deadline's status, with a short text"
 _CUT = "the connection cut (a response had started), logged as what went out"
 _LOGGED = "logged as what went out"
+_QUIET = (
+    "logged as what went out; a middleware outside aiodelay's gets the CancelledError where "
+    "aiohttp logs nothing"
+)
 
 
 def _answered_or_tripped(exc: BaseException | None) -> bool:
@@ -295,13 +315,10 @@ def _classify(
             if lost.reason == "shutdown":
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
-                return "failed", "stopped by the server's shutdown", _LOGGED, None
+                return "failed", "stopped by the server's shutdown", _QUIET, None
             grace = state.plan.grace
             note = "" if grace is None else f"after its {seconds_text(grace)} grace"
-            # Logged as what went out, even where aiohttp logs nothing: a CancelledError
-            # handed on would stay, with its traceback and every frame in it, on aiohttp's
-            # task of the connection until the connection's deferred teardown (teardown.py).
-            return "cancelled", note, _LOGGED, None
+            return "cancelled", note, _QUIET, None
         kind: OutcomeKind = "timed_out" if timed_out is not None else "failed"
         if state.installation.shutting_down:
             return kind, "stopped by the server's shutdown", _GO_ON, ConnectionLost("shutdown")
