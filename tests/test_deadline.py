@@ -733,7 +733,7 @@ class _Waiting:
 
     def deadline_passed(self, seconds: float, status: int) -> None:
         assert (seconds, status) == (0.2, 504)
-        self.passed.set_result(asyncio.get_running_loop().time())
+        self.passed.set_result(time.monotonic())
 
 
 async def test_a_deadline_queue_stops_each_request_at_its_own_deadline_and_no_other() -> None:
@@ -743,7 +743,7 @@ async def test_a_deadline_queue_stops_each_request_at_its_own_deadline_and_no_ot
     queue = DeadlineQueue(0.2, 504)
     queue._use(loop)
     early, left, late = _Waiting(), _Waiting(), _Waiting()
-    now = loop.time()
+    now = time.monotonic()
     # Three requests that started 0.1 s, 0.05 s and no time ago (the queue's own order).
     queue.pending.update({early: now + 0.1, left: now + 0.15, late: now + 0.2})  # type: ignore[dict-item]
     queue._arm(loop)
@@ -771,7 +771,7 @@ async def test_a_deadline_queue_stops_the_others_when_one_fails(
     queue = DeadlineQueue(0.2, 504)
     queue._use(loop)
     failing, other = Failing(), _Waiting()
-    now = loop.time()
+    now = time.monotonic()
     queue.pending.update({failing: now, other: now})  # type: ignore[dict-item]
     queue._arm(loop)
     await asyncio.wait_for(other.passed, 5)

@@ -6,7 +6,7 @@ cancelled handle left in that heap until its time comes. With a default deadline
 request of the last 30 s sits in the heap, and nearly all of them ended long ago.
 
 Here the requests of one deadline length wait in one :class:`DeadlineQueue`: a dict from the
-request's state to the moment its deadline passes (on the loop's clock), in the order the
+request's state to the moment its deadline passes (``time.monotonic()``), in the order the
 requests started, which is also the order their deadlines pass (one length, one clock). The
 queue keeps at most one timer, for the oldest request in it. A request that ends (nearly all,
 long before their deadline) leaves the queue: a dict delete, no timer to cancel. When the timer
@@ -23,8 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import time
-from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,26 +36,27 @@ logger = logging.getLogger("aiodelay")
 _NO_CONTEXT = contextvars.Context()
 _get_running_loop = asyncio.get_running_loop
 
-#: The shortest wait the timer is set for: a loop whose clock counts in milliseconds (uvloop)
-#: may fire a timer up to a millisecond before the moment it was set for.
+#: The shortest wait the timer is set for: a loop whose clock counts in milliseconds and is
+#: read once per turn (uvloop) may fire a timer up to a millisecond before the moment it was
+#: set for; the deadlines are kept in ``time.monotonic()``, so that none passes early, and the
+#: timer is set again, never for less than this. (A loop with a clock of its own, a test
+#: loop's virtual time, does not move them.)
 _MIN_WAIT = 0.001
 
 
 class DeadlineQueue:
     """The requests in flight whose deadline is ``seconds`` (answered ``status``)."""
 
-    __slots__ = ("_clock", "_loop", "_timer", "pending", "seconds", "status")
+    __slots__ = ("_loop", "_timer", "pending", "seconds", "status")
 
     def __init__(self, seconds: float, status: int) -> None:
         self.seconds = seconds
         self.status = status
-        #: The requests in flight, each with the moment its deadline passes on the loop's
-        #: clock (``loop.time()``), oldest first.
+        #: The requests in flight, each with the moment its deadline passes
+        #: (``time.monotonic()``), oldest first.
         self.pending: dict[RequestState, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: The loop's clock: ``loop.time``, or the function it calls on asyncio's own loop.
-        self._clock: Callable[[], float] = time.monotonic
 
     def __repr__(self) -> str:
         return f"<DeadlineQueue {self.seconds}s -> {self.status}, {len(self.pending)} pending>"
@@ -67,7 +67,7 @@ class DeadlineQueue:
         loop = _get_running_loop()
         if loop is not self._loop:
             self._use(loop)
-        self.pending[state] = self._clock() + self.seconds
+        self.pending[state] = monotonic() + self.seconds
         if self._timer is None:
             self._arm(loop)
 
@@ -77,16 +77,13 @@ class DeadlineQueue:
         self._loop = loop
         self._timer = None
         self.pending = {}
-        # asyncio's loop.time() is a Python frame that returns time.monotonic().
-        own_clock = type(loop).time is asyncio.BaseEventLoop.time
-        self._clock = time.monotonic if own_clock else loop.time
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Set the timer for the oldest request waiting (the queue is not empty)."""
         at = next(iter(self.pending.values()))
         # The callback needs none of the request's context variables: no copy of them.
-        self._timer = loop.call_at(
-            max(at, self._clock() + _MIN_WAIT), self._expired, context=_NO_CONTEXT
+        self._timer = loop.call_later(
+            max(at - monotonic(), _MIN_WAIT), self._expired, context=_NO_CONTEXT
         )
 
     def _expired(self) -> None:
@@ -96,7 +93,7 @@ class DeadlineQueue:
         loop = self._loop
         assert loop is not None
         pending = self.pending
-        now = self._clock()
+        now = monotonic()
         due = []
         for state, at in pending.items():
             if at > now:
