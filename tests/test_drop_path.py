@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -737,7 +738,9 @@ async def test_a_middleware_outside_aiodelay_sees_a_drop_as_without_aiodelay(
         client.drop("RST")
         await asyncio.wait_for(outer_ended.wait(), 5)  # (a turn or two after the handler's)
         outer_ended.clear()
-    if not logged and sys.version_info >= (3, 11):
+    # (aiohttp before 3.11 does not say whether it logs: aiodelay takes it that it does)
+    aiohttp_says = tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) >= (3, 11)
+    if not logged and sys.version_info >= (3, 11) and aiohttp_says:
         assert seen == ["CancelledError", "CancelledError"]
     else:
         first, second = seen
