@@ -348,22 +348,22 @@ def checkout_env(kind: str, checkouts: Sequence[tuple[str, str]]) -> dict[str, s
     return _checked[path]
 
 
+def git(path: str, *args: str) -> str:
+    """What ``git -C path ARGS`` prints (stripped), or "?" if it cannot say."""
+    try:
+        return subprocess.run(
+            ["git", "-C", path, *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:
     """A line per checkout for the report: its label, path and git commit."""
-    lines = []
-    for label, path in checkouts:
-        try:
-            git = subprocess.run(
-                ["git", "-C", path, "describe", "--always", "--dirty"],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            git = "?"
-        lines.append(f"aiodelay@{label}: {path}/aiodelay (git {git})")
-    return lines
+    return [
+        f"aiodelay@{label}: {path}/aiodelay (git {git(path, 'describe', '--always', '--dirty')})"
+        for label, path in checkouts
+    ]
 
 
 def run_server(

@@ -65,7 +65,14 @@ from typing import NamedTuple
 
 import instructions
 import overhead
-from _serve import AIODELAY_KINDS, add_checkout_option, base_kind, cpu_model, describe_checkouts
+from _serve import (
+    AIODELAY_KINDS,
+    add_checkout_option,
+    base_kind,
+    cpu_model,
+    describe_checkouts,
+    git,
+)
 
 #: The kinds, in the order of the tables' rows.
 KINDS = ("bare", "empty", "aiodelay", "deadline", "metrics", "observer", "handwritten")
@@ -319,16 +326,7 @@ def header(args: argparse.Namespace) -> list[str]:
         prometheus = "not installed"
     package, digest = aiodelay_sources()
     root = os.path.dirname(package)
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
+    commit = git(root, "rev-parse", "--short", "HEAD")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
