@@ -114,7 +114,6 @@ class Installation:
         "policy",
         "running_on",
         "shutting_down",
-        "tells_alone",
         "threads",
         "timed",
     )
@@ -138,10 +137,6 @@ class Installation:
         #: way of some route (sub-apps with aiodelay of their own).
         self.timed: bool | None = None if seconds is None else True
         self.nested: bool | None = None
-        #: Learned too: this installation alone counts and tells its requests (no other on
-        #: their way), and their client is ``request.remote`` (no aiohttp-remotes middleware
-        #: in the app, see ``client``).
-        self.tells_alone = False
         self._plans: dict[object, RoutePlan] = {}
         self._deadline_queues: dict[tuple[float, int], DeadlineQueue] = {}
         self._alone: tuple[Installation, ...] = (self,)
@@ -151,10 +146,9 @@ class Installation:
         can a route have a deadline, and do other installations handle some routes too."""
         timed = self.deadline is not None
         nested = False
-        apps, seen = [app], []
+        apps = [app]
         while apps:
             current = apps.pop()
-            seen.append(current)
             installed = installation_of(current)
             if installed is not None and installed is not self:
                 nested = True
@@ -166,7 +160,6 @@ class Installation:
                 for route in resource:
                     timed = timed or marks_a_deadline(route.handler)
         self.timed, self.nested = timed, nested
-        self.tells_alone = not nested and not remotes_on_the_way(tuple(seen))
 
     def installations(self, request: web.BaseRequest) -> tuple[Installation, ...]:
         """The installations that handle ``request`` (this one, the watching one, first)."""

@@ -472,26 +472,11 @@ def written(state: RequestState, request: web.BaseRequest, watch: Watch | None) 
     ``completed`` or ``truncated``. Writing in the middleware costs an observed request
     nothing more than aiohttp's writing, where asking after aiohttp's task ended (a done
     callback) cost a callback scheduled and run on the loop."""
-    installation = state.installation
-    if (
-        state.phase == WRITING
-        and installation.tells_alone
-        and state.extras is None
-        and response_written(request)
-    ):
-        # The observers' every request, in one frame: _record_completed, inlined.
-        installation.counters.completed += 1
-        state.phase = SETTLED
-        state.request = state.task = state.response = state.watch = None  # (let_go)
-        outcome = make_outcome(
-            "completed", None, state.started_at, None, monotonic(), request.remote
-        )
-        for observer in installation.observers:
-            try:
-                observer.request_ended(request, outcome)
-            except Exception:  # one broken observer must not take the others' record
-                logger.exception("observer %r failed", observer)
-    elif state.phase == WRITING:
+    if state.phase != WRITING:
+        return
+    if response_written(request):
+        _record_completed(state, request)
+    else:
         _response_done(state, request, watch, False, None)
 
 
