@@ -1,7 +1,7 @@
 """aiodelay: stop the work of an aiohttp request when its client goes away.
 
-Install with :func:`setup` (or :func:`middleware`); see the README for what is and is not
-detected.
+Install with :func:`setup` (or :func:`middleware`); what is and is not detected is in the
+documentation's page on detection (``docs/detection.md``).
 """
 
 from ._core.errors import ConnectionLost, DeadlineExceeded

@@ -2,7 +2,7 @@
 
 Build it with ``tox -e docs`` (or ``sphinx-build -W --keep-going -b html docs docs/_build/html``
 after ``pip install -e '.[docs]'``). Warnings are errors there, so a docstring whose
-cross-reference does not resolve, or a README section marker that went missing, fails the build.
+cross-reference does not resolve, or a link to a section that is gone, fails the build.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ extensions = [
     "myst_parser",
 ]
 
-# Markdown (MyST) for the pages that share their text with the README and the guides; rST for
-# the API reference, where autodoc's directives live.
+# Markdown (MyST) for the guides; rST for the API reference, where autodoc's directives live.
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]

@@ -5,8 +5,9 @@
 - :class:`Lines` reads a child's output as it comes, and waits for a line (never a sleep).
 - :func:`gunicorn` runs ``python -m gunicorn`` with aiohttp's worker on a free port of
   127.0.0.1 (``--bind 127.0.0.1:0``; the port is read from its "Listening at" line).
-- :func:`nginx` runs nginx in the foreground with its own prefix, configuration, pid file, logs
-  and temp directories under a test's directory: never the system's nginx or its files.
+- :func:`nginx` runs nginx with a complete configuration (the deployment guide's), in the
+  foreground, with its prefix, and so its pid file, logs and temp directories, under a test's
+  directory: never the system's nginx or its files.
 
 Each child runs in its own session; what is still running at the end is stopped by its pid
 (SIGKILL to its process group only if it does not stop by itself).
@@ -217,30 +218,6 @@ async def gunicorn(
         await output.close()
 
 
-NGINX_MAIN = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}pid {prefix}/nginx.pid;
-error_log stderr notice;
-
-events {{
-    worker_connections 256;
-}}
-
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-
-{http}
-}}
-"""
-
-
 @dataclass
 class Nginx:
     proc: asyncio.subprocess.Process
@@ -252,23 +229,25 @@ class Nginx:
         return (self.prefix / "access.log").read_text(encoding="utf-8", errors="replace")
 
 
-def _nginx_conf(prefix: Path, http: str) -> Path:
+def _nginx_conf(prefix: Path, conf: str) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
-    # As root, nginx's workers would switch to "nobody", who cannot enter a test's directory.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_MAIN.format(user=user, prefix=prefix, http=http), encoding="utf-8")
-    return conf
+    if os.geteuid() == 0:
+        # As root, nginx's workers would switch to "nobody", who cannot enter a test's directory.
+        conf = "user root;\n" + conf
+    path = prefix / "nginx.conf"
+    path.write_text(conf, encoding="utf-8")
+    return path
 
 
 @contextlib.asynccontextmanager
-async def nginx(prefix: Path, http: str, *, port: int) -> AsyncIterator[Nginx]:
-    """nginx in the foreground, with ``http`` as the body of its ``http {}`` block (which
-    listens on ``127.0.0.1:port``), its files under ``prefix``. Yields once it listens (its
+async def nginx(prefix: Path, conf: str, *, port: int) -> AsyncIterator[Nginx]:
+    """nginx with the complete configuration ``conf``, which runs it in the foreground
+    (``daemon off``), logs to stderr at ``notice``, listens on ``127.0.0.1:port`` and keeps its
+    files under the prefix (relative paths), here ``prefix``. Yields once it listens (its
     master logs "start worker process" after it opened the listening sockets)."""
     binary = require("nginx")
-    conf = _nginx_conf(prefix, http)
-    argv = [binary, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
+    path = _nginx_conf(prefix, conf)
+    argv = [binary, "-p", str(prefix), "-c", str(path), "-e", "stderr"]
     proc, output = await _spawn("nginx", argv)
     try:
         await output.wait(lambda line: "start worker process" in line, "a started worker")

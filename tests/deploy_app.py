@@ -6,9 +6,11 @@ pid and the time (``time.monotonic()``, the same clock in every process on Linux
 can subtract its own readings). The events are ``ready`` (the worker's app started),
 ``started`` (a handler runs; the client address the handler sees), ``cancelled`` (the handler
 got ``CancelledError``), ``finish`` (how its ``aiodelay.notify_finish`` future resolved),
-``ended`` (aiodelay's observer: the outcome, the reason and the client it names) and ``log``
-(a line of the ``aiodelay`` logger). Each line is one ``write()`` of less than ``PIPE_BUF``
-bytes, so the lines of the two workers never interleave in the pipe.
+and ``ended`` (aiodelay's observer: the outcome, the reason and the client it names).
+aiodelay's own log lines and the access lines are not the witness's: the guide's
+``gunicorn.conf.py`` puts them in gunicorn's log, where the test looks for them. Each line is
+one ``write()`` of less than ``PIPE_BUF`` bytes, so the lines of the two workers never
+interleave in the pipe.
 
 ``/hold/{id}`` holds the request until the client leaves or the server stops. ``/stream/{id}``
 sends a first chunk of a chunked response, then holds the same way. ``/download/{id}?size=N``
@@ -17,7 +19,8 @@ they are taken; ``/work/{id}?seconds=S`` answers after S seconds. The id is in t
 that aiodelay's INFO line (which names the path) says which request it is about.
 
 ``serve_metrics`` is ``serve`` with ``aiodelay.prometheus.setup(app)`` (``GET /metrics``),
-run with ``PROMETHEUS_MULTIPROC_DIR`` set and ``tests/gunicorn.conf.py``'s hooks. Its
+run with ``PROMETHEUS_MULTIPROC_DIR`` set and the hooks of
+``examples/deployment/prometheus_hooks.py``. Its
 metrics observer is added before the witness, so a worker's ``ended`` line comes after the
 request was counted in the directory's files.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -71,11 +73,6 @@ class _Witness:
             lost_at=outcome.lost_at,
             ended_at=outcome.ended_at,
         )
-
-
-class _LogLines(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        report("log", level=record.levelname, message=record.getMessage())
 
 
 def _watch_finish(request: web.Request, rid: str) -> None:
@@ -152,9 +149,6 @@ async def _ready(app: web.Application) -> None:
 async def create_app(*, metrics: bool = False) -> web.Application:
     """The app (an async factory, as gunicorn's aiohttp worker needs); ``metrics``: with
     aiodelay's Prometheus metrics at ``/metrics``."""
-    logger = logging.getLogger("aiodelay")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(_LogLines())
     app = web.Application()
     aiodelay.setup(app)  # outermost: it sees the client through the middleware below
     await XForwardedRelaxed().setup(app)
@@ -188,4 +182,4 @@ async def serve_metrics() -> web.AppRunner:
 
 
 def _runner(app: web.Application) -> web.AppRunner:
-    return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+    return web.AppRunner(app, shutdown_timeout=SHUTDOWN_TIMEOUT)

@@ -292,7 +292,7 @@ async def _get_started(
 async def test_stop_with_requests_in_flight_takes_at_most_the_promised_3s(
     tmp_path: Path, signum: int
 ) -> None:
-    """The README and the log promise 3 s; aiohttp waits its shutdown_timeout twice.
+    """docs/server.md and the log promise 3 s; aiohttp waits its shutdown_timeout twice.
 
     With an open stream and a pending handler, the process exits with 0 within 3.5 s of the
     signal (3 s and the cleanup), and both notify_finish futures fail with reason "shutdown".

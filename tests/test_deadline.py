@@ -20,7 +20,7 @@ import aiodelay
 from aiodelay.pytest_plugin import AiodelayServer
 from tests.conftest import Probe, RawClient, Serve
 
-# Issue 9 asks for these on asyncio's own loop and on uvloop.
+# Deadlines arm loop timers: checked on asyncio's own loop and on uvloop.
 pytestmark = pytest.mark.both_loops
 
 

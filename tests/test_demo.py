@@ -210,5 +210,5 @@ async def test_status_page_escapes_the_path_in_html(
 def test_index_links_each_script_and_only_those() -> None:
     scripts = {p.name for p in DEMO_DIR.glob("*.rpy")}
     linked = set(re.findall(r'href="([^"/]+\.rpy)"', (DEMO_DIR / "index.html").read_text()))
-    assert "interrupted.rpy" in scripts  # the README points at it
+    assert "interrupted.rpy" in scripts  # docs/server.md points at it
     assert linked == scripts

@@ -1,16 +1,17 @@
 """The deployment guide (docs/deployment.md), run for real: nginx in front of gunicorn.
 
 gunicorn runs ``tests.deploy_app:serve`` with two ``aiohttp.GunicornWebWorker`` workers (and
-``GunicornUVLoopWebWorker`` ones); nginx (foreground, its own prefix) proxies to it with the
-guide's configuration: upstream ``keepalive``, ``X-Forwarded-For``, and ``proxy_buffering off``
-for ``/stream/``. The client
-connects from 127.0.0.2 while nginx connects to gunicorn from 127.0.0.1, so a log line that
-names 127.0.0.2 names the client, not nginx. The workers write what happens in them to their
-stderr (see ``tests/deploy_app.py``), which the test reads as it comes.
+``GunicornUVLoopWebWorker`` ones) and the guide's ``examples/deployment/gunicorn.conf.py``;
+nginx runs the guide's ``examples/deployment/nginx.conf`` (foreground, its own prefix, the
+test's free ports): upstream ``keepalive``, ``X-Forwarded-For``, and ``proxy_buffering off``
+for ``/stream/``. The client connects from 127.0.0.2 while nginx connects to gunicorn from
+127.0.0.1, so a log line that names 127.0.0.2 names the client, not nginx. The workers write
+what happens in them to their stderr (see ``tests/deploy_app.py``), and gunicorn's log has
+aiodelay's INFO lines and the access lines; the test reads both as they come.
 
 With ``tests.deploy_app:serve_metrics``, ``PROMETHEUS_MULTIPROC_DIR`` and the hooks of
-``tests/gunicorn.conf.py``, every scrape of ``/metrics``, whichever worker answers it, shows the
-sum over both workers.
+``examples/deployment/prometheus_hooks.py`` added to the guide's ``gunicorn.conf.py``, every
+scrape of ``/metrics``, whichever worker answers it, shows the sum over both workers.
 
 Needs nginx (Debian: ``nginx-light``) and gunicorn (in the ``test`` extra): without them the
 tests are skipped, saying what to install; in CI (``CI`` set, as ``.ci/run`` does) they fail.
@@ -27,6 +28,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,48 +48,39 @@ from tests.conftest import RawClient
 ROOT = Path(__file__).parent.parent
 CLIENT = "127.0.0.2"  # loopback too; nginx itself connects to gunicorn from 127.0.0.1
 
-# The body of nginx's http {} block, as the guide shows it.
-HTTP = """\
-    upstream app {{
-        server {upstream};
-        keepalive 8;
-    }}
-    server {{
-        listen {listen};
-
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-
-        location /stream/ {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_buffering off;
-        }}
-    }}
-"""
+# The guide's files, run as they are: docs/deployment.md includes them.
+DEPLOYMENT = ROOT / "examples" / "deployment"
+NGINX_CONF = (DEPLOYMENT / "nginx.conf").read_text(encoding="utf-8")
+# gunicorn's logging; gunicorn runs in ROOT.
+GUNICORN_CONF_ARG = "examples/deployment/gunicorn.conf.py"
+# The hooks of prometheus-client's multiprocess mode, which the guide adds to that file.
+METRICS_HOOKS = DEPLOYMENT / "prometheus_hooks.py"
 
 # The guide's warning: proxy_ignore_client_abort on, nginx keeps the upstream request open.
-IGNORING = HTTP.replace(
-    "$proxy_add_x_forwarded_for;\n        }}\n\n        location /stream/",
+IGNORING = NGINX_CONF.replace(
+    "$proxy_add_x_forwarded_for;\n        }\n\n        location /stream/",
     "$proxy_add_x_forwarded_for;\n            proxy_ignore_client_abort on;\n"
-    "        }}\n\n        location /stream/",
+    "        }\n\n        location /stream/",
 )
-assert IGNORING != HTTP
+assert IGNORING != NGINX_CONF
+
+
+def _on_ports(conf: str, *, upstream: int, listen: int) -> str:
+    """The guide's nginx.conf with the test's free ports instead of 8000 (gunicorn) and 80."""
+    for shown, used in [
+        ("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream};"),
+        ("listen 80;", f"listen 127.0.0.1:{listen};"),
+    ]:
+        assert conf.count(shown) == 1, shown
+        conf = conf.replace(shown, used)
+    return conf
+
 
 GUNICORN_ARGS = ["--graceful-timeout", str(deploy_app.GRACEFUL_TIMEOUT)]
 GUIDE = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-# gunicorn's hooks for prometheus-client's multiprocess mode, as the guide shows them.
-GUNICORN_CONF = ROOT / "tests" / "gunicorn.conf.py"
-GUNICORN_CONF_ARG = "tests/gunicorn.conf.py"  # gunicorn runs in ROOT
+
+# A line of gunicorn's log, in its default format: "[time] [pid] [LEVEL] message".
+_LOG_LINE = re.compile(r"\[[^]]+\] \[(?P<pid>\d+)\] \[(?P<level>[A-Z]+)\] (?P<message>.*)")
 
 Kind = Literal["hold", "stream"]
 How = Literal["FIN", "RST"]
@@ -111,12 +104,23 @@ class Deployment:
         return _parse(line)
 
     async def log(self, rid: str) -> dict[str, Any]:
-        """The aiodelay INFO line about request ``rid`` (its path ends with the id)."""
+        """aiodelay's INFO line about request ``rid`` (its path ends with the id), as
+        gunicorn's log shows it: ``pid``, ``level`` and ``message``."""
         [line] = await self.app.wait(
-            lambda line: _event(line, "log", None) and f"/{rid} from " in line,
-            f"the INFO line of request {rid}",
+            lambda line: f"/{rid} from " in line and _LOG_LINE.fullmatch(line) is not None,
+            f"the INFO line of request {rid} in gunicorn's log",
         )
-        return _parse(line)
+        found = _LOG_LINE.fullmatch(line)
+        assert found is not None
+        return {**found.groupdict(), "pid": int(found["pid"])}
+
+    async def access(self, rid: str) -> str:
+        """The access-log line of request ``rid`` in gunicorn's log."""
+        [line] = await self.app.wait(
+            lambda line: f'/{rid} HTTP/1.1" ' in line,
+            f"the access line of request {rid} in gunicorn's log",
+        )
+        return line
 
     async def send(self, path: str) -> tuple[str, RawClient, dict[str, Any]]:
         """``GET path`` (``{id}`` in it replaced by a new request id) from 127.0.0.2, through
@@ -157,8 +161,8 @@ def worker_class() -> str:
 
 
 @pytest.fixture
-def http_conf() -> str:
-    return HTTP
+def nginx_conf() -> str:
+    return NGINX_CONF
 
 
 @contextlib.asynccontextmanager
@@ -167,34 +171,36 @@ async def _deploy(
     *,
     app: str = "tests.deploy_app:serve",
     worker_class: str = "aiohttp.GunicornWebWorker",
-    http_conf: str = HTTP,
+    nginx_conf: str = NGINX_CONF,
+    gunicorn_conf: str = GUNICORN_CONF_ARG,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Deployment]:
-    """gunicorn running ``app`` with two workers, behind nginx (its files under ``prefix``)."""
+    """gunicorn running ``app`` with two workers and the configuration file ``gunicorn_conf``,
+    behind nginx running ``nginx_conf`` (its files under ``prefix``)."""
     require("nginx")  # skip (or fail in CI) before starting gunicorn for nothing
     async with gunicorn(
         app,
         workers=2,
         worker_class=worker_class,
-        args=[*GUNICORN_ARGS, *args],
+        args=[*GUNICORN_ARGS, "-c", gunicorn_conf, *args],
         cwd=ROOT,
         env=env,
     ) as server:
         # Both workers' apps have started: a connection may go to either.
         await server.output.wait(lambda line: _event(line, "ready", None), "ready apps", count=2)
         port = free_port()
-        http = http_conf.format(upstream=f"127.0.0.1:{server.port}", listen=f"127.0.0.1:{port}")
-        async with nginx(prefix, http, port=port) as proxy:
+        conf = _on_ports(nginx_conf, upstream=server.port, listen=port)
+        async with nginx(prefix, conf, port=port) as proxy:
             yield Deployment(server, proxy)
 
 
 @pytest.fixture
 async def deployment(
-    tmp_path: Path, worker_class: str, http_conf: str
+    tmp_path: Path, worker_class: str, nginx_conf: str
 ) -> AsyncIterator[Deployment]:
     async with _deploy(
-        tmp_path / "nginx", worker_class=worker_class, http_conf=http_conf
+        tmp_path / "nginx", worker_class=worker_class, nginx_conf=nginx_conf
     ) as deployed:
         yield deployed
 
@@ -247,8 +253,15 @@ async def test_drops_through_nginx_cancel_the_handlers_in_both_workers(
             assert (ended["kind"], ended["reason"], ended["client"]) == ("cancelled", "FIN", CLIENT)
             assert (finish["error"], finish["reason"]) == ("ConnectionLost", "FIN")
             message = log["message"]
+            assert log["level"] == "INFO"
             assert message.startswith(f"GET /{kind}/{rid} from {CLIENT} interrupted by FIN")
             assert message.endswith(": cancelled")
+            # aiohttp's access line, in gunicorn's log too: 499 when no status line went out.
+            # It names nginx: aiohttp logs the request before aiohttp-remotes' middleware.
+            access = await deployment.access(rid)
+            status = 499 if kind == "hold" else 200
+            assert "[INFO] 127.0.0.1 [" in access, access
+            assert f'"GET /{kind}/{rid} HTTP/1.1" {status} ' in access, access
             pids[kind, how].add(started["pid"])
             latencies[kind, how].append(cancelled["t"] - dropped)
     else:
@@ -298,10 +311,10 @@ async def test_without_proxy_buffering_a_download_goes_at_the_clients_pace(
 
 # The same drop (FIN, while the handler works for a second), with nginx as the guide
 # configures it and with proxy_ignore_client_abort on.
-IGNORE_CASES = [(HTTP, "cancelled"), (IGNORING, "completed")]
+IGNORE_CASES = [(NGINX_CONF, "cancelled"), (IGNORING, "completed")]
 
 
-@pytest.mark.parametrize(("http_conf", "expected"), IGNORE_CASES, ids=["default", "ignoring"])
+@pytest.mark.parametrize(("nginx_conf", "expected"), IGNORE_CASES, ids=["default", "ignoring"])
 async def test_with_proxy_ignore_client_abort_the_handler_runs_on(
     deployment: Deployment, expected: str
 ) -> None:
@@ -327,10 +340,13 @@ async def test_graceful_stop_ends_pending_requests_with_reason_shutdown(
 
 async def _stop_with_pending_requests(deployment: Deployment, clients: list[RawClient]) -> None:
     pending: dict[str, int] = {}  # request id -> worker pid
+    held: list[RawClient] = []  # the clients of held requests (no response head yet)
     for _ in range(40):
         kind: Kind = "stream" if len(clients) % 2 else "hold"
         rid, client, started = await deployment.request(kind)
         clients.append(client)
+        if kind == "hold":
+            held.append(client)
         pending[rid] = started["pid"]
         if len(set(pending.values())) == 2:
             break
@@ -346,6 +362,11 @@ async def _stop_with_pending_requests(deployment: Deployment, clients: list[RawC
         assert (finish["error"], finish["reason"]) == ("ConnectionLost", "shutdown"), finish
         # ended by aiohttp's cancellation, before the arbiter's SIGKILL would have come
         assert ended["t"] - stopping < deploy_app.GRACEFUL_TIMEOUT
+    # The worker closes the connection of a cancelled request without an answer: nginx tells
+    # its client 502 Bad Gateway (what the guide says the client gets).
+    for client in held:
+        status, _ = await asyncio.wait_for(client.read_response(), timeout)
+        assert status == 502
     assert await asyncio.wait_for(deployment.gunicorn.proc.wait(), timeout) == 0
     # Each worker ended by itself (a worker that the arbiter SIGKILLs says nothing, and
     # gunicorn still exits 0: the exit status alone proves nothing).
@@ -386,23 +407,18 @@ async def test_given_an_app_the_worker_is_killed_before_pending_requests_end() -
     assert f"Worker exiting (pid: {_parse(ready)['pid']})" not in output.text()
 
 
-def test_the_guide_shows_the_configuration_this_test_runs() -> None:
-    nginx_conf = HTTP.format(upstream="127.0.0.1:8000", listen="80")
-    assert nginx_conf in GUIDE
+def test_the_guide_shows_the_files_and_commands_this_test_runs() -> None:
+    # The guide includes the files whole; the test runs them (with its ports).
+    for name in ("nginx.conf", "gunicorn.conf.py", "prometheus_hooks.py"):
+        assert f"```{{literalinclude}} ../examples/deployment/{name}\n" in GUIDE, name
     assert (
-        "gunicorn 'tests.deploy_app:serve' --worker-class aiohttp.GunicornWebWorker -w 2" in GUIDE
+        "gunicorn 'tests.deploy_app:serve' --worker-class aiohttp.GunicornWebWorker -w 2"
+        f" --bind 127.0.0.1:0 --graceful-timeout 5 -c {GUNICORN_CONF_ARG}\n" in GUIDE
     )
-
-
-def test_the_guide_and_the_readme_show_the_gunicorn_conf_this_test_runs() -> None:
-    block = f"```python\n{GUNICORN_CONF.read_text(encoding='utf-8')}```\n"
-    assert block in GUIDE
-    assert block in README
-    assert "gunicorn -c gunicorn.conf.py 'myapp:serve'" in GUIDE
     assert (
         "PROMETHEUS_MULTIPROC_DIR=DIR gunicorn 'tests.deploy_app:serve_metrics' --worker-class"
         " aiohttp.GunicornWebWorker -w 2 --bind 127.0.0.1:0 --graceful-timeout 5"
-        f" -c {GUNICORN_CONF_ARG}" in GUIDE
+        " -c gunicorn.conf.py\n" in GUIDE
     )
 
 
@@ -448,10 +464,14 @@ async def test_metrics_of_both_workers_add_up_in_every_scrape(tmp_path: Path) ->
     leftover = directory / "counter_1.db"
     leftover.write_bytes(b"a previous run")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    # The guide's gunicorn.conf.py with the hooks added, as the guide says.
+    conf = tmp_path / "gunicorn.conf.py"
+    logging_conf = (ROOT / GUNICORN_CONF_ARG).read_text(encoding="utf-8")
+    conf.write_text(logging_conf + "\n" + METRICS_HOOKS.read_text(encoding="utf-8"))
     async with _deploy(
         tmp_path / "nginx",
         app="tests.deploy_app:serve_metrics",
-        args=["-c", GUNICORN_CONF_ARG],
+        gunicorn_conf=str(conf),
         env=env,
     ) as deployment:
         assert not leftover.exists()

@@ -29,7 +29,7 @@ from aiodelay.testing._response import ResponseReader
 
 pytest_plugins = ("pytester",)
 
-# How many times the determinism tests run (the issue asks for 200 without a flake).
+# How many times the determinism tests run (200 runs without a flake).
 REPEAT = int(os.environ.get("AIODELAY_REPEAT", "200"))
 
 FOREVER = web.AppKey("forever", asyncio.Event)
@@ -332,7 +332,7 @@ def test_outcome_repr_says_what_happened() -> None:
 
 
 def test_plugin_re_exports_the_types_of_aiodelay_testing() -> None:
-    # The README's import path (aiodelay.pytest_plugin) and the home of the types agree.
+    # The documented import path (aiodelay.pytest_plugin) and the home of the types agree.
     import aiodelay.pytest_plugin
     import aiodelay.testing
 

@@ -1,8 +1,10 @@
 """The README's quick start and example, held to what the README says they do.
 
 The quick start is exactly two commands (one serves the demo, one runs the tests), and CI runs
-the second one verbatim, so the two cannot drift apart. The example is run as written, in a
-real subprocess, and must log the line the README shows when its client leaves.
+the second one verbatim, so the two cannot drift apart; the docs' quick start page shows the
+same commands and example. The example is run as written, in a real subprocess, and must log
+the line the README shows when its client leaves. The example of the docs' *Testing your
+handlers* page passes under pytest as written.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ ROOT = Path(__file__).parent.parent
 pytest_plugins = ("pytester",)
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+QUICK_START_PAGE = (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+TESTING_PAGE = (ROOT / "docs" / "testing.md").read_text(encoding="utf-8")
 
 
-def _section(title: str) -> str:
-    """The README's text under ``## title``, up to the next ``## `` heading."""
-    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
-    assert found is not None, f"the README has no '## {title}' section"
+def _section(title: str, text: str = README) -> str:
+    """The text under ``## title`` (of the README), up to the next ``## `` heading."""
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert found is not None, f"no '## {title}' section"
     return found.group(1)
 
 
@@ -66,9 +70,19 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_readme_links_only_to_files_that_exist() -> None:
-    links = re.findall(r"\]\(([^)#:]+)\)", README)  # relative links; not URLs, not anchors
-    assert {"CHANGELOG.md", "LICENSE", "aiodelay/server/demo/interrupted.rpy"} <= set(links)
+    # Relative links (not URLs), without their anchor.
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README)
+    assert {"CHANGELOG.md", "LICENSE", "docs/quickstart.md"} <= set(links)
     assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def test_quick_start_page_shows_the_readmes_commands_and_example() -> None:
+    # The page explains more around them; the commands and the example are the same text.
+    readme_commands = _fenced(_section("Quick start"))
+    assert _fenced(_section("The two set-up commands", QUICK_START_PAGE)) == readme_commands
+    code, shown = _example()
+    page_example = [code for _, code in _fenced(_section("Example", QUICK_START_PAGE))]
+    assert page_example[:2] == [code, shown + "\n"]
 
 
 # Runs the README's example text unchanged, with two hooks that only the test adds:
@@ -189,10 +203,10 @@ async def test_example_logs_the_line_the_readme_shows_when_the_client_leaves() -
 
 
 def _testing_example() -> dict[str, str]:
-    """The files of the README's *Testing your handlers* example, by the name in their first
+    """The files of the *Testing your handlers* page's example, by the name in their first
     line (``# app.py: ...``)."""
     files = {}
-    for language, code in _fenced(_section("Testing your handlers")):
+    for language, code in _fenced(TESTING_PAGE):
         first = code.partition("\n")[0]
         named = re.fullmatch(r"# (\S+\.(?:py|ini))\b.*", first)
         if language in {"python", "ini"} and named:
@@ -210,8 +224,9 @@ def test_testing_your_handlers_example_passes_as_written(pytester: pytest.Pytest
 
 
 def test_testing_your_handlers_factory_is_async_as_gunicorn_needs() -> None:
-    # gunicorn's aiohttp worker takes an Application or an async factory: the Deployment
-    # section runs this create_app under gunicorn.
+    # gunicorn's aiohttp worker takes an Application or an async factory: the deployment guide
+    # points at this create_app as one.
     app = _testing_example()["app.py"]
     assert "\nasync def create_app() -> web.Application:\n" in app
-    assert "gunicorn 'app:create_app' --worker-class aiohttp.GunicornWebWorker" in README
+    guide = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert "the `create_app` of [Testing your handlers](testing.md) is one" in guide

@@ -3,7 +3,7 @@ leaving, a reset in the turn a handler's result is ready, a file sent with ``sen
 shielded handler tripping over its gone client, and what is asked after the end. Real sockets
 on 127.0.0.1, servers started with ``handler_cancellation=False``.
 
-What each test checks is what the public API and the README promise: the counters of
+What each test checks is what the public API and its documentation promise: the counters of
 ``aiodelay.stats``, the observers' calls and outcome, the INFO line of the ``aiodelay`` logger,
 and aiohttp's access log line (499 with 0 bytes when nothing went out).
 """

@@ -1,4 +1,4 @@
-"""Seeing the client leave: FIN and RST, in every server configuration the issue names.
+"""Seeing the client leave: FIN and RST, on a default server, with handler_cancellation, on TLS.
 
 Each case: a handler blocks at an await, the client drops the connection for real, and the
 test waits for the handler to end. Without aiodelay the handler would wait forever (see

@@ -34,7 +34,10 @@ class ConnectionLost(ConnectionError):
     """The request's client went away (or the server stopped the request) before the
     response was completely written.
 
-    ``reason`` says how; ``__cause__`` holds the transport's own error when there was one.
+    ``reason`` says how: ``"FIN"`` (the client closed), ``"RST"`` (it reset, or the transport
+    failed), ``"shutdown"`` (the server stopped the request) or ``"closed"`` (the server side
+    closed the connection first). ``__cause__`` holds the transport's own error when there was
+    one.
     """
 
     # The reason in a slot: a drop allocates no instance __dict__ (one object less for the

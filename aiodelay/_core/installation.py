@@ -255,6 +255,8 @@ def add_observer(app: web.Application, observer: RequestObserver) -> Callable[[]
     it got there (``"truncated"`` if not): aiodelay, the first middleware of the app, writes
     it itself as aiohttp would next (a ``FileResponse``, or a response class with its own
     ``prepare``, is left to aiohttp and recorded when aiohttp's task of the request ends).
+    An observer that raises is logged on the ``aiodelay`` logger; the other observers and the
+    request go on.
     """
     observers = installed_on(app).observers
     observers.append(observer)

@@ -229,6 +229,11 @@ def setup(
     ``@aiodelay.cancellable`` or ``@aiodelay.shielded``: ``"cancel"`` (the default) or
     ``"shield"``. Raises ``ValueError`` for another policy, ``RuntimeError`` if aiodelay is
     already set up on ``app`` or ``app`` is frozen (already started).
+
+    ``deadline`` is the default deadline of the app's routes in seconds (``None``: none), as
+    :func:`aiodelay.deadline` gives one route, answered with 504. Shielded routes and
+    WebSocket upgrades are left alone unless they carry their own ``@aiodelay.deadline``;
+    ``@aiodelay.deadline(None)`` exempts a route.
     """
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")

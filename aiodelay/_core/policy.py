@@ -85,13 +85,19 @@ def _mark(handler: _H, attribute: str, value: object, decorator: str) -> _H:
 
 def cancellable(handler: _H) -> _H:
     """Mark a handler (function or ``web.View`` class) to be cancelled when its client leaves,
-    whatever the app-wide policy is."""
+    whatever the app-wide policy is.
+
+    On a plain (not ``async``) function, returns an ``async def`` wrapper of it, so that it
+    may also return a pending future (a "not done yet" result)."""
     return _mark(handler, _POLICY_ATTR, Policy.CANCEL, "cancellable")
 
 
 def shielded(handler: _H) -> _H:
     """Mark a handler (function or ``web.View`` class) to run to its end when its client
-    leaves, whatever the app-wide policy is. Its response is dropped quietly."""
+    leaves, whatever the app-wide policy is. Its response is dropped quietly.
+
+    On a plain (not ``async``) function, returns an ``async def`` wrapper of it, as
+    :func:`cancellable` does."""
     return _mark(handler, _POLICY_ATTR, Policy.SHIELD, "shielded")
 
 

@@ -1,9 +1,5 @@
-"""gunicorn.conf.py: prometheus-client's multiprocess mode under gunicorn.
-
-Start gunicorn with PROMETHEUS_MULTIPROC_DIR set in its environment: ``gunicorn -c
-gunicorn.conf.py ...``.
-"""
-
+# prometheus-client's multiprocess mode under gunicorn (docs/deployment.md): add these lines to
+# gunicorn.conf.py, and start gunicorn with PROMETHEUS_MULTIPROC_DIR set in its environment.
 import os
 import shutil
 from typing import Any
