@@ -470,6 +470,9 @@ async def test_the_plugin_reports_a_deadline(aiodelay_server: AiodelayServer) ->
     server = await aiodelay_server(app)
     outcome = await server.drop("GET", "/slow", after_seconds=2)
     assert outcome.timed_out, outcome  # the deadline came before the drop
+    # ... and the drop came after the answer, which the test can check.
+    assert outcome.status == 504, outcome
+    assert outcome.received.startswith(b"504"), outcome
 
 
 # -- configuration errors ---------------------------------------------------------------------

@@ -491,6 +491,7 @@ async def test_a_scripts_deadline_is_honoured(
     server = await aiodelay_server(app)
     outcome = await server.drop("GET", "/slow.rpy", after_seconds=5)
     assert outcome.timed_out, outcome
+    assert outcome.status == 503, outcome
     assert aiodelay.stats(app).timed_out == 1
 
 
