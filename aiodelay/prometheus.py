@@ -83,7 +83,16 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Final
 
-import prometheus_client
+try:
+    import prometheus_client
+except ImportError as exc:
+    if not (exc.name or "").startswith("prometheus_client"):
+        raise
+    # One line that names the fix, not a bare "No module named 'prometheus_client'".
+    raise ImportError(
+        "aiodelay.prometheus needs prometheus-client: pip install 'aiodelay[prometheus]'",
+        name="prometheus_client",
+    ) from None
 import prometheus_client.metrics
 from aiohttp import web
 from aiohttp.typedefs import Handler

@@ -5,6 +5,7 @@
 - :class:`Lines` reads a child's output as it comes, and waits for a line (never a sleep).
 - :func:`gunicorn` runs ``python -m gunicorn`` with aiohttp's worker on a free port of
   127.0.0.1 (``--bind 127.0.0.1:0``; the port is read from its "Listening at" line).
+- :func:`run_example` runs an example app as its README says, on the port given with ``--port``.
 - :func:`nginx` runs nginx with a complete configuration (the deployment guide's), in the
   foreground, with its prefix, and so its pid file, logs and temp directories, under a test's
   directory: never the system's nginx or its files.
@@ -32,7 +33,18 @@ from typing import NoReturn
 
 import pytest
 
-__all__ = ("Gunicorn", "Lines", "Nginx", "free_port", "gunicorn", "nginx", "require")
+__all__ = (
+    "Gunicorn",
+    "Lines",
+    "Nginx",
+    "free_port",
+    "gunicorn",
+    "nginx",
+    "require",
+    "run_example",
+)
+
+_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # nginx lives in /usr/sbin, which is not on every user's PATH.
 _SBIN = os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -255,3 +267,23 @@ async def nginx(prefix: Path, conf: str, *, port: int) -> AsyncIterator[Nginx]:
     finally:
         await _stop(proc, signal.SIGQUIT, 10)  # SIGQUIT: nginx's graceful stop
         await output.close()
+
+
+@contextlib.asynccontextmanager
+async def run_example(
+    script: str, *args: str, port: int, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Lines]:
+    """``python examples/<script> *args --port PORT``, run as its README says, once it says it
+    listens on ``port``; stopped as Ctrl-C stops it (SIGINT) at the end."""
+    argv = [sys.executable, str(_EXAMPLES / script), *args, "--port", str(port)]
+    proc, lines = await _spawn(
+        script, argv, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        await lines.wait(
+            lambda line: f"Running on http://127.0.0.1:{port}" in line, f"'Running on' port {port}"
+        )
+        yield lines
+    finally:
+        await _stop(proc, signal.SIGINT, 10)
+        await lines.close()

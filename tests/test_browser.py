@@ -321,6 +321,7 @@ async def test_chromium_status_page_numbers_labels_and_favicon(
 
     # The poll asking is not "in flight", and the polls do not make "completed" grow.
     assert first["in_flight"] == second["in_flight"] == "0"
+    assert all(shown.isdigit() for shown in first.values()), first  # none left at "-"
     assert first["completed"] == second["completed"]
     assert int(second["left_out"]) > int(first["left_out"])  # what was left out, said
     assert len(set(lefts)) == 1, lefts  # the labels do not move

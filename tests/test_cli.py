@@ -118,6 +118,45 @@ def test_main_serves_the_demo_until_a_signal(
     assert "Traceback" not in err
 
 
+LOGGING_SCRIPT = """\
+import logging
+from aiohttp import web
+
+async def resource(request):
+    logging.getLogger("shop").info("an order for %s", request.query["item"])
+    logging.warning("stock is low")  # the root logger
+    return web.Response(text="ordered")
+"""
+
+
+def test_a_scripts_own_logging_is_formatted_like_the_servers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "order.rpy").write_text(LOGGING_SCRIPT)
+    answers: list[str] = []
+
+    def announce(line: str) -> None:
+        asyncio.get_running_loop().create_task(visit(_url(line)))
+
+    async def visit(url: str) -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url + "order.rpy?item=tea") as resp,
+        ):
+            answers.append(await resp.text())
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_cli, "_announce", announce)
+    assert main(["--port", "0", "--path", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert answers == ["ordered"]
+    # As aiodelay's own lines are: the time, the logger's name, the message; INFO included.
+    assert re.search(r"^\d\d:\d\d:\d\d shop: an order for tea$", err, re.MULTILINE), err
+    assert re.search(r"^\d\d:\d\d:\d\d root: stock is low$", err, re.MULTILINE), err
+    assert re.search(r"^\d\d:\d\d:\d\d aiodelay\.site: loaded script ", err, re.MULTILINE), err
+    assert "Traceback" not in err
+
+
 PENDING_SCRIPT = """\
 import logging
 from aiodelay import NOT_DONE_YET, Resource

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -450,6 +452,63 @@ async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
     release.set()
 
 
+# A server process whose request runs a thread that never checks, and stops while the
+# thread runs. Its lines on stdout: the "left behind" log line, "cleanup ended", the thread's
+# "returned", "exits" (the thread ends on its own 1 s after it began: bounded).
+STUBBORN_THREAD = """\
+import asyncio, logging, sys, threading, time
+import aiohttp
+from aiohttp import web
+import aiodelay, aiodelay._core.middleware
+
+aiodelay._core.middleware.THREAD_CLEANUP_TIMEOUT = 0.2
+logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
+started = threading.Event()
+
+def stubborn():  # never calls aiodelay.check_cancelled()
+    started.set()
+    time.sleep(1)
+    print("returned", flush=True)
+
+async def handler(request):
+    await aiodelay.to_thread(request, stubborn)
+    return web.Response()
+
+async def main():
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+    writer.close()  # the client leaves: the thread is told to stop, and does not
+    await runner.cleanup()
+    print("cleanup ended", flush=True)
+
+asyncio.run(main())
+print("exits", flush=True)
+"""
+
+
+def test_the_left_behind_line_says_the_process_waits_for_the_thread() -> None:
+    """A thread cannot be stopped, nor the process exit before it: the line says so."""
+    done = subprocess.run(
+        [sys.executable, "-c", STUBBORN_THREAD], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    left, *rest = done.stdout.splitlines()
+    assert "stubborn" in left
+    assert "left behind" in left
+    assert "the process exits only once it returns" in left
+    assert "aiodelay.check_cancelled()" in left  # what would have stopped it
+    # What the line says: the process went on waiting, up to the thread's own end.
+    assert rest == ["cleanup ended", "returned", "exits"]
+
+
 def aiodelay_key() -> Any:
     from aiodelay._core.installation import app_key as book_key
 
@@ -470,6 +529,9 @@ async def test_the_plugin_reports_a_deadline(aiodelay_server: AiodelayServer) ->
     server = await aiodelay_server(app)
     outcome = await server.drop("GET", "/slow", after_seconds=2)
     assert outcome.timed_out, outcome  # the deadline came before the drop
+    # ... and the drop came after the answer, which the test can check.
+    assert outcome.status == 504, outcome
+    assert outcome.received.startswith(b"504"), outcome
 
 
 # -- configuration errors ---------------------------------------------------------------------

@@ -100,8 +100,14 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
     status, page = await _get(server, "/status.rpy")
     assert status == 200
     assert b"aiodelay status" in page
+    # Each counter has its cell, and the page's script fills each cell (a cell left out of
+    # its list would show "-" for good).
+    found = re.search(rb"const COUNTERS = \[([^\]]*)\]", page)
+    assert found is not None
+    filled = set(re.findall(r'"(\w+)"', found.group(1).decode()))
     for field in dataclasses.fields(aiodelay.Stats):
         assert f'id="{field.name}"'.encode() in page
+        assert field.name in filled
 
     await server.drop("GET", "/interrupted.rpy")
     async with (

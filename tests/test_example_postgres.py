@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
 import aiodelay
 from examples.postgres import app as example
-from tests._services import free_port, require
+from tests._services import free_port, require, run_example
 from tests.conftest import Drop, Serve
 
 # The server has 1 s to drop the query after the client left (asyncpg's cancel request takes
@@ -224,7 +225,7 @@ def test_main_reports_a_missing_or_unreachable_database_in_one_line(
         monkeypatch.delenv(example.DSN_ENV, raising=False)
     else:
         monkeypatch.setenv(example.DSN_ENV, env.format(port=free_port()))
-    assert example.main() == 1
+    assert example.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith("examples/postgres: ")
     assert message in err
@@ -235,3 +236,15 @@ def test_main_reports_a_missing_or_unreachable_database_in_one_line(
 async def test_create_app_rejects_bad_durations(seconds: float) -> None:
     with pytest.raises(ValueError, match="report_seconds must be a finite number >= 0"):
         await example.create_app("postgresql://unused", report_seconds=seconds)
+
+
+async def test_run_as_the_readme_says_on_the_port_given(db: Database) -> None:
+    port = free_port()
+    async with (
+        run_example("postgres/app.py", port=port, env={example.DSN_ENV: db.dsn}),
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{port}/payments", data={"reference": db.name, "amount": "1.50"}
+        ) as resp,
+    ):
+        assert resp.status == 201, await resp.text()

@@ -21,6 +21,7 @@ import aiodelay
 from aiodelay.pytest_plugin import AiodelayServer
 from examples.stream import app as stream
 from tests import test_browser
+from tests._services import free_port, run_example
 from tests.test_browser import Requests, chromium
 
 SEEN = 5  # tokens the page must have shown before the tab goes
@@ -109,3 +110,14 @@ async def test_a_client_that_stays_gets_every_token_then_done(
 async def test_create_app_rejects_bad_settings(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         await stream.create_app(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_run_as_the_readme_says_on_the_port_given() -> None:
+    port = free_port()
+    async with (
+        run_example("stream/app.py", port=port),
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/") as resp,
+    ):
+        assert resp.status == 200
+        assert "EventSource" in await resp.text()

@@ -18,6 +18,7 @@ from yarl import URL
 
 from aiodelay.pytest_plugin import AiodelayServer
 from examples.upload import app as upload
+from tests._services import free_port, run_example
 from tests.conftest import Drop
 
 BODY = bytes(range(256)) * (32 * 1024)  # 8 MiB
@@ -91,3 +92,14 @@ async def test_a_bad_file_name_is_refused(
 async def test_create_app_rejects_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a directory"):
         await upload.create_app(tmp_path / "missing")
+
+
+async def test_run_as_the_readme_says_on_the_port_given(tmp_path: Path) -> None:
+    port = free_port()
+    async with (
+        run_example("upload/app.py", str(tmp_path), port=port),
+        aiohttp.ClientSession() as session,
+        session.put(f"http://127.0.0.1:{port}/files/notes.txt", data=b"kept") as resp,
+    ):
+        assert resp.status == 201, await resp.text()
+    assert (tmp_path / "notes.txt").read_bytes() == b"kept"

@@ -471,6 +471,26 @@ def test_aiodelay_without_setup_never_imports_prometheus_client() -> None:
     assert done.stdout.split() == ["1", "False"]
 
 
+WITHOUT_THE_EXTRA = """\
+import sys
+sys.modules["prometheus_client"] = None  # import prometheus_client now fails, as uninstalled
+import aiodelay.prometheus
+"""
+
+
+def test_import_without_the_extra_is_one_line_naming_what_to_install() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_EXTRA], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    # The error's own line, and no second exception chained to it ("During handling...").
+    assert done.stderr.splitlines()[-1] == (
+        "ImportError: aiodelay.prometheus needs prometheus-client: "
+        "pip install 'aiodelay[prometheus]'"
+    )
+    assert done.stderr.count("Traceback") == 1
+
+
 # -- multiprocess mode: server processes, one directory -----------------------------------
 
 # A worker: /work and /hold, or with "nested" on its command line, a sub-app at /s with its

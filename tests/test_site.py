@@ -424,6 +424,89 @@ async def test_script_mark_wins_over_the_app_policy(
     assert plain.kind == ("cancelled" if policy == "cancel" else "ran_on")
 
 
+# A script whose work does not end by itself, in each form a script's resource takes, marked
+# MARK: "@aiodelay.deadline(...)" or "@aiodelay.grace(5)". Its work waits for its client to
+# leave and then for a tenth of a second (a grace lets it end so); the plain function's is a
+# future that nothing resolves.
+MARKED_SCRIPTS = {
+    "function": """\
+import asyncio
+import aiodelay
+from aiohttp import web
+
+MARK
+async def resource(request):
+    while not aiodelay.is_disconnected(request):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    return web.Response(text="done")
+""",
+    "plain function": """\
+import asyncio
+import aiodelay
+
+MARK
+def resource(request):  # returns at once: a "not done yet" future nothing resolves
+    return asyncio.get_running_loop().create_future()
+""",
+    "Resource subclass": """\
+import asyncio
+import aiodelay
+from aiodelay import Resource
+
+MARK
+class Slow(Resource):
+    async def render_GET(self, request):
+        while not aiodelay.is_disconnected(request.request):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        return b"done"
+
+resource = Slow()
+""",
+    "web.View": """\
+import asyncio
+import aiodelay
+from aiohttp import web
+
+MARK
+class resource(web.View):
+    async def get(self):
+        while not aiodelay.is_disconnected(self.request):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        return web.Response(text="done")
+""",
+}
+
+
+@pytest.mark.parametrize("form", list(MARKED_SCRIPTS))
+async def test_a_scripts_deadline_is_honoured(
+    aiodelay_server: AiodelayServer, tree: Tree, form: str
+) -> None:
+    """As on any route: the script's handler is stopped when its deadline passes."""
+    source = MARKED_SCRIPTS[form].replace("MARK", "@aiodelay.deadline(0.2, status=503)")
+    (tree.root / "slow.rpy").write_text(source)
+    app = create_app(tree.root)
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/slow.rpy", after_seconds=5)
+    assert outcome.timed_out, outcome
+    assert outcome.status == 503, outcome
+    assert aiodelay.stats(app).timed_out == 1
+
+
+@pytest.mark.parametrize("form", [f for f in MARKED_SCRIPTS if f != "plain function"])
+async def test_a_scripts_grace_is_honoured(
+    aiodelay_server: AiodelayServer, tree: Tree, form: str
+) -> None:
+    """As on any route: the script's work runs on for its grace after its client left."""
+    (tree.root / "slow.rpy").write_text(MARKED_SCRIPTS[form].replace("MARK", "@aiodelay.grace(5)"))
+    (tree.root / "plain.rpy").write_text(MARKED_SCRIPTS[form].replace("MARK", ""))
+    server = await aiodelay_server(create_app(tree.root))
+    assert (await server.drop("GET", "/slow.rpy")).ran_on
+    assert (await server.drop("GET", "/plain.rpy")).cancelled
+
+
 def test_create_app_refuses_what_is_not_a_directory(tree: Tree) -> None:
     with pytest.raises(FileNotFoundError):
         create_app(tree.root / "missing")

@@ -41,6 +41,7 @@ from .stats import Counters
 
 __all__ = (
     "NOT_SET_UP",
+    "ROUTES_PER_REQUEST",
     "Installation",
     "RoutePlan",
     "add_observer",
@@ -51,6 +52,11 @@ __all__ = (
 
 #: How many routes' plans an installation keeps (:meth:`Installation.plan_for`).
 PLANS_KEPT = 1024
+
+#: An attribute that a custom router resource sets to True when it makes its routes as
+#: requests come (the server's scripts): their handlers, and with them their deadlines,
+#: cannot be learned when the app starts (:meth:`Installation.learn`).
+ROUTES_PER_REQUEST = "aiodelay_routes_per_request"
 
 NOT_SET_UP = (
     "aiodelay is not installed on this request's app: call aiodelay.setup(app) "
@@ -143,7 +149,10 @@ class Installation:
 
     def learn(self, app: web.Application) -> None:
         """Look through ``app``'s routes and sub-apps once (it is frozen: they do not change):
-        can a route have a deadline, and do other installations handle some routes too."""
+        can a route have a deadline, and do other installations handle some routes too.
+
+        A resource that makes its routes per request (:data:`ROUTES_PER_REQUEST`) may have
+        a deadline on any of them: its requests look for one."""
         timed = self.deadline is not None
         nested = False
         apps = [app]
@@ -157,6 +166,7 @@ class Installation:
                 sub_app = resource.get_info().get("app")
                 if isinstance(sub_app, web.Application):
                     apps.append(sub_app)
+                timed = timed or getattr(resource, ROUTES_PER_REQUEST, False) is True
                 for route in resource:
                     timed = timed or marks_a_deadline(route.handler)
         self.timed, self.nested = timed, nested

@@ -166,7 +166,10 @@ class Middleware(Installation):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         # Threads cannot be cancelled: they were told to stop when their requests ended.
-        # Wait for them a bounded time, and say which ones are left behind.
+        # Wait for them a bounded time (so that the app's other cleanup runs), and say which
+        # ones are left behind: they run on, and the process cannot exit before they return
+        # (the loop's default executor is joined by asyncio.run and web.run_app, and its
+        # threads again at the interpreter's exit).
         if self.threads:
             _, left = await asyncio.wait(
                 [job.done for job in self.threads], timeout=THREAD_CLEANUP_TIMEOUT
@@ -174,7 +177,9 @@ class Middleware(Installation):
             for job in self.threads:
                 if job.done in left:
                     logger.warning(
-                        "%r still runs %.1fs after cleanup began: left behind",
+                        "%r still runs %.1fs after cleanup began: left behind, and the "
+                        "process exits only once it returns (only aiodelay.check_cancelled() "
+                        "in it can end it sooner)",
                         job,
                         THREAD_CLEANUP_TIMEOUT,
                     )

@@ -16,6 +16,7 @@ __all__ = (
     "cancellable",
     "check_seconds",
     "coerce_policy",
+    "copy_marks",
     "deadline",
     "deadline_of",
     "grace",
@@ -28,6 +29,7 @@ __all__ = (
 _POLICY_ATTR = "_aiodelay_policy"
 _DEADLINE_ATTR = "_aiodelay_deadline"
 _GRACE_ATTR = "_aiodelay_grace"
+_MARKS = (_POLICY_ATTR, _DEADLINE_ATTR, _GRACE_ATTR)
 
 #: A deadline: (seconds, the status to answer with), or None for no deadline.
 Limit = tuple[float, int] | None
@@ -178,6 +180,25 @@ def deadline_of(handler: object, default: Limit, policy: Policy) -> Limit:
 def marks_a_deadline(handler: object) -> bool:
     """Whether ``handler`` carries ``@aiodelay.deadline`` with a number of seconds."""
     return getattr(handler, _DEADLINE_ATTR, None) is not None
+
+
+def copy_marks(marked: object, handler: _H) -> _H | None:
+    """A handler that calls ``handler`` and carries the marks ``marked`` carries
+    (``@shielded``/``@cancellable``, ``@deadline``, ``@grace``), or None if it carries none.
+
+    For a handler made from a marked object that is not the route's handler itself: the
+    bound ``render`` of a marked :class:`aiodelay.Resource` (subclass), a script's wrapper."""
+    marks = {name: getattr(marked, name) for name in _MARKS if hasattr(marked, name)}
+    if not marks:
+        return None
+
+    @functools.wraps(handler, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+    async def carrier(*args: Any, **kwargs: Any) -> Any:
+        return await handler(*args, **kwargs)
+
+    for name, value in marks.items():
+        setattr(carrier, name, value)
+    return carrier  # type: ignore[return-value]
 
 
 def grace_of(handler: object) -> float | None:

@@ -113,7 +113,8 @@ async def to_thread(
     await does, and in the thread :func:`aiodelay.check_cancelled` raises from then on, so
     that the work stops at its next check. A thread cannot be stopped from outside: work that
     never checks runs to its end. The app's cleanup waits (up to 5 s) for threads still
-    running and logs the ones it leaves behind.
+    running and logs the ones it leaves behind; those run on, and the process cannot exit
+    before they return (the executor's threads are joined at exit).
     """
     owned = request_state(request).owned("to_thread")
     return await owned.to_thread(func, args, kwargs)

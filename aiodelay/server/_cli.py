@@ -210,17 +210,20 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 @contextlib.contextmanager
 def _logging_to_stderr() -> Iterator[None]:
-    """INFO lines of aiodelay and aiohttp on stderr, while the server runs (and no longer)."""
+    """INFO lines on stderr, one format for all, while the server runs (and no longer).
+
+    On the root logger, not only aiodelay's and aiohttp's: a script's own ``logging`` lines
+    (any logger, the root one included) are the served site's log too, and without a handler
+    they would be dropped below WARNING and written bare from it (logging's last resort).
+    """
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    loggers = [logging.getLogger(name) for name in ("aiodelay", "aiohttp")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.removeHandler(handler)
-            logger.setLevel(level)
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -1,8 +1,9 @@
 """``.rpy`` scripts: Python files that define a module-level ``resource`` to serve a request.
 
 ``resource`` is an :class:`aiodelay.Resource` instance, an aiohttp handler (``async def
-resource(request)``, a plain function, or a ``web.View`` class).  ``@aiodelay.shielded`` and
-``@aiodelay.cancellable`` on it (or on the ``Resource`` subclass) are honoured.
+resource(request)``, a plain function, or a ``web.View`` class).  ``@aiodelay.shielded``,
+``@aiodelay.cancellable``, ``@aiodelay.deadline`` and ``@aiodelay.grace`` on it (or on the
+``Resource`` subclass) are honoured, as on any route.
 
 A script is executed on its first request and again only when its file changes (modification
 time, size or inode): Twisted re-executes on every request, we reload on change.  A script that
@@ -25,7 +26,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .._core.policy import Policy, cancellable, policy_of, shielded
+from .._core.policy import copy_marks
 from .._resource import Resource
 
 __all__ = ("ScriptError", "Scripts")
@@ -99,11 +100,11 @@ def _as_handler(name: str, resource: object) -> RouteHandler:
     if isinstance(resource, type) and issubclass(resource, web.View):
         return resource
     if isinstance(resource, Resource):
-        return _keep_mark(resource, resource.render)
+        return _keep_marks(resource, resource.render)
     if callable(resource):
         if inspect.iscoroutinefunction(resource):
             return resource
-        return _keep_mark(resource, _awaiting(resource))
+        return _keep_marks(resource, _awaiting(resource))
     raise ScriptError(
         f"{name}: `resource` must be an aiodelay.Resource or an aiohttp handler, "
         f"not {type(resource).__name__}"
@@ -122,17 +123,9 @@ def _awaiting(func: Any) -> Handler:
     return handler
 
 
-def _keep_mark(marked: object, handler: Handler) -> Handler:
-    """``handler`` with the ``@aiodelay.shielded`` / ``@cancellable`` mark ``marked`` carries."""
-
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        return await handler(request)
-
-    # policy_of() gives the mark if there is one, else the default: two defaults tell them apart.
-    mark = policy_of(marked, Policy.CANCEL)
-    if mark is not policy_of(marked, Policy.SHIELD):
-        return handler
-    return shielded(wrapper) if mark is Policy.SHIELD else cancellable(wrapper)
+def _keep_marks(marked: object, handler: Handler) -> Handler:
+    """``handler``, carrying the marks ``marked`` carries (policy, deadline, grace)."""
+    return copy_marks(marked, handler) or handler
 
 
 def _one_line(exc: BaseException, path: Path) -> str:

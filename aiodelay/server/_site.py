@@ -6,7 +6,8 @@ DIR (``..``, ``%2e%2e``, ``%2f``, backslashes, NUL, an absolute path, a symlink 
 outside DIR) gets 404 before anything is read or executed; so does any name starting with ``.``.
 
 Each script is its own route (``request.match_info.handler`` is the script's handler), so the
-aiodelay middleware applies the script's own ``@aiodelay.shielded`` / ``@cancellable`` mark.
+aiodelay middleware applies the script's own marks (``@aiodelay.shielded`` / ``@cancellable``,
+``@aiodelay.deadline``, ``@aiodelay.grace``) as on any route.
 
 Not promised: a symlink swapped between the check and the open is followed (serve directories
 whose symlinks you trust); a listing shows names, never sizes or dates.
@@ -25,6 +26,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from yarl import URL
 
+from .._core.installation import ROUTES_PER_REQUEST
 from .._core.middleware import setup
 from .._core.policy import Policy
 from ._history import keep_history
@@ -98,6 +100,9 @@ class DirectoryResource(web.AbstractResource):
             raise NotADirectoryError(f"not a directory: {root}")
         next(self._root.iterdir(), None)  # PermissionError now rather than per request
         self._scripts = Scripts() if scripts else None
+        # A script's route is made when its request comes: aiodelay looks for the deadline
+        # of each (a script's @aiodelay.deadline), not only of the routes it saw at the start.
+        setattr(self, ROUTES_PER_REQUEST, scripts)
         self._route = web.ResourceRoute("*", self._serve, self)
         self._scripts_off_route = web.ResourceRoute("*", _scripts_off, self)
 

@@ -43,8 +43,8 @@ class DropOutcome:
     - ``"truncated"``: the handler had returned its response, and the client left while it
       was being written (e.g. ``after_response_bytes=N`` on a large body);
     - ``"timed_out"``: the route's deadline (``@aiodelay.deadline``) passed before the drop:
-      the handler was cancelled and answered (``status`` 504 unless set otherwise); drop with
-      ``after_seconds`` longer than the deadline to test one;
+      the handler was cancelled and answered (``status`` 504 unless set otherwise, the text
+      in ``received``); drop with ``after_seconds`` longer than the deadline to test one;
     - ``"failed"``: the handler raised, or was cancelled by something else than the drop;
     - ``"running"``: the handler had not ended when ``drop()`` returned (only with
       ``wait="seen"``); :meth:`wait_ended` returns a new outcome once it has ended.

@@ -124,6 +124,20 @@ class Probe:
             if not done:
                 await self._fail(f"{size} response body bytes did not arrive within {timeout}s")
 
+    async def wait_answered(self, seconds: float) -> None:
+        """Until ``seconds`` have passed; sooner once the handler has ended and its response
+        has arrived in full (or the server closed the connection): the handler's end comes
+        before its response is written, and a drop then would lose the answer."""
+        loop_deadline = self.loop.time() + seconds
+        await asyncio.wait({self.ended}, timeout=seconds)
+        response = self.response
+        while self.ended.done() and not (response.done or response.eof):
+            remaining = loop_deadline - self.loop.time()
+            if remaining <= 0:
+                return
+            self.progress = self.loop.create_future()
+            await asyncio.wait({self.progress}, timeout=remaining)
+
     async def drop(self) -> None:
         await self._stop_reading()
         self._drain()

@@ -3,7 +3,6 @@ aiodelay, with :meth:`LiveServer.drop` as the client that leaves."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -61,8 +60,9 @@ class LiveServer:
         request). At most one of ``after_request_bytes=N`` (only the first N bytes of ``data``
         are sent: the drop happens mid-upload, once the handler started),
         ``after_response_bytes=N`` (once N response body bytes arrived, or the response
-        ended), ``after_seconds=S`` (S seconds after the handler started, or when it ended
-        if sooner). How: ``how`` (see :data:`DropHow`).
+        ended), ``after_seconds=S`` (S seconds after the handler started; if the handler
+        ends sooner, once its response has arrived, so that the outcome's ``status`` and
+        ``received`` show it: the 504 of a deadline, say). How: ``how`` (see :data:`DropHow`).
 
         Then, with ``wait="ended"``, it returns once the handler has ended; with
         ``wait="seen"``, as soon as aiodelay has seen the client leave (or the handler
@@ -96,7 +96,7 @@ class LiveServer:
         if after_response_bytes is not None:
             await probe.wait_body(after_response_bytes, timeout)
         elif after_seconds is not None:
-            await asyncio.wait({probe.ended}, timeout=after_seconds)
+            await probe.wait_answered(after_seconds)
         await probe.drop()
         if wait == "ended":
             return await probe.wait_ended(timeout)

@@ -16,6 +16,8 @@ Run it (a DSN of a PostgreSQL server you may create a ``payments`` table in)::
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python examples/postgres/app.py
 
+(``--port PORT`` serves on another port than 8080.)
+
 What is promised: the query stops when the cancellation reaches the handler while it awaits
 the query (asyncpg's cancel request goes over a new connection, so the server must accept one
 more). What is not: a query run through ``asyncio.shield()`` or in another task is not
@@ -24,11 +26,12 @@ cancelled with the handler.
 
 from __future__ import annotations
 
+import argparse
 import decimal
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -143,16 +146,31 @@ async def create_app(
     return app
 
 
-def main() -> int:
-    """Serve on http://127.0.0.1:8080/; a missing DSN or an unreachable server is one line."""
+def main(argv: Sequence[str]) -> int:
+    """Serve on http://127.0.0.1:8080/ (``--port``); a missing DSN or an unreachable server is
+    one line."""
+    parser = argparse.ArgumentParser(
+        prog="examples/postgres/app.py", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port of 127.0.0.1 (default: 8080)"
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)  # aiodelay's line for each client that left
     try:
-        web.run_app(create_app(), host="127.0.0.1", port=8080)
+        web.run_app(create_app(), host="127.0.0.1", port=args.port)
     except (ValueError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"examples/postgres: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535, for argparse (which makes a bad one a one-line error)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1 to 65535): {text!r}")
+    return int(text)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -10,17 +10,18 @@ there, not at the next write, and no token is computed for nobody.
 Each generation is recorded in ``app[GENERATIONS]`` (how many tokens it produced, of how
 many, and how it stopped), which the app logs and the test reads.
 
-Run it: ``python examples/stream/app.py`` (needs ``pip install aiohttp-sse``), open
-http://127.0.0.1:8080/ and close the tab before the end: the log says after how many tokens
+Run it: ``python examples/stream/app.py [--port PORT]`` (needs ``pip install aiohttp-sse``),
+open http://127.0.0.1:8080/ and close the tab before the end: the log says after how many tokens
 the generation stopped.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,11 +121,25 @@ async def create_app(*, total: int = 200, delay: float = 0.05) -> web.Applicatio
     return app
 
 
-def main() -> int:
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="examples/stream/app.py", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port of 127.0.0.1 (default: 8080)"
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    web.run_app(create_app(), host="127.0.0.1", port=8080)
+    web.run_app(create_app(), host="127.0.0.1", port=args.port)
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535, for argparse (which makes a bad one a one-line error)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1 to 65535): {text!r}")
+    return int(text)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

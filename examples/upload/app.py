@@ -14,12 +14,13 @@ Not promised: a client that stalls without closing its connection is not seen (t
 read timeout); the chunk being written when the client leaves is written, then deleted.
 
 Each upload is recorded in ``app[UPLOADS]`` (bytes written, how it stopped), which the app
-logs and the test reads. Run it: ``python examples/upload/app.py DIRECTORY``, then
+logs and the test reads. Run it: ``python examples/upload/app.py DIRECTORY [--port PORT]``, then
 ``curl -T big.iso http://127.0.0.1:8080/files/big.iso`` and Ctrl-C curl halfway.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -27,6 +28,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -113,17 +115,27 @@ async def create_app(directory: Path, *, max_bytes: int = 1 << 30) -> web.Applic
     return app
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: app.py DIRECTORY", file=sys.stderr)
-        return 2
-    directory = Path(argv[0])
-    if not directory.is_dir():
-        print(f"app.py: {directory} is not a directory", file=sys.stderr)
-        return 2
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="examples/upload/app.py", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("directory", type=Path, help="where the uploaded files go")
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port of 127.0.0.1 (default: 8080)"
+    )
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory} is not a directory")
     logging.basicConfig(level=logging.INFO)
-    web.run_app(create_app(directory), host="127.0.0.1", port=8080)
+    web.run_app(create_app(args.directory), host="127.0.0.1", port=args.port)
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535, for argparse (which makes a bad one a one-line error)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1 to 65535): {text!r}")
+    return int(text)
 
 
 if __name__ == "__main__":

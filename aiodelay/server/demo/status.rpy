@@ -75,7 +75,7 @@ table.rows td.none { color: #555; font-style: italic; }
 <a href="./">Back to the demos</a></p>
 <script>
 const COUNTERS = ["in_flight", "completed", "disconnected", "cancelled", "shielded_ran_on",
-                  "truncated", "failed", "left_out"];
+                  "truncated", "failed", "timed_out", "left_out"];
 const COLUMNS = ["time", "method", "path", "reason", "after", "outcome", "client"];
 // Text only (textContent), never markup: a path is whatever the client sent.
 function row(item) {
