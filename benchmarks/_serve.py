@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from _report import git
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -46,7 +47,6 @@ __all__ = (
     "base_kind",
     "checkout_env",
     "checkout_kinds",
-    "cpu_model",
     "cpu_seconds",
     "describe_checkouts",
     "make_app",
@@ -97,18 +97,6 @@ def read_rss(pid: int | str = "self") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from ``/proc/cpuinfo``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -346,16 +334,6 @@ def checkout_env(kind: str, checkouts: Sequence[tuple[str, str]]) -> dict[str, s
             raise RuntimeError(f"with {path} first on PYTHONPATH, aiodelay is {found}")
         _checked[path] = env
     return _checked[path]
-
-
-def git(path: str, *args: str) -> str:
-    """What ``git -C path ARGS`` prints (stripped), or "?" if it cannot say."""
-    try:
-        return subprocess.run(
-            ["git", "-C", path, *args], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:

@@ -59,6 +59,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from _report import describe_machine, version
 from _serve import (
     AIODELAY_KINDS,
     APP_KINDS,
@@ -67,7 +68,6 @@ from _serve import (
     base_kind,
     checkout_env,
     checkout_kinds,
-    cpu_model,
     cpu_seconds,
     describe_checkouts,
     make_app,
@@ -160,8 +160,8 @@ def measure(args: argparse.Namespace) -> dict[str, list[Run]]:
     wrk = None if args.no_wrk else shutil.which("wrk")
     loop_name = "uvloop" if args.uvloop else "asyncio"
     pinning = f"servers on CPU {server_cpu}, load on CPU {load_cpu}" if cpus else "not pinned"
-    print(f"python {sys.version.split()[0]}, aiohttp {_aiohttp_version()}, {loop_name} loop")
-    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}")
+    print(f"python {sys.version.split()[0]}, aiohttp {version('aiohttp')}, {loop_name} loop")
+    print(f"machine: {describe_machine()}")
     print(
         f"load: {'wrk -t1' if wrk else 'aiohttp client (wrk not found)'}, "
         f"{args.connections} connections, {args.rounds} rounds x {args.duration} s per app; "
@@ -255,12 +255,6 @@ def _verdict(wall: float, cpu: float, target: float) -> str:
     if wall < target and cpu < target:
         return "MISSED"
     return "by one measure only"
-
-
-def _aiohttp_version() -> str:
-    import aiohttp
-
-    return aiohttp.__version__
 
 
 def comma_list(value: str) -> list[str]:

@@ -100,12 +100,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from types import TracebackType
 from typing import Any
 
+from _report import describe_machine, git, ms, percentile, version
 from _serve import (
     add_checkout_option,
     base_kind,
@@ -800,46 +800,15 @@ def run_single(
 # -- reporting -----------------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values (as in ``latency.py``)."""
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-def ms(values: Sequence[float], pcts: Iterable[float]) -> str:
-    return "".join(f"{percentile(values, pct) * 1e3:9.3f}" for pct in pcts)
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine() -> Iterator[str]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    yield (
-        f"machine: {model}, {os.cpu_count()} CPUs ({len(affinity)} usable), "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
-    )
-    git = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = subprocess.run(
-            ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
-             "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()  # fmt: skip
-    yield (
-        f"versions: aiohttp {version('aiohttp')}, aiodelay {version('aiodelay')} (git {git}), "
-        f"uvloop {version('uvloop')}, Twisted {version('twisted')}"
-    )
+def machine() -> list[str]:
+    """The machine and the versions, for the report's header."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [
+        f"machine: {describe_machine()}, Python {platform.python_version()}",
+        f"versions: aiohttp {version('aiohttp')}, aiodelay {version('aiodelay')} "
+        f"(git {git(here, 'rev-parse', '--short', 'HEAD')}), uvloop {version('uvloop')}, "
+        f"Twisted {version('twisted')}",
+    ]
 
 
 def print_storms(
@@ -971,7 +940,7 @@ def measure(args: argparse.Namespace) -> int:
         return 1
     cpus = two_cpus()
     server_cpu, client_cpu = cpus if cpus else (None, None)
-    about_machine = list(machine())  # before pinning: the CPUs this run may use
+    about_machine = machine()  # before pinning: the CPUs this run may use
     pin_to_cpu(client_cpu)
 
     print("command: python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]))
