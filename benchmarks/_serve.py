@@ -20,22 +20,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from _report import git
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 if TYPE_CHECKING:
+    from typing import Self
+
     from aiodelay import ConnectionLost, Outcome
 
 __all__ = (
@@ -385,22 +389,44 @@ async def _serve(make_app: Callable[[], web.Application], max_seconds: float) ->
 
 
 class ServerProcess:
-    """A ``--serve`` child of a benchmark script, as a context manager.
+    """A server child of a benchmark script, as a context manager; its stdin and stdout are a
+    line channel.
 
     ``argv`` is the child's command line after the interpreter, ``env`` its environment (None:
-    this process's); on entry this waits for the child's ``PORT`` line (at most ``timeout``
-    seconds), on exit it closes the child's stdin and waits for it to stop (killing it if it
-    does not within ``timeout``).
+    this process's). The child says ``PORT <n>``, maybe followed by words of its own
+    (:attr:`said`: the drop servers name their event loop), on its stdout when it serves;
+    after that the parent may :meth:`send` it lines and :meth:`expect` its answers (the
+    ``--serve`` children of :func:`run_server` read none: their stdin only tells them when to
+    stop). Every wait, for the ``PORT`` line, an answer or the child's exit, lasts at most
+    ``timeout`` seconds, and a wait that runs out raises ``RuntimeError``.
+
+    The child's stderr is this process's (``stderr="inherit"``), or kept in a temporary file
+    (``"capture"``: :meth:`stderr_text`, and the last lines in the error when the child
+    dies), or thrown away (``"devnull"``). On exit the child is let go on in case it was
+    stopped (SIGCONT: a stopped process would never see its stdin close), its stdin is
+    closed, and it is killed if it has not stopped within ``timeout``.
     """
 
     def __init__(
-        self, argv: Sequence[str], *, timeout: float = 15.0, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 15.0,
+        env: dict[str, str] | None = None,
+        stderr: Literal["inherit", "capture", "devnull"] = "inherit",
+        name: str | None = None,
     ) -> None:
         self.argv = [sys.executable, *argv]
         self.timeout = timeout
         self.env = env
+        self.stderr = stderr
+        self.name = name or " ".join(os.path.basename(arg) for arg in argv[:3])
         self.port = 0
-        self._proc: subprocess.Popen[str] | None = None
+        #: The words after the port on the child's ``PORT`` line.
+        self.said: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self._buffer = b""
 
     @property
     def pid(self) -> int:
@@ -411,23 +437,21 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> ServerProcess:
-        proc = subprocess.Popen(
+    def __enter__(self) -> Self:
+        if self.stderr == "capture":
+            self._stderr = tempfile.TemporaryFile()
+        elif self.stderr == "devnull":
+            self._stderr = open(os.devnull, "wb")  # closed in _stop()
+        self._proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
+            stderr=self._stderr,
             env=self.env,
         )
-        self._proc = proc
         try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
-            line = proc.stdout.readline() if ready else ""
-            if not line.startswith("PORT "):
-                raise RuntimeError(f"server {self.argv[1:]} did not start: {line!r}")
-            self.port = int(line.split()[1])
+            _, port, *self.said = self.expect("PORT").split()
+            self.port = int(port)
         except BaseException:
             self._stop()
             raise
@@ -441,17 +465,72 @@ class ServerProcess:
     ) -> None:
         self._stop()
 
+    def send(self, line: str) -> None:
+        """Write ``line`` to the child's stdin."""
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        self._proc.stdin.flush()
+
+    def expect(self, word: str, timeout: float | None = None) -> str:
+        """The child's next line, which must start with ``word``."""
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
+            if not ready:
+                raise RuntimeError(f"{self.name} server: no {word} line within the timeout")
+            data = os.read(fd, 1 << 20)
+            if not data:
+                raise RuntimeError(f"{self.name} server exited: {self.stderr_tail()}")
+            self._buffer += data
+        raw, self._buffer = self._buffer.split(b"\n", 1)
+        line = raw.decode()
+        if not line.startswith(word):
+            raise RuntimeError(f"{self.name} server said {line[:200]!r}, not {word}")
+        return line
+
+    def command(self, line: str) -> str:
+        """Send ``line``, and return the answer, which starts with the line's first word."""
+        self.send(line)
+        return self.expect(line.split()[0])
+
+    def stderr_text(self) -> str:
+        """What the child wrote to stderr so far ("" unless ``stderr="capture"``)."""
+        stderr = self._stderr
+        if stderr is None or self.stderr != "capture":
+            return ""
+        stderr.flush()
+        stderr.seek(0)
+        text = stderr.read().decode(errors="replace")
+        stderr.seek(0, os.SEEK_END)
+        return text
+
+    def stderr_tail(self) -> str:
+        """The last lines of :meth:`stderr_text`, joined with `` | ``, for an error message."""
+        if self.stderr == "inherit":
+            return "(its stderr is above)"
+        tail = self.stderr_text().strip().splitlines()[-5:]
+        return " | ".join(tail) or "(nothing on stderr)"
+
     def _stop(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self._proc = None
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):  # a stopped child would never see EOF
+                os.kill(proc.pid, signal.SIGCONT)
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             proc.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
