@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import resource
 import select
@@ -58,6 +59,7 @@ __all__ = (
     "raise_fd_limit",
     "read_rss",
     "run_server",
+    "sched",
     "two_cpus",
 )
 
@@ -103,17 +105,27 @@ def read_rss(pid: int | str = "self") -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has run so far, in seconds.
-
-    From ``/proc/PID/schedstat`` (nanoseconds, the main thread: a server's event loop) where
-    the kernel has it, else from the clock ticks of ``/proc/PID/stat`` (all threads).
+def sched(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one) of a process's main thread (a server's
+    event loop) so far, from ``/proc/PID/schedstat``; NaNs where the kernel has no such file.
     """
     try:
         with open(f"/proc/{pid}/schedstat", encoding="ascii") as schedstat:
-            return int(schedstat.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
+            run, wait = schedstat.read().split()[:2]
+        return int(run) / 1e9, int(wait) / 1e9
+    except (OSError, ValueError):
+        return math.nan, math.nan
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has run so far, in seconds.
+
+    From ``/proc/PID/schedstat`` (:func:`sched`: the main thread) where the kernel has it,
+    else from the clock ticks of ``/proc/PID/stat`` (all threads).
+    """
+    run = sched(pid)[0]
+    if not math.isnan(run):
+        return run
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
