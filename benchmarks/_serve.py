@@ -1,9 +1,14 @@
-"""Shared plumbing of the benchmark scripts: run an app in a process of its own.
+"""The benchmark scripts' one harness: a server in a process of its own.
 
-A script re-runs itself with ``--serve KIND``: that child builds the app, serves it on a free
-port of 127.0.0.1 with a plain ``web.AppRunner(app)`` (aiohttp's defaults), prints
-``PORT <n>`` on stdout and serves until its stdin closes (the parent stops it, or died). It
-also stops by itself after ``max_seconds``, so no server outlives a benchmark.
+:class:`ServerProcess` is the parent's side of every server child: it starts the child, waits
+for its ``PORT <n>`` line, talks to it a line at a time if the child takes commands (the drop
+servers of ``_dropserver.py`` do), keeps or discards its stderr, and stops it.
+
+:func:`run_server` is the body of the simplest child: a script re-runs itself with
+``--serve KIND``; that child builds the app, serves it on a free port of 127.0.0.1 with a
+plain ``web.AppRunner(app)`` (aiohttp's defaults), prints ``PORT <n>`` on stdout and serves
+until its stdin closes (the parent stops it, or died). It also stops by itself after
+``max_seconds``, so no server outlives a benchmark.
 
 ``--aiodelay-path [LABEL=]DIR`` (:func:`add_checkout_option`, in every script that compares
 aiodelay with something) adds, for each aiodelay kind, a kind ``KIND@LABEL`` served by a child
@@ -11,9 +16,9 @@ whose ``PYTHONPATH`` puts DIR first, so that it imports another checkout's aiode
 virtualenv's, an editable install of this one, comes after it): two versions of the code in one
 run. The label defaults to DIR's last component (``/tmp/base``: ``aiodelay@base``).
 
-:func:`make_app` builds the hello-world apps that ``instructions.py`` and ``overhead.py``
-measure (and ``features.py`` through them), one kind of app each: one copy of each app, so
-that instructions and requests/s are counted on the same code.
+Also here: the CPU and ``/proc`` helpers the scripts pin and measure their processes with
+(:func:`two_cpus`, :func:`pin_to_cpu`, :func:`raise_fd_limit`, :func:`read_rss`,
+:func:`sched`, :func:`cpu_seconds`).
 """
 
 from __future__ import annotations
@@ -36,17 +41,11 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from _report import git
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from aiodelay import ConnectionLost, Outcome
-
 __all__ = (
-    "AIODELAY_KINDS",
-    "APP_KINDS",
-    "TEXT",
     "ServerProcess",
     "add_checkout_option",
     "base_kind",
@@ -54,7 +53,6 @@ __all__ = (
     "checkout_kinds",
     "cpu_seconds",
     "describe_checkouts",
-    "make_app",
     "pin_to_cpu",
     "raise_fd_limit",
     "read_rss",
@@ -130,132 +128,6 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-# -- the hello-world apps ------------------------------------------------------------------
-
-#: The kinds of app :func:`make_app` builds.
-APP_KINDS = ("bare", "empty", "aiodelay", "deadline", "observer", "metrics", "handwritten")
-#: The kinds with aiodelay: those that --aiodelay-path serves again with another checkout.
-AIODELAY_KINDS = ("aiodelay", "deadline", "observer", "metrics")
-#: The body of every app's one response.
-TEXT = "Hello, world"
-
-
-async def hello(request: web.Request) -> web.Response:
-    return web.Response(text=TEXT)
-
-
-@web.middleware
-async def passthrough(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await handler(request)
-
-
-class NoOpObserver:
-    """An observer that does nothing: what being observed costs by itself."""
-
-    def request_started(self, request: web.BaseRequest) -> None:
-        pass
-
-    def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
-        pass
-
-    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
-        pass
-
-
-def handwritten_metrics(app: web.Application) -> Middleware:
-    """The Prometheus HTTP metrics people write by hand, without aiodelay, for ``app``.
-
-    A counter of requests by method, route and status and a histogram of the handler's time
-    by route, fed by one middleware (the route is the matched resource's ``canonical``), in a
-    ``CollectorRegistry`` of their own served on ``/metrics``.
-    """
-    from prometheus_client import (
-        CONTENT_TYPE_LATEST,
-        CollectorRegistry,
-        Counter,
-        Histogram,
-        generate_latest,
-    )
-
-    registry = CollectorRegistry()
-    requests = Counter(
-        "http_requests_total",
-        "HTTP requests by method, route and status.",
-        ["method", "route", "status"],
-        registry=registry,
-    )
-    duration = Histogram(
-        "http_request_duration_seconds",
-        "Time spent in the handler, by route.",
-        ["route"],
-        registry=registry,
-    )
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app.router.add_get("/metrics", metrics)
-
-    @web.middleware
-    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        route = "(unmatched)" if resource is None else resource.canonical
-        status = 500
-        started = time.perf_counter()
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            duration.labels(route).observe(time.perf_counter() - started)
-            requests.labels(request.method, route, str(status)).inc()
-
-    return count
-
-
-def make_app(kind: str) -> web.Application:
-    """The hello-world app of ``kind``: one route, ``GET /``, answering ``TEXT``, and
-
-    - ``bare``: nothing else;
-    - ``empty``: one empty pass-through ``@web.middleware``;
-    - ``aiodelay``: ``aiodelay.setup(app)``;
-    - ``deadline``: ``aiodelay.setup(app, deadline=30)`` (a default deadline no request
-      reaches);
-    - ``observer``: ``aiodelay.setup(app)`` and ``aiodelay.add_observer(app, obs)``, ``obs``
-      an observer whose three methods do nothing;
-    - ``metrics``: ``aiodelay.setup(app)`` and ``aiodelay.prometheus.setup(app)``;
-    - ``handwritten``: :func:`handwritten_metrics`, without aiodelay.
-
-    Only the aiodelay kinds import aiodelay, only ``metrics`` and ``handwritten``
-    prometheus-client.
-    """
-    if kind not in APP_KINDS:
-        raise ValueError(f"unknown kind of app {kind!r}")
-    app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
-    app.router.add_get("/", hello)
-    if kind == "handwritten":
-        app.middlewares.append(handwritten_metrics(app))
-    if kind in AIODELAY_KINDS:
-        import aiodelay
-
-        if kind == "deadline":
-            aiodelay.setup(app, deadline=30)
-        else:
-            aiodelay.setup(app)
-        if kind == "observer":
-            aiodelay.add_observer(app, NoOpObserver())
-        if kind == "metrics":
-            from aiodelay import prometheus
-
-            prometheus.setup(app)
-    return app
 
 
 # -- another checkout of aiodelay (--aiodelay-path) ------------------------------------------

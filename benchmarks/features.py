@@ -1,6 +1,6 @@
 """What each feature of aiodelay costs a hello-world request, in instructions and in requests/s.
 
-The kinds of app (``_serve.make_app``), one table row each:
+The kinds of app (``_apps.make_app``), one table row each:
 
 - ``empty``: aiohttp with one empty middleware (the reference of everything aiodelay adds);
 - ``aiodelay``: ``aiodelay.setup(app)``;
@@ -64,9 +64,9 @@ from typing import NamedTuple
 
 import instructions
 import overhead
+from _apps import AIODELAY_KINDS
 from _report import describe_machine, git, version
 from _serve import (
-    AIODELAY_KINDS,
     add_checkout_option,
     base_kind,
     describe_checkouts,

@@ -1,6 +1,6 @@
 """What aiodelay costs per request: requests/s of a hello-world app with and without it.
 
-Copies of the same app (``_serve.make_app``), each served in a process of its own by a plain
+Copies of the same app (``_apps.make_app``), each served in a process of its own by a plain
 ``web.AppRunner(app)`` (aiohttp's defaults) on a free port of 127.0.0.1; by default three:
 
 - ``bare``: the app alone;
@@ -59,10 +59,9 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from _apps import AIODELAY_KINDS, APP_KINDS, make_app
 from _report import describe_machine, version
 from _serve import (
-    AIODELAY_KINDS,
-    APP_KINDS,
     ServerProcess,
     add_checkout_option,
     base_kind,
@@ -70,7 +69,6 @@ from _serve import (
     checkout_kinds,
     cpu_seconds,
     describe_checkouts,
-    make_app,
     run_server,
     two_cpus,
 )
