@@ -201,6 +201,16 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def add_closes_option(parser: argparse.ArgumentParser) -> None:
+    """``--closes``: FIN, RST or both, into ``args.closes``."""
+    parser.add_argument(
+        "--closes",
+        type=comma_list(CLOSES),
+        default=list(CLOSES),
+        help="how clients leave: FIN (close), RST (SO_LINGER 0) (default FIN,RST)",
+    )
+
+
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The options that say which drop servers to start and how: ``--kinds``, ``--uvloop``,
     ``--log-to``, ``--timeout`` and ``--aiodelay-path`` (checked by :func:`check_options`)."""
@@ -234,7 +244,7 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def drop_kinds(args: argparse.Namespace) -> list[str]:
     """The kinds of ``--kinds`` in the order of ``KINDS`` (aiohttp first: the others' ratios
     are to it), then their ``KIND@LABEL`` for ``--aiodelay-path``; without ``twisted``, with a
-    note, if Twisted is not installed."""
+    note, if Twisted is not installed (``RuntimeError`` if that leaves none)."""
     kinds = checkout_kinds(
         [kind for kind in KINDS if kind in args.kinds], args.aiodelay_path, AIODELAY
     )
@@ -242,6 +252,8 @@ def drop_kinds(args: argparse.Namespace) -> list[str]:
         print("note: Twisted is not installed, skipping the twisted kind "
               "(pip install -e '.[bench]')")  # fmt: skip
         kinds = [kind for kind in kinds if kind != "twisted"]
+    if not kinds:
+        raise RuntimeError("nothing to measure")
     return kinds
 
 

@@ -397,6 +397,8 @@ class ServerProcess:
         """The last lines of :meth:`stderr_text`, joined with `` | ``, for an error message."""
         if self.stderr == "inherit":
             return "(its stderr is above)"
+        if self.stderr == "devnull":
+            return "(its stderr went to /dev/null)"
         tail = self.stderr_text().strip().splitlines()[-5:]
         return " | ".join(tail) or "(nothing on stderr)"
 

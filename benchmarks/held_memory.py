@@ -71,9 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_options(parser, args)
     try:
         kinds = drop_kinds(args)
-        if not kinds:
-            print("nothing to measure")
-            return 1
         server_cpu = begin(__file__, args, args.count)
         loop_name = "uvloop" if args.uvloop else "asyncio"
         print(

@@ -31,12 +31,11 @@ import time
 from collections.abc import Sequence
 
 from _drops import (
-    CLOSES,
     DropServer,
+    add_closes_option,
     add_server_options,
     begin,
     close_all,
-    comma_list,
     drop_kinds,
     request_line,
 )
@@ -101,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=300, help="single drops per close (default 300)"
     )
-    parser.add_argument(
-        "--closes",
-        type=comma_list(CLOSES),
-        default=list(CLOSES),
-        help="how the client leaves: FIN (close), RST (SO_LINGER 0) (default FIN,RST)",
-    )
+    add_closes_option(parser)
     add_server_options(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 100_000:
@@ -115,9 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--timeout must be more than 0 and at most 600 seconds")
     try:
         kinds = drop_kinds(args)
-        if not kinds:
-            print("nothing to measure")
-            return 1
         server_cpu = begin(__file__, args, 1)
         loop_name = "uvloop" if args.uvloop else "asyncio"
         print(

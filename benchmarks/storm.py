@@ -80,9 +80,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _drops import (
-    CLOSES,
     LOOPS,
     DropServer,
+    add_closes_option,
     add_server_options,
     begin,
     check_options,
@@ -356,9 +356,6 @@ def measure(args: argparse.Namespace) -> int:
     kinds = drop_kinds(args)
     closes: list[str] = args.closes
     modes: list[str] = args.storms
-    if not kinds:
-        print("nothing to measure")
-        return 1
     server_cpu = begin(__file__, args, args.count)
     loop_name = "uvloop" if args.uvloop else "asyncio"
     print(
@@ -405,12 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--count", type=int, default=5000, help="requests held per storm (default 5000)"
     )
-    parser.add_argument(
-        "--closes",
-        type=comma_list(CLOSES),
-        default=list(CLOSES),
-        help="how clients leave: FIN (close), RST (SO_LINGER 0) (default FIN,RST)",
-    )
+    add_closes_option(parser)
     parser.add_argument(
         "--storms",
         type=comma_list(MODES),
