@@ -1,9 +1,14 @@
-"""Shared plumbing of the benchmark scripts: run an app in a process of its own.
+"""The benchmark scripts' one harness: a server in a process of its own.
 
-A script re-runs itself with ``--serve KIND``: that child builds the app, serves it on a free
-port of 127.0.0.1 with a plain ``web.AppRunner(app)`` (aiohttp's defaults), prints
-``PORT <n>`` on stdout and serves until its stdin closes (the parent stops it, or died). It
-also stops by itself after ``max_seconds``, so no server outlives a benchmark.
+:class:`ServerProcess` is the parent's side of every server child: it starts the child, waits
+for its ``PORT <n>`` line, talks to it a line at a time if the child takes commands (the drop
+servers of ``_dropserver.py`` do), keeps or discards its stderr, and stops it.
+
+:func:`run_server` is the body of the simplest child: a script re-runs itself with
+``--serve KIND``; that child builds the app, serves it on a free port of 127.0.0.1 with a
+plain ``web.AppRunner(app)`` (aiohttp's defaults), prints ``PORT <n>`` on stdout and serves
+until its stdin closes (the parent stops it, or died). It also stops by itself after
+``max_seconds``, so no server outlives a benchmark.
 
 ``--aiodelay-path [LABEL=]DIR`` (:func:`add_checkout_option`, in every script that compares
 aiodelay with something) adds, for each aiodelay kind, a kind ``KIND@LABEL`` served by a child
@@ -11,49 +16,48 @@ whose ``PYTHONPATH`` puts DIR first, so that it imports another checkout's aiode
 virtualenv's, an editable install of this one, comes after it): two versions of the code in one
 run. The label defaults to DIR's last component (``/tmp/base``: ``aiodelay@base``).
 
-:func:`make_app` builds the hello-world apps that ``instructions.py`` and ``overhead.py``
-measure (and ``features.py`` through them), one kind of app each: one copy of each app, so
-that instructions and requests/s are counted on the same code.
+Also here: the CPU and ``/proc`` helpers the scripts pin and measure their processes with
+(:func:`two_cpus`, :func:`pin_to_cpu`, :func:`raise_fd_limit`, :func:`read_rss`,
+:func:`sched`, :func:`cpu_seconds`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import resource
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
+from _report import git
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 if TYPE_CHECKING:
-    from aiodelay import ConnectionLost, Outcome
+    from typing import Self
 
 __all__ = (
-    "AIODELAY_KINDS",
-    "APP_KINDS",
-    "TEXT",
     "ServerProcess",
     "add_checkout_option",
     "base_kind",
     "checkout_env",
     "checkout_kinds",
-    "cpu_model",
     "cpu_seconds",
     "describe_checkouts",
-    "make_app",
     "pin_to_cpu",
     "raise_fd_limit",
     "read_rss",
     "run_server",
+    "sched",
     "two_cpus",
 )
 
@@ -99,159 +103,31 @@ def read_rss(pid: int | str = "self") -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def cpu_model() -> str:
-    """The CPU's model name, from ``/proc/cpuinfo``."""
+def sched(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one) of a process's main thread (a server's
+    event loop) so far, from ``/proc/PID/schedstat``; NaNs where the kernel has no such file.
+    """
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as schedstat:
+            run, wait = schedstat.read().split()[:2]
+        return int(run) / 1e9, int(wait) / 1e9
+    except (OSError, ValueError):
+        return math.nan, math.nan
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time a process has run so far, in seconds.
 
-    From ``/proc/PID/schedstat`` (nanoseconds, the main thread: a server's event loop) where
-    the kernel has it, else from the clock ticks of ``/proc/PID/stat`` (all threads).
+    From ``/proc/PID/schedstat`` (:func:`sched`: the main thread) where the kernel has it,
+    else from the clock ticks of ``/proc/PID/stat`` (all threads).
     """
-    try:
-        with open(f"/proc/{pid}/schedstat", encoding="ascii") as schedstat:
-            return int(schedstat.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
+    run = sched(pid)[0]
+    if not math.isnan(run):
+        return run
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-# -- the hello-world apps ------------------------------------------------------------------
-
-#: The kinds of app :func:`make_app` builds.
-APP_KINDS = ("bare", "empty", "aiodelay", "deadline", "observer", "metrics", "handwritten")
-#: The kinds with aiodelay: those that --aiodelay-path serves again with another checkout.
-AIODELAY_KINDS = ("aiodelay", "deadline", "observer", "metrics")
-#: The body of every app's one response.
-TEXT = "Hello, world"
-
-
-async def hello(request: web.Request) -> web.Response:
-    return web.Response(text=TEXT)
-
-
-@web.middleware
-async def passthrough(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await handler(request)
-
-
-class NoOpObserver:
-    """An observer that does nothing: what being observed costs by itself."""
-
-    def request_started(self, request: web.BaseRequest) -> None:
-        pass
-
-    def request_lost(self, request: web.BaseRequest, lost: ConnectionLost) -> None:
-        pass
-
-    def request_ended(self, request: web.BaseRequest, outcome: Outcome) -> None:
-        pass
-
-
-def handwritten_metrics(app: web.Application) -> Middleware:
-    """The Prometheus HTTP metrics people write by hand, without aiodelay, for ``app``.
-
-    A counter of requests by method, route and status and a histogram of the handler's time
-    by route, fed by one middleware (the route is the matched resource's ``canonical``), in a
-    ``CollectorRegistry`` of their own served on ``/metrics``.
-    """
-    from prometheus_client import (
-        CONTENT_TYPE_LATEST,
-        CollectorRegistry,
-        Counter,
-        Histogram,
-        generate_latest,
-    )
-
-    registry = CollectorRegistry()
-    requests = Counter(
-        "http_requests_total",
-        "HTTP requests by method, route and status.",
-        ["method", "route", "status"],
-        registry=registry,
-    )
-    duration = Histogram(
-        "http_request_duration_seconds",
-        "Time spent in the handler, by route.",
-        ["route"],
-        registry=registry,
-    )
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app.router.add_get("/metrics", metrics)
-
-    @web.middleware
-    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        route = "(unmatched)" if resource is None else resource.canonical
-        status = 500
-        started = time.perf_counter()
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            duration.labels(route).observe(time.perf_counter() - started)
-            requests.labels(request.method, route, str(status)).inc()
-
-    return count
-
-
-def make_app(kind: str) -> web.Application:
-    """The hello-world app of ``kind``: one route, ``GET /``, answering ``TEXT``, and
-
-    - ``bare``: nothing else;
-    - ``empty``: one empty pass-through ``@web.middleware``;
-    - ``aiodelay``: ``aiodelay.setup(app)``;
-    - ``deadline``: ``aiodelay.setup(app, deadline=30)`` (a default deadline no request
-      reaches);
-    - ``observer``: ``aiodelay.setup(app)`` and ``aiodelay.add_observer(app, obs)``, ``obs``
-      an observer whose three methods do nothing;
-    - ``metrics``: ``aiodelay.setup(app)`` and ``aiodelay.prometheus.setup(app)``;
-    - ``handwritten``: :func:`handwritten_metrics`, without aiodelay.
-
-    Only the aiodelay kinds import aiodelay, only ``metrics`` and ``handwritten``
-    prometheus-client.
-    """
-    if kind not in APP_KINDS:
-        raise ValueError(f"unknown kind of app {kind!r}")
-    app = web.Application(middlewares=[passthrough] if kind == "empty" else [])
-    app.router.add_get("/", hello)
-    if kind == "handwritten":
-        app.middlewares.append(handwritten_metrics(app))
-    if kind in AIODELAY_KINDS:
-        import aiodelay
-
-        if kind == "deadline":
-            aiodelay.setup(app, deadline=30)
-        else:
-            aiodelay.setup(app)
-        if kind == "observer":
-            aiodelay.add_observer(app, NoOpObserver())
-        if kind == "metrics":
-            from aiodelay import prometheus
-
-            prometheus.setup(app)
-    return app
 
 
 # -- another checkout of aiodelay (--aiodelay-path) ------------------------------------------
@@ -348,16 +224,6 @@ def checkout_env(kind: str, checkouts: Sequence[tuple[str, str]]) -> dict[str, s
     return _checked[path]
 
 
-def git(path: str, *args: str) -> str:
-    """What ``git -C path ARGS`` prints (stripped), or "?" if it cannot say."""
-    try:
-        return subprocess.run(
-            ["git", "-C", path, *args], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:
     """A line per checkout for the report: its label, path and git commit."""
     return [
@@ -407,22 +273,44 @@ async def _serve(make_app: Callable[[], web.Application], max_seconds: float) ->
 
 
 class ServerProcess:
-    """A ``--serve`` child of a benchmark script, as a context manager.
+    """A server child of a benchmark script, as a context manager; its stdin and stdout are a
+    line channel.
 
     ``argv`` is the child's command line after the interpreter, ``env`` its environment (None:
-    this process's); on entry this waits for the child's ``PORT`` line (at most ``timeout``
-    seconds), on exit it closes the child's stdin and waits for it to stop (killing it if it
-    does not within ``timeout``).
+    this process's). The child says ``PORT <n>``, maybe followed by words of its own
+    (:attr:`said`: the drop servers name their event loop), on its stdout when it serves;
+    after that the parent may :meth:`send` it lines and :meth:`expect` its answers (the
+    ``--serve`` children of :func:`run_server` read none: their stdin only tells them when to
+    stop). Every wait, for the ``PORT`` line, an answer or the child's exit, lasts at most
+    ``timeout`` seconds, and a wait that runs out raises ``RuntimeError``.
+
+    The child's stderr is this process's (``stderr="inherit"``), or kept in a temporary file
+    (``"capture"``: :meth:`stderr_text`, and the last lines in the error when the child
+    dies), or thrown away (``"devnull"``). On exit the child is let go on in case it was
+    stopped (SIGCONT: a stopped process would never see its stdin close), its stdin is
+    closed, and it is killed if it has not stopped within ``timeout``.
     """
 
     def __init__(
-        self, argv: Sequence[str], *, timeout: float = 15.0, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 15.0,
+        env: dict[str, str] | None = None,
+        stderr: Literal["inherit", "capture", "devnull"] = "inherit",
+        name: str | None = None,
     ) -> None:
         self.argv = [sys.executable, *argv]
         self.timeout = timeout
         self.env = env
+        self.stderr = stderr
+        self.name = name or " ".join(os.path.basename(arg) for arg in argv[:3])
         self.port = 0
-        self._proc: subprocess.Popen[str] | None = None
+        #: The words after the port on the child's ``PORT`` line.
+        self.said: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self._buffer = b""
 
     @property
     def pid(self) -> int:
@@ -433,23 +321,21 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> ServerProcess:
-        proc = subprocess.Popen(
+    def __enter__(self) -> Self:
+        if self.stderr == "capture":
+            self._stderr = tempfile.TemporaryFile()
+        elif self.stderr == "devnull":
+            self._stderr = open(os.devnull, "wb")  # closed in _stop()
+        self._proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
+            stderr=self._stderr,
             env=self.env,
         )
-        self._proc = proc
         try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
-            line = proc.stdout.readline() if ready else ""
-            if not line.startswith("PORT "):
-                raise RuntimeError(f"server {self.argv[1:]} did not start: {line!r}")
-            self.port = int(line.split()[1])
+            _, port, *self.said = self.expect("PORT").split()
+            self.port = int(port)
         except BaseException:
             self._stop()
             raise
@@ -463,17 +349,74 @@ class ServerProcess:
     ) -> None:
         self._stop()
 
+    def send(self, line: str) -> None:
+        """Write ``line`` to the child's stdin."""
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        self._proc.stdin.flush()
+
+    def expect(self, word: str, timeout: float | None = None) -> str:
+        """The child's next line, which must start with ``word``."""
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
+            if not ready:
+                raise RuntimeError(f"{self.name} server: no {word} line within the timeout")
+            data = os.read(fd, 1 << 20)
+            if not data:
+                raise RuntimeError(f"{self.name} server exited: {self.stderr_tail()}")
+            self._buffer += data
+        raw, self._buffer = self._buffer.split(b"\n", 1)
+        line = raw.decode()
+        if not line.startswith(word):
+            raise RuntimeError(f"{self.name} server said {line[:200]!r}, not {word}")
+        return line
+
+    def command(self, line: str) -> str:
+        """Send ``line``, and return the answer, which starts with the line's first word."""
+        self.send(line)
+        return self.expect(line.split()[0])
+
+    def stderr_text(self) -> str:
+        """What the child wrote to stderr so far ("" unless ``stderr="capture"``)."""
+        stderr = self._stderr
+        if stderr is None or self.stderr != "capture":
+            return ""
+        stderr.flush()
+        stderr.seek(0)
+        text = stderr.read().decode(errors="replace")
+        stderr.seek(0, os.SEEK_END)
+        return text
+
+    def stderr_tail(self) -> str:
+        """The last lines of :meth:`stderr_text`, joined with `` | ``, for an error message."""
+        if self.stderr == "inherit":
+            return "(its stderr is above)"
+        if self.stderr == "devnull":
+            return "(its stderr went to /dev/null)"
+        tail = self.stderr_text().strip().splitlines()[-5:]
+        return " | ".join(tail) or "(nothing on stderr)"
+
     def _stop(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self._proc = None
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(self.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):  # a stopped child would never see EOF
+                os.kill(proc.pid, signal.SIGCONT)
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             proc.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None

@@ -1,6 +1,6 @@
 """What each feature of aiodelay costs a hello-world request, in instructions and in requests/s.
 
-The kinds of app (``_serve.make_app``), one table row each:
+The kinds of app (``_apps.make_app``), one table row each:
 
 - ``empty``: aiohttp with one empty middleware (the reference of everything aiodelay adds);
 - ``aiodelay``: ``aiodelay.setup(app)``;
@@ -60,18 +60,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import NamedTuple
 
 import instructions
 import overhead
+from _apps import AIODELAY_KINDS
+from _report import describe_machine, git, version
 from _serve import (
-    AIODELAY_KINDS,
     add_checkout_option,
     base_kind,
-    cpu_model,
     describe_checkouts,
-    git,
 )
 
 #: The kinds, in the order of the tables' rows.
@@ -320,18 +318,13 @@ def header(args: argparse.Namespace) -> list[str]:
 
     import aiodelay
 
-    try:
-        prometheus = metadata.version("prometheus-client")
-    except metadata.PackageNotFoundError:
-        prometheus = "not installed"
+    prometheus = version("prometheus-client")
     package, digest = aiodelay_sources()
     root = os.path.dirname(package)
     commit = git(root, "rev-parse", "--short", "HEAD")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-        f"machine: {cpu_model()}, {os.cpu_count()} cores ({cpus} usable), "
-        f"{platform.system()} {platform.release()}",
+        f"machine: {describe_machine()}",
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
         f"prometheus-client {prometheus}, asyncio's loop",
         f"aiodelay {aiodelay.__version__}: {package} (git {commit}, sources {digest})",

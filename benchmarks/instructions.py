@@ -7,7 +7,7 @@ which the app is served on a free port of 127.0.0.1 by a plain ``web.AppRunner(a
 ``TCPSite`` (aiohttp's defaults; no access log, logging being unconfigured) and a minimal
 client, in the same loop, sends N ``GET / HTTP/1.1`` one after the other on one keep-alive
 connection (``asyncio.open_connection``; after the first response, whose headers it parses,
-it reads each response as that many bytes). The kinds (the apps of ``_serve.make_app``):
+it reads each response as that many bytes). The kinds (the apps of ``_apps.make_app``):
 
 - ``bare``: the app alone (one route returning ``web.Response(text="Hello, world")``);
 - ``empty``: the app with one empty pass-through ``@web.middleware``;
@@ -77,16 +77,13 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from _apps import AIODELAY_KINDS, APP_KINDS, TEXT, make_app
 from _serve import (
-    AIODELAY_KINDS,
-    APP_KINDS,
-    TEXT,
     add_checkout_option,
     base_kind,
     checkout_env,
     checkout_kinds,
     describe_checkouts,
-    make_app,
 )
 from aiohttp import web
 

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import socket
 import struct
 import sys
 import time
 from collections.abc import Sequence
 
+from _report import ms, percentile
 from aiohttp import web
 
 import aiodelay
@@ -132,12 +132,6 @@ async def measure_kind(kind: str, count: int, paused: bool = False) -> dict[str,
     return latencies
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 async def measure(
     kinds: Sequence[str], count: int, paused: bool = False
 ) -> dict[str, dict[str, list[float]]]:
@@ -180,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind in kinds:
         for close in CLOSES:
             values = sorted(results[kind][close])
-            cells = "".join(f"{percentile(values, pct) * 1e3:9.3f}" for pct in (50, 90, 99, 100))
-            print(f"{kind:15s} {close:8s}{cells}")
+            print(f"{kind:15s} {close:8s}{ms(values, (50, 90, 99, 100))}")
     print()
     for close in CLOSES:
         p50 = percentile(sorted(results["aiodelay"][close]), 50) * 1e3

@@ -1,6 +1,6 @@
 """What aiodelay costs per request: requests/s of a hello-world app with and without it.
 
-Copies of the same app (``_serve.make_app``), each served in a process of its own by a plain
+Copies of the same app (``_apps.make_app``), each served in a process of its own by a plain
 ``web.AppRunner(app)`` (aiohttp's defaults) on a free port of 127.0.0.1; by default three:
 
 - ``bare``: the app alone;
@@ -59,18 +59,16 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from _apps import AIODELAY_KINDS, APP_KINDS, make_app
+from _report import describe_machine, version
 from _serve import (
-    AIODELAY_KINDS,
-    APP_KINDS,
     ServerProcess,
     add_checkout_option,
     base_kind,
     checkout_env,
     checkout_kinds,
-    cpu_model,
     cpu_seconds,
     describe_checkouts,
-    make_app,
     run_server,
     two_cpus,
 )
@@ -160,8 +158,8 @@ def measure(args: argparse.Namespace) -> dict[str, list[Run]]:
     wrk = None if args.no_wrk else shutil.which("wrk")
     loop_name = "uvloop" if args.uvloop else "asyncio"
     pinning = f"servers on CPU {server_cpu}, load on CPU {load_cpu}" if cpus else "not pinned"
-    print(f"python {sys.version.split()[0]}, aiohttp {_aiohttp_version()}, {loop_name} loop")
-    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}")
+    print(f"python {sys.version.split()[0]}, aiohttp {version('aiohttp')}, {loop_name} loop")
+    print(f"machine: {describe_machine()}")
     print(
         f"load: {'wrk -t1' if wrk else 'aiohttp client (wrk not found)'}, "
         f"{args.connections} connections, {args.rounds} rounds x {args.duration} s per app; "
@@ -255,12 +253,6 @@ def _verdict(wall: float, cpu: float, target: float) -> str:
     if wall < target and cpu < target:
         return "MISSED"
     return "by one measure only"
-
-
-def _aiohttp_version() -> str:
-    import aiohttp
-
-    return aiohttp.__version__
 
 
 def comma_list(value: str) -> list[str]:
