@@ -118,6 +118,8 @@ def missing_internals() -> tuple[str, ...]:
     something else in a future release is not found out here (CI's test of each release and
     of the newest pre-release is what covers that).
     """
+    # Not listed: what is read with a default, where a release lacks it
+    # (RequestHandler.access_logger and ._logging_enabled, StreamWriter._headers_written).
     wanted: list[tuple[str, object, tuple[str, ...]]] = [
         # The Watch: a connection's protocol, and the server that made it.
         (
@@ -137,8 +139,6 @@ def missing_internals() -> tuple[str, ...]:
                 "_close",
                 "_force_close",
                 "_payload_parser",
-                "access_logger",
-                "_logging_enabled",
             ),
         ),
         ("Server", getattr(web_server, "Server", None), ("handler_cancellation",)),
