@@ -100,8 +100,11 @@ class DegradedMiddleware(Middleware):
             else:
                 response = await handler(request)
         except asyncio.CancelledError:
-            if self.shutting_down or request.transport is not None:
-                counters.count("failed", True)  # the server's shutdown, or an outer timeout
+            if self.shutting_down:
+                counters.count("failed", True)  # stopped by the server's shutdown
+                raise
+            if request.transport is not None:
+                counters.count("failed", False)  # not the client: an outer timeout?
                 raise
             if task is None or task.done():
                 counters.count("cancelled", True)
