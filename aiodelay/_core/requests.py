@@ -31,14 +31,17 @@ _T = TypeVar("_T")
 def request_state(request: web.BaseRequest) -> RequestState:
     """The state of a request that aiodelay handles or handled; RuntimeError if it does not
     (it is not installed on the request's app, or runs degraded)."""
+    try:
+        state: RequestState | None = state_of(request)
+    except AttributeError:  # an aiohttp without the writer the state is kept on
+        state = None
+    if state is not None:
+        return state
     if aiohttp_internals.MISSING:
         raise RuntimeError(
             f"aiodelay runs degraded on aiohttp {aiohttp_internals.AIOHTTP_VERSION}: it keeps "
             "no state of a request there, so the functions that take one are not available"
         )
-    state: RequestState | None = state_of(request)
-    if state is not None:
-        return state
     apps = request.match_info.apps if isinstance(request, web.Request) else ()
     if any(installation_of(app) is not None for app in apps):
         raise RuntimeError(
@@ -81,9 +84,12 @@ def is_disconnected(request: web.BaseRequest) -> bool:
     seen; and a client that left after the request's deadline had passed is not looked at.
     Degraded (on an aiohttp aiodelay does not know), it says whether the connection is gone.
     """
-    if aiohttp_internals.MISSING:
-        return aiohttp_internals.peer_gone(request) is not None
-    return request_state(request).lost is not None
+    try:
+        return request_state(request).lost is not None
+    except RuntimeError:
+        if aiohttp_internals.MISSING:
+            return aiohttp_internals.peer_gone(request) is not None
+        raise
 
 
 def call_later(
