@@ -91,6 +91,7 @@ def _app(probe: Probe, kept: Probe, release: asyncio.Event) -> web.Application:
     return app
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("how", ["FIN", "RST"])
 async def test_a_degraded_server_answers_and_stops_a_handler_whose_client_left(
     lacking: None, serve: Serve, lines: Lines, how: Drop
@@ -104,6 +105,9 @@ async def test_a_degraded_server_answers_and_stops_a_handler_whose_client_left(
     for _ in range(3):
         await client.get("/")
         assert await client.read_response() == (200, b"hello")
+    server = served.runner.server
+    assert server is not None
+    assert server.handler_cancellation  # turned on by aiodelay at the first request
     protocols = _protocols(served.runner)
     assert protocols
     assert all(isinstance(p, web_protocol.RequestHandler) for p in protocols)
