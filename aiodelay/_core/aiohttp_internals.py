@@ -28,6 +28,11 @@ which is seen only when reading resumes or a write fails.
 
 (The module is longer than the others: it is, on purpose, all of aiodelay's knowledge of
 aiohttp's internals, so that a new aiohttp release is a change to this one file.)
+
+Every internal used here is listed once, in :func:`missing_internals`, which looks for each on
+the aiohttp at hand when this module is imported (``MISSING``). On the aiohttp releases CI
+tests, nothing is missing; on one that lacks something, ``setup()`` warns once and aiodelay
+runs degraded (``degraded.py``) rather than fail on every request.
 """
 
 from __future__ import annotations
@@ -40,7 +45,17 @@ from collections.abc import Callable, Sized
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import streams, web
+import aiohttp
+from aiohttp import (
+    abc,
+    http_parser,
+    http_writer,
+    streams,
+    web,
+    web_protocol,
+    web_server,
+    web_urldispatcher,
+)
 from aiohttp.abc import AbstractAccessLogger
 
 from .errors import ConnectionLost, Reason
@@ -51,7 +66,9 @@ if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
 __all__ = (
+    "AIOHTTP_VERSION",
     "EMPTY_PAYLOAD",
+    "MISSING",
     "STATE",
     "Listener",
     "Watch",
@@ -64,6 +81,7 @@ __all__ = (
     "how_peer_left",
     "install_watch",
     "log_bytes_sent",
+    "missing_internals",
     "payload_of",
     "peer_gone",
     "response_written",
@@ -71,8 +89,105 @@ __all__ = (
     "state_of",
     "status_line_sent",
     "transport_of",
+    "turn_on_handler_cancellation",
     "writer_of",
 )
+
+AIOHTTP_VERSION: str = getattr(aiohttp, "__version__", "unknown")
+
+
+def _has(owner: object, name: str) -> bool:
+    """``owner`` (a class) has ``name``: a method, a slot, a class default, or an attribute
+    that its ``__init__`` (or a base class's) sets."""
+    if hasattr(owner, name):
+        return True
+    for cls in getattr(owner, "__mro__", ()):
+        code = getattr(vars(cls).get("__init__"), "__code__", None)
+        if code is not None and name in code.co_names:
+            return True
+    return False
+
+
+def missing_internals() -> tuple[str, ...]:
+    """What this module relies on and the aiohttp at hand lacks, as ``"Class.attribute"``
+    names; empty on every aiohttp release CI tests (3.10 to 3.14).
+
+    The one list of aiohttp's internals that aiodelay touches: what is looked for is each
+    class's shape (its methods, slots, class defaults and the attributes its ``__init__``
+    sets), without making a server. Not promised: an attribute that is there but means
+    something else in a future release is not found out here (CI's test of each release and
+    of the newest pre-release is what covers that).
+    """
+    # Not listed: what is read with a default, where a release lacks it
+    # (RequestHandler.access_logger and ._logging_enabled, StreamWriter._headers_written).
+    wanted: list[tuple[str, object, tuple[str, ...]]] = [
+        # The Watch: a connection's protocol, and the server that made it.
+        (
+            "RequestHandler",
+            getattr(web_protocol, "RequestHandler", None),
+            (
+                "data_received",
+                "eof_received",
+                "connection_lost",
+                "pause_writing",
+                "resume_writing",
+                "force_close",
+                "log_exception",
+                "transport",
+                "_messages",
+                "_manager",
+                "_close",
+                "_force_close",
+                "_payload_parser",
+            ),
+        ),
+        ("Server", getattr(web_server, "Server", None), ("handler_cancellation",)),
+        # A request: where its state is kept, its body, its route, its message.
+        (
+            "BaseRequest",
+            web.BaseRequest,
+            ("_payload_writer", "_protocol", "_payload", "_message", "protocol", "transport"),
+        ),
+        ("Request", web.Request, ("_match_info",)),
+        (
+            "UrlMappingMatchInfo",
+            getattr(web_urldispatcher, "UrlMappingMatchInfo", None),
+            ("_route",),
+        ),
+        ("RawRequestMessage", getattr(http_parser, "RawRequestMessage", None), ("upgrade",)),
+        # What went on the wire, and what aiohttp's access log is told.
+        ("StreamWriter", getattr(abc, "AbstractStreamWriter", None), ("output_size",)),
+        ("StreamWriter", getattr(http_writer, "StreamWriter", None), ("_eof",)),
+        (
+            "StreamResponse",
+            web.StreamResponse,
+            ("_body_length", "_eof_sent", "_req", "_payload_writer", "force_close"),
+        ),
+        ("streams", streams, ("EMPTY_PAYLOAD",)),
+    ]
+    missing: list[str] = []
+    for where, owner, names in wanted:
+        if owner is None:
+            missing.append(where)
+            continue
+        missing.extend(f"{where}.{name}" for name in names if not _has(owner, name))
+    return tuple(missing)
+
+
+#: What the aiohttp at hand lacks of :func:`missing_internals`; empty when aiodelay knows it.
+MISSING: tuple[str, ...] = missing_internals()
+
+
+def turn_on_handler_cancellation(request: web.BaseRequest) -> bool | None:
+    """Turn on aiohttp's own ``handler_cancellation`` on the server that handles ``request``
+    (what degraded mode falls back on): True if it is on now, None if this aiohttp does not
+    let it be reached (pass ``handler_cancellation=True`` to ``web.AppRunner`` or
+    ``web.run_app`` instead)."""
+    manager = getattr(request.protocol, "_manager", None)
+    if manager is None or not hasattr(manager, "handler_cancellation"):
+        return None
+    manager.handler_cancellation = True
+    return True
 
 
 class Listener(Protocol):

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from . import aiohttp_internals
 from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
@@ -222,7 +223,20 @@ def middleware(
     still running after their client left are not cancelled at cleanup, and cleanup does not
     wait for ``aiodelay.to_thread`` functions still running.
     """
-    return Middleware(policy=policy, deadline=deadline)
+    return _new(policy, deadline)
+
+
+def _new(policy: Policy | str, deadline: float | None) -> Middleware:
+    """A middleware for the aiohttp at hand: degraded (and said so, once) if it lacks an
+    internal that aiodelay relies on."""
+    if not aiohttp_internals.MISSING:
+        return Middleware(policy=policy, deadline=deadline)
+    # Imported only then: degraded.py builds on this module.
+    from .degraded import DegradedMiddleware, warn_once
+
+    mw = DegradedMiddleware(policy=policy, deadline=deadline)
+    warn_once()
+    return mw
 
 
 def setup(
@@ -242,7 +256,7 @@ def setup(
     """
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
-    mw = Middleware(policy=policy, deadline=deadline)
+    mw = _new(policy, deadline)
     if app_key in app or any(isinstance(m, Installation) for m in app.middlewares):
         raise RuntimeError("aiodelay is already installed on this app")
     if app.frozen:

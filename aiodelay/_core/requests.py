@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import outcome
+from . import aiohttp_internals, outcome
 from .aiohttp_internals import state_of
 from .installation import NOT_SET_UP, installation_of
 from .policy import Policy
@@ -30,10 +30,18 @@ _T = TypeVar("_T")
 
 def request_state(request: web.BaseRequest) -> RequestState:
     """The state of a request that aiodelay handles or handled; RuntimeError if it does not
-    (it is not installed on the request's app)."""
-    state: RequestState | None = state_of(request)
+    (it is not installed on the request's app, or runs degraded)."""
+    try:
+        state: RequestState | None = state_of(request)
+    except AttributeError:  # an aiohttp without the writer the state is kept on
+        state = None
     if state is not None:
         return state
+    if aiohttp_internals.MISSING:
+        raise RuntimeError(
+            f"aiodelay runs degraded on aiohttp {aiohttp_internals.AIOHTTP_VERSION}: it keeps "
+            "no state of a request there, so the functions that take one are not available"
+        )
     apps = request.match_info.apps if isinstance(request, web.Request) else ()
     if any(installation_of(app) is not None for app in apps):
         raise RuntimeError(
@@ -74,8 +82,14 @@ def is_disconnected(request: web.BaseRequest) -> bool:
     response does not count. False does not promise the client is there: a peer that vanished
     without FIN or RST, or whose FIN waits unread while aiohttp has paused reading, cannot be
     seen; and a client that left after the request's deadline had passed is not looked at.
+    Degraded (on an aiohttp aiodelay does not know), it says whether the connection is gone.
     """
-    return request_state(request).lost is not None
+    try:
+        return request_state(request).lost is not None
+    except RuntimeError:
+        if aiohttp_internals.MISSING:
+            return aiohttp_internals.peer_gone(request) is not None
+        raise
 
 
 def call_later(
