@@ -29,6 +29,7 @@ from .aiohttp_internals import (
 )
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
+from .hangups import CAN_HOLD, hangups_of
 from .installation import Installation, app_key, installed_on
 from .outcome import EVENTS, WRITES_HERE, end, started, write_failed, written
 from .policy import Policy
@@ -156,6 +157,10 @@ class Middleware(Installation):
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self.shutting_down = False
+        if CAN_HOLD:
+            # Made now, while descriptors are to be had: made at the first upload instead, a
+            # server out of descriptors then would not see its clients leave behind it.
+            hangups_of(asyncio.get_running_loop())
         yield
         # aiohttp's graceful shutdown waited for these; what still runs now would be
         # destroyed pending when the loop closes. Cancel it and let its finally blocks run.
