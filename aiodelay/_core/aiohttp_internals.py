@@ -60,6 +60,7 @@ __all__ = (
     "as_sent",
     "asks_upgrade",
     "bytes_written",
+    "close_unread",
     "fail_as_aiohttp",
     "how_peer_left",
     "install_watch",
@@ -428,6 +429,21 @@ def abort_connection(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def close_unread(request: web.BaseRequest) -> None:
+    """The request's connection ends with this request (its client left, or its response was
+    cut): if its body was not read to the end, abort the connection now.
+
+    Else aiohttp, before closing, reads the rest of the body for up to its lingering time (10
+    seconds by default), and a connection that is closed or aborted meanwhile does not end
+    that read (aiohttp's ``connection_lost`` fails only the body of a request whose handler
+    still runs): the connection's task would wait out the whole lingering time. An abort,
+    not a close: nothing more is to be sent, and a socket closed with unread data sends an
+    RST anyway (TCP's rule); over TLS, a close would first wait for the peer's close_notify."""
+    if not request._payload.is_eof():
+        abort_connection(request)
+        request.protocol.force_close()  # (marks it closed for aiohttp: no lingering)
 
 
 def access_logged(request: web.BaseRequest) -> bool:
