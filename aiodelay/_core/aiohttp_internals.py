@@ -62,6 +62,7 @@ __all__ = (
     "bytes_written",
     "close_unread",
     "fail_as_aiohttp",
+    "gone_before_watched",
     "how_peer_left",
     "install_watch",
     "log_bytes_sent",
@@ -344,6 +345,47 @@ class _AccessLog(AbstractAccessLogger):
         self._inner.log(request, response, time)
 
 
+_BEFORE = "the connection was closed before the handler started"
+#: The key, in a RequestHandler's dict of cached values (``_cache``; aiohttp 3.10 has none), of
+#: how the peer left a connection that closed before aiodelay watched it.
+_LEFT = "aiodelay_left"
+
+
+def _note_departures(manager: Any) -> None:
+    """From now on, when a connection of aiohttp's server ``manager`` closes before aiodelay
+    watched it, note on its RequestHandler how its peer left (aiohttp tells its server first,
+    while the socket is still open): a request read on it may still be on its way to aiodelay
+    (a middleware before aiodelay's holds it, or its task has not started yet), and once the
+    connection is gone neither the kernel nor aiohttp can say. Once per server, from the first
+    connection aiodelay watches on it."""
+    if manager is None or "connection_lost" in vars(manager):
+        return
+    aiohttps = manager.connection_lost
+
+    def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+        cache: dict[str, Any] | None = getattr(handler, "_cache", None)
+        transport = handler.transport
+        if (
+            cache is not None
+            and transport is not None
+            and type(transport.get_protocol()) is not Watch
+        ):
+            cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
+        aiohttps(handler, exc)
+
+    manager.connection_lost = connection_lost
+
+
+def gone_before_watched(request: web.BaseRequest) -> ConnectionLost:
+    """How the client of ``request`` left, for a request whose connection was gone before the
+    request reached aiodelay: as noted when the connection closed, else ``"closed"`` (a
+    connection that closed before aiodelay watched any connection of its server, or aiohttp
+    3.10, whose RequestHandler has no room for the note)."""
+    cache: dict[str, Any] | None = getattr(request.protocol, "_cache", None)
+    reason: Reason = (cache.get(_LEFT) if cache else None) or "closed"
+    return ConnectionLost(reason, _BEFORE)
+
+
 def install_watch(
     request: web.BaseRequest, transport: asyncio.BaseTransport, listener: Listener
 ) -> Watch:
@@ -355,12 +397,10 @@ def install_watch(
     aiohttp's ``handler_cancellation``. Its ``lost`` is then already set.
     """
     proto = request.protocol
+    _note_departures(proto._manager)
     installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
-        installed.lost = ConnectionLost(
-            _how_peer_left(transport) or "closed",
-            "the connection was closed before the handler started",
-        )
+        installed.lost = ConnectionLost(_how_peer_left(transport) or "closed", _BEFORE)
     access_log = getattr(proto, "access_logger", None)
     if access_log is not None and getattr(proto, "_logging_enabled", True):
         proto.access_logger = _AccessLog(access_log)

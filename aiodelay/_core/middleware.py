@@ -22,6 +22,7 @@ from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
     asks_upgrade,
+    gone_before_watched,
     install_watch,
     payload_of,
     route_of,
@@ -86,9 +87,7 @@ class Middleware(Installation):
             # and tells for both, under the sub-app's policy.
             return await handler(request)
         if watch is None:
-            gone: ConnectionLost | None = ConnectionLost(
-                "closed", "the connection was closed before the handler started"
-            )
+            gone: ConnectionLost | None = gone_before_watched(request)
         else:
             gone = watch.lost  # a pipelined request read before the peer left
         held = deadlines = None
