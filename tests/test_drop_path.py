@@ -748,3 +748,53 @@ async def test_a_middleware_outside_aiodelay_sees_a_drop_as_without_aiodelay(
         assert isinstance(second, web.StreamResponse)
         assert (first.status, second.status) == (499, 499)
         assert first is not second
+
+
+@pytest.mark.parametrize("logged", [False, True])
+async def test_a_dropped_upload_leaves_no_task_lingering_over_its_body(
+    serve: Serve, caplog: pytest.LogCaptureFixture, logged: bool
+) -> None:
+    """Clients send the start of an upload (192 KiB of 1 MB) and leave by FIN at once, most
+    before their handler, which does not read the body, has started: aiohttp's task of each
+    connection ends with the connection, not after aiohttp's lingering time (10 s) of
+    waiting for the rest of a body that cannot come."""
+    count = 50
+    tasks: set[asyncio.Task[Any]] = set()
+    all_ended = asyncio.Event()
+
+    class Observer:
+        def request_started(self, request: web.BaseRequest) -> None:
+            tasks.add(request.task)  # aiohttp's task of the connection
+
+        def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+            pass
+
+        def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+            if len(tasks) == count:
+                all_ended.set()
+
+    async def upload(request: web.Request) -> web.Response:
+        await asyncio.get_running_loop().create_future()  # until cancelled
+        return web.Response()
+
+    access_log = None
+    if logged:
+        caplog.set_level(logging.INFO, logger="tests.access.upload")  # (enabled: aiohttp logs)
+        access_log = logging.getLogger("tests.access.upload")
+    app = web.Application()
+    aiodelay.setup(app)
+    aiodelay.add_observer(app, Observer())
+    app.router.add_post("/upload", upload)
+    served = await serve(app, access_log=access_log)
+    head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n"
+
+    async def upload_and_leave() -> None:
+        client = await served.connect()
+        await client.send(head + b"x" * (192 * 1024))
+        client.drop("FIN")
+
+    await asyncio.gather(*(upload_and_leave() for _ in range(count)))
+    await asyncio.wait_for(all_ended.wait(), 5)
+    _, lingering = await asyncio.wait(tasks, timeout=5)
+    assert not lingering, f"{len(lingering)} of {count} connection tasks still run"
+    assert aiodelay.stats(app).cancelled == count

@@ -230,6 +230,53 @@ async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_sho
     assert await served.entry("/a") == "GET /a 499 0"
 
 
+# -- a client gone before aiodelay saw its request --------------------------------------------
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_a_client_gone_before_aiodelay_saw_its_request_is_told_as_it_left(
+    serve: Serve, drop: str
+) -> None:
+    """A middleware before ``aiodelay.middleware()`` reads the request's body first; the
+    client sends part of it and leaves, so its connection is gone (aiohttp let go of the
+    transport) before aiodelay sees the request, and the kernel can no longer be asked. The
+    request is still told with the reason the client left by, not ``"closed"``, which says the
+    server closed the connection. (One request is served first: aiodelay learns of the
+    server from a connection it watches.)"""
+    observer = _Observer()
+    reading = asyncio.Event()
+    transports: list[object] = []
+
+    @web.middleware
+    async def read_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+        reading.set()
+        try:
+            await request.read()
+        except ConnectionError:
+            transports.append(request.transport)
+        return await handler(request)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[read_first, aiodelay.middleware()])
+    app.router.add_get("/ok", ok)
+    app.router.add_post("/upload", ok)
+    aiodelay.add_observer(app, observer)
+    served = await serve(app)
+    first = await served.get("/ok")
+    assert await first.read_response() == (200, b"ok")
+    client = await served.connect()
+    await client.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+    await asyncio.wait_for(reading.wait(), 5)
+    client.drop("RST" if drop == "RST" else "FIN")
+    outcome = await observer.ended("/upload")
+    assert transports == [None]  # (gone when aiodelay saw the request)
+    assert outcome.kind == "cancelled"
+    assert outcome.lost is not None
+    assert outcome.lost.reason == drop
+
+
 # -- a sub-app's observer, for a client that left before the handler started ----------------
 
 

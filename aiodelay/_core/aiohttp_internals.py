@@ -77,7 +77,9 @@ __all__ = (
     "as_sent",
     "asks_upgrade",
     "bytes_written",
+    "close_unread",
     "fail_as_aiohttp",
+    "gone_before_watched",
     "how_peer_left",
     "install_watch",
     "log_bytes_sent",
@@ -458,6 +460,47 @@ class _AccessLog(AbstractAccessLogger):
         self._inner.log(request, response, time)
 
 
+_BEFORE = "the connection was closed before the handler started"
+#: The key, in a RequestHandler's dict of cached values (``_cache``; aiohttp 3.10 has none), of
+#: how the peer left a connection that closed before aiodelay watched it.
+_LEFT = "aiodelay_left"
+
+
+def _note_departures(manager: Any) -> None:
+    """From now on, when a connection of aiohttp's server ``manager`` closes before aiodelay
+    watched it, note on its RequestHandler how its peer left (aiohttp tells its server first,
+    while the socket is still open): a request read on it may still be on its way to aiodelay
+    (a middleware before aiodelay's holds it, or its task has not started yet), and once the
+    connection is gone neither the kernel nor aiohttp can say. Once per server, from the first
+    connection aiodelay watches on it."""
+    if manager is None or "connection_lost" in vars(manager):
+        return
+    aiohttps = manager.connection_lost
+
+    def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+        cache: dict[str, Any] | None = getattr(handler, "_cache", None)
+        transport = handler.transport
+        if (
+            cache is not None
+            and transport is not None
+            and type(transport.get_protocol()) is not Watch
+        ):
+            cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
+        aiohttps(handler, exc)
+
+    manager.connection_lost = connection_lost
+
+
+def gone_before_watched(request: web.BaseRequest) -> ConnectionLost:
+    """How the client of ``request`` left, for a request whose connection was gone before the
+    request reached aiodelay: as noted when the connection closed, else ``"closed"`` (a
+    connection that closed before aiodelay watched any connection of its server, or aiohttp
+    3.10, whose RequestHandler has no room for the note)."""
+    cache: dict[str, Any] | None = getattr(request.protocol, "_cache", None)
+    reason: Reason = (cache.get(_LEFT) if cache else None) or "closed"
+    return ConnectionLost(reason, _BEFORE)
+
+
 def install_watch(
     request: web.BaseRequest, transport: asyncio.BaseTransport, listener: Listener
 ) -> Watch:
@@ -469,12 +512,10 @@ def install_watch(
     aiohttp's ``handler_cancellation``. Its ``lost`` is then already set.
     """
     proto = request.protocol
+    _note_departures(proto._manager)
     installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
-        installed.lost = ConnectionLost(
-            _how_peer_left(transport) or "closed",
-            "the connection was closed before the handler started",
-        )
+        installed.lost = ConnectionLost(_how_peer_left(transport) or "closed", _BEFORE)
     access_log = getattr(proto, "access_logger", None)
     if access_log is not None and getattr(proto, "_logging_enabled", True):
         proto.access_logger = _AccessLog(access_log)
@@ -543,6 +584,21 @@ def abort_connection(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def close_unread(request: web.BaseRequest) -> None:
+    """The request's connection ends with this request (its client left, or its response was
+    cut): if its body was not read to the end, abort the connection now.
+
+    Else aiohttp, before closing, reads the rest of the body for up to its lingering time (10
+    seconds by default), and a connection that is closed or aborted meanwhile does not end
+    that read (aiohttp's ``connection_lost`` fails only the body of a request whose handler
+    still runs): the connection's task would wait out the whole lingering time. An abort,
+    not a close: nothing more is to be sent, and a socket closed with unread data sends an
+    RST anyway (TCP's rule); over TLS, a close would first wait for the peer's close_notify."""
+    if not request._payload.is_eof():
+        abort_connection(request)
+        request.protocol.force_close()  # (marks it closed for aiohttp: no lingering)
 
 
 def access_logged(request: web.BaseRequest) -> bool:

@@ -12,8 +12,8 @@ __all__ = ("ConnectionLost", "DeadlineExceeded", "Reason", "seconds_text")
 #:                which aiohttp treats as a close);
 #: ``"RST"``      the peer reset the connection, or the transport failed;
 #: ``"shutdown"`` the server stopped the request while shutting down;
-#: ``"closed"``   the server side closed the connection (it was already gone when the
-#:                request reached aiodelay, or aiohttp closed it).
+#: ``"closed"``   the server side closed the connection (aiohttp closed it), or it was gone
+#:                before the request reached aiodelay and how the peer left is not known.
 Reason = Literal["FIN", "RST", "shutdown", "closed"]
 
 _MESSAGES: dict[str, str] = {

@@ -7,17 +7,25 @@ the unread bytes. The kernel knows, though: on Linux, ``EPOLLRDHUP`` reports a p
 ``select.epoll`` per event loop, itself one readable fd of the loop, that holds only those
 events and only for the connections held in it (``Watch.hold`` in ``aiohttp_internals.py``
 says which). Elsewhere ``CAN_HOLD`` is False and nothing is held.
+
+It is made when the app starts (``aiodelay.setup()``'s hook), while file descriptors are to be
+had, else at the first request that needs it. If the process is out of descriptors then
+(``EMFILE``), one WARNING says that detection behind unread data is degraded, and the next
+request that needs it tries again; the requests held in the meantime are not watched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import select
 import weakref
 from typing import Protocol
 
 __all__ = ("CAN_HOLD", "Hangups", "Reporter", "hangups_of")
+
+logger = logging.getLogger("aiodelay")
 
 
 class Reporter(Protocol):
@@ -76,15 +84,30 @@ class Hangups:
 _hangups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hangups] = (
     weakref.WeakKeyDictionary()
 )
+#: Loops where making their Hangups failed and was logged: said once, not per request.
+_failed: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def hangups_of(loop: asyncio.AbstractEventLoop) -> Hangups | None:
     """The loop's Hangups, made on first use; None where the platform has no ``EPOLLRDHUP``
-    or the loop cannot watch another fd."""
+    or the loop cannot watch another fd, or when it cannot be made now (no descriptor left:
+    logged once, and tried again at the next call)."""
     hangups = _hangups.get(loop)
     if hangups is None and _HANGUPS is not None:
         try:
             hangups = _hangups[loop] = Hangups(loop, _HANGUPS)
-        except (OSError, NotImplementedError):
+        except NotImplementedError:  # a loop that cannot watch another fd: nothing to retry
             return None
+        except OSError as exc:
+            if loop not in _failed:
+                _failed.add(loop)
+                logger.warning(
+                    "aiodelay cannot see clients leave behind unread request bodies "
+                    "(select.epoll() failed: %s); tried again at the next such request",
+                    exc.strerror or exc,
+                )
+            return None
+        if loop in _failed:
+            _failed.discard(loop)
+            logger.info("aiodelay sees clients leave behind unread request bodies again")
     return hangups

@@ -23,6 +23,7 @@ from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
     asks_upgrade,
+    gone_before_watched,
     install_watch,
     payload_of,
     route_of,
@@ -30,6 +31,7 @@ from .aiohttp_internals import (
 )
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
+from .hangups import CAN_HOLD, hangups_of
 from .installation import Installation, app_key, installed_on
 from .outcome import EVENTS, WRITES_HERE, end, started, write_failed, written
 from .policy import Policy
@@ -86,9 +88,7 @@ class Middleware(Installation):
             # and tells for both, under the sub-app's policy.
             return await handler(request)
         if watch is None:
-            gone: ConnectionLost | None = ConnectionLost(
-                "closed", "the connection was closed before the handler started"
-            )
+            gone: ConnectionLost | None = gone_before_watched(request)
         else:
             gone = watch.lost  # a pipelined request read before the peer left
         held = deadlines = None
@@ -157,6 +157,10 @@ class Middleware(Installation):
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self.shutting_down = False
+        if CAN_HOLD:
+            # Made now, while descriptors are to be had: made at the first upload instead, a
+            # server out of descriptors then would not see its clients leave behind it.
+            hangups_of(asyncio.get_running_loop())
         yield
         # aiohttp's graceful shutdown waited for these; what still runs now would be
         # destroyed pending when the loop closes. Cancel it and let its finally blocks run.

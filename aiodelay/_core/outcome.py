@@ -66,6 +66,7 @@ from .aiohttp_internals import (
     access_logged,
     as_sent,
     bytes_written,
+    close_unread,
     fail_as_aiohttp,
     how_peer_left,
     log_bytes_sent,
@@ -247,6 +248,7 @@ def _end(
         )
     if answer is _CUT:
         abort_connection(request)  # the response had started: the client sees it cut
+    close_unread(request)  # no lingering over the body of a connection that ends
     # For aiohttp to log, not to send: what went out (499 if nothing; one shared response
     # where no other middleware can see it).
     return as_sent(request, response, exc=exc, shared=outermost)
