@@ -7,6 +7,7 @@ and would make every disconnect test pass with or without aiodelay.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -25,6 +26,35 @@ from aiohttp.abc import AbstractAccessLogger
 
 Drop = Literal["FIN", "RST", "half-close"]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _positive(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of times, 1 or more, got {text!r}"
+        )
+    return count
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("aiodelay").addoption(
+        "--repeat-drops",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run the drop tests that take a `repetition` argument N times each "
+        "(default 1; 200 to check that a drop is seen every time)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes ``repetition`` runs ``--repeat-drops`` times."""
+    if "repetition" in metafunc.fixturenames:
+        metafunc.parametrize("repetition", range(metafunc.config.getoption("repeat_drops")))
 
 
 def pytest_asyncio_loop_factories(
