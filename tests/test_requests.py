@@ -65,7 +65,7 @@ async def test_notify_finish_fails_when_client_leaves_mid_body(
 ) -> None:
     """The handler is done, aiohttp is writing a large body, and the client leaves. The future
     says so once aiohttp is done with the response: a client that only half-closed could still
-    read it all (see test_account.py), so the half-closing client here then goes away."""
+    read it all (see test_outcome.py), so the half-closing client here then goes away."""
     futures: list[asyncio.Future[None]] = []
 
     async def handler(request: web.Request) -> web.Response:
