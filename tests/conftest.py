@@ -24,6 +24,8 @@ import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+import aiodelay
+
 Drop = Literal["FIN", "RST", "half-close"]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -392,3 +394,60 @@ async def serve_logged() -> AsyncIterator[ServeLogged]:
             client.writer.transport.abort()
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+class Held:
+    """A handler (:meth:`handle`) that waits until its client leaves. ``on_cancel(request)``
+    runs in its ``except CancelledError`` block; the CancelledError goes on if that returns
+    None, its response is returned otherwise."""
+
+    def __init__(
+        self,
+        on_cancel: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None,
+    ) -> None:
+        self.on_cancel = on_cancel
+        self.requests: list[web.Request] = []
+        self.started, self.ended = asyncio.Event(), asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        self.started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            answer = None if self.on_cancel is None else await self.on_cancel(request)
+            if answer is None:
+                raise
+            return answer
+        finally:
+            self.ended.set()
+        raise AssertionError("unreachable: the future above is never set")  # pragma: no cover
+
+    async def start(self, served: Served, path: str = "/") -> RawClient:
+        """A new connection with ``GET path`` on it, once the handler has started."""
+        client = await served.get(path)
+        await asyncio.wait_for(self.started.wait(), 5)
+        return client
+
+    async def wait_ended(self) -> None:
+        await asyncio.wait_for(self.ended.wait(), 5)
+
+
+async def connection_gone(request: web.BaseRequest) -> None:
+    """Let the loop turn until aiohttp has run its connection_lost for the request's
+    connection (a few turns after the drop: aiodelay defers it past the cancellation)."""
+    for _ in range(1000):
+        if request.transport is None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the connection was not torn down")
+
+
+async def recorded(app: web.Application) -> None:
+    """Let the loop turn until no request is in flight any more: the middleware records the
+    end a few turns after the handler's own ``finally`` ran."""
+    for _ in range(1000):
+        if not aiodelay.stats(app).in_flight:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the request was not recorded")

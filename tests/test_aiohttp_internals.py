@@ -1,4 +1,5 @@
-"""Seeing the client leave: FIN and RST, in every server configuration the issue names.
+"""Seeing the client leave (``aiodelay/_core/aiohttp_internals.py``, and ``hangups.py`` behind
+paused reading): FIN and RST, in every server configuration aiodelay supports.
 
 Each case: a handler blocks at an await, the client drops the connection for real, and the
 test waits for the handler to end. Without aiodelay the handler would wait forever (see

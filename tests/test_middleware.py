@@ -830,3 +830,59 @@ async def _ping_until_idle(served: Any) -> None:
     await client.get("/ok", close=True)
     assert (await client.read_response())[0] == 200
     assert await client.reader.read() == b""
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("logged", [False, True])
+async def test_a_middleware_outside_aiodelay_sees_a_drop_as_without_aiodelay(
+    serve: Serve, caplog: pytest.LogCaptureFixture, logged: bool
+) -> None:
+    """A middleware outside aiodelay's (a parent app's, or one put before
+    aiodelay.middleware()) gets the CancelledError where aiohttp logs nothing (from Python
+    3.11 on), and otherwise a response of its own to look at: never one shared by every
+    drop, which it could change for all the others."""
+    seen: list[object] = []
+    probes: list[Probe] = []
+    outer_ended = asyncio.Event()
+
+    @web.middleware
+    async def outer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            seen.append("CancelledError")
+            outer_ended.set()
+            raise
+        seen.append(response)
+        outer_ended.set()
+        response.headers["X-Outer"] = "seen"
+        return response
+
+    async def hold(request: web.Request) -> web.Response:
+        await probes[-1].run(request, asyncio.get_running_loop().create_future())
+        return web.Response()
+
+    access_log = None
+    if logged:
+        caplog.set_level(logging.INFO, logger="tests.access.outer")  # (enabled: aiohttp logs)
+        access_log = logging.getLogger("tests.access.outer")
+    app = web.Application(middlewares=[outer, aiodelay.middleware()])
+    app.router.add_get("/", hold)
+    served = await serve(app, access_log=access_log)
+    for _ in range(2):
+        probes.append(Probe())
+        client = await served.get("/")
+        await probes[-1].wait_started()
+        client.drop("RST")
+        await asyncio.wait_for(outer_ended.wait(), 5)  # (a turn or two after the handler's)
+        outer_ended.clear()
+    # (aiohttp before 3.11 does not say whether it logs: aiodelay takes it that it does)
+    aiohttp_says = tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) >= (3, 11)
+    if not logged and sys.version_info >= (3, 11) and aiohttp_says:
+        assert seen == ["CancelledError", "CancelledError"]
+    else:
+        first, second = seen
+        assert isinstance(first, web.StreamResponse)
+        assert isinstance(second, web.StreamResponse)
+        assert (first.status, second.status) == (499, 499)
+        assert first is not second

@@ -1,9 +1,15 @@
-"""notify_finish, is_disconnected, request-scoped timers and tasks, shield()."""
+"""The public functions that ask about a request (``aiodelay/_core/requests.py``):
+notify_finish and is_disconnected, before and after the request's end, and what a disconnect
+does in which order.
+
+What a request owns (call_later, spawn, to_thread) is tested in test_owned.py, shield() in
+test_shield.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import socket
 from typing import Any
 
 import aiohttp
@@ -11,7 +17,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Drop, Probe, Serve
+from tests.conftest import Drop, Lines, Probe, Serve
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -19,10 +25,6 @@ def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
     aiodelay.setup(app, policy=policy)
     app.add_routes(routes)
     return app
-
-
-async def _forever() -> None:
-    await asyncio.get_running_loop().create_future()
 
 
 # -- notify_finish -------------------------------------------------------------------------
@@ -263,260 +265,54 @@ async def test_disconnect_fails_futures_then_cancels_timers_and_tasks_then_the_h
     assert timers[0].cancelled()
 
 
-# -- request-scoped timers and tasks ------------------------------------------------------
+# -- asked after the end, with nothing asked while the request ran ---------------------------------
 
 
-async def test_timers_and_tasks_are_cancelled_when_the_request_ends(serve: Serve) -> None:
-    owned: list[Any] = []
-    fired = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        owned.append(aiodelay.call_later(request, 0, fired.set))
-        owned.append(aiodelay.call_later(request, 3600, print, "never"))
-        owned.append(aiodelay.spawn(request, _forever()))
-        await fired.wait()  # the first timer runs while the request is alive
-        return web.Response(text="ok")
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    assert await client.read_response() == (200, b"ok")
-    _, pending_timer, task = owned
-    assert pending_timer.cancelled()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
-async def test_shielded_handler_keeps_its_timers_until_it_ends(serve: Serve) -> None:
-    probe = Probe()
-    owned: list[Any] = []
-
-    @aiodelay.shielded
-    async def handler(request: web.Request) -> web.Response:
-        owned.append(aiodelay.notify_finish(request))
-        owned.append(aiodelay.call_later(request, 3600, print, "never"))
-        await probe.run(request, probe.gate)
-        return web.Response()
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await probe.wait_started()
-    client.drop("FIN")
-    finish, timer = owned
-    with pytest.raises(aiodelay.ConnectionLost):
-        await finish
-    assert not timer.cancelled()  # the client left, the shielded handler still owns it
-    probe.gate.set_result(None)
-    await probe.wait_ended()
-    assert timer.cancelled()  # the handler ended
-
-
-async def test_errors_in_timers_and_tasks_are_logged_never_lost(
-    serve: Serve, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.ERROR, logger="aiodelay")
-    both = asyncio.Event()
-    count: list[int] = []
-
-    def broken_timer() -> None:
-        count.append(1)
-        if len(count) == 2:
-            both.set()
-        raise ValueError("timer bug")
-
-    async def broken_task() -> None:
-        broken_timer()
-
-    async def handler(request: web.Request) -> web.Response:
-        aiodelay.call_later(request, 0, broken_timer)
-        task = aiodelay.spawn(request, broken_task())
-        await both.wait()
-        # asyncio.wait() returns after the task's earlier done-callbacks, aiodelay's among them.
-        await asyncio.wait({task})
-        return web.Response(text="still fine")
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    assert await client.read_response() == (200, b"still fine")
-    messages = [r for r in caplog.records if r.name == "aiodelay"]
-    assert len(messages) == 2
-    assert all(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in messages)
-    assert {r.getMessage().split()[0] for r in messages} == {"timer", "task"}
-
-
-async def test_spawn_after_the_end_raises(serve: Serve) -> None:
-    requests: list[web.BaseRequest] = []
-
-    async def handler(request: web.Request) -> web.Response:
-        requests.append(request)
-        return web.Response()
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await client.read_response()
-    with pytest.raises(RuntimeError, match="already ended"):
-        aiodelay.spawn(requests[0], asyncio.sleep(0))
-    with pytest.raises(RuntimeError, match="already ended"):
-        aiodelay.call_later(requests[0], 1, print)
-
-
-# -- shield() ------------------------------------------------------------------------------
-
-
-async def test_shield_finishes_the_critical_section_then_cancels(serve: Serve) -> None:
-    events: list[str] = []
-    probe = Probe()
-    finish: list[asyncio.Future[None]] = []
-
-    async def critical() -> str:
-        await probe.gate
-        events.append("critical section done")
-        return "charged"
-
-    async def handler(request: web.Request) -> web.Response:
-        finish.append(aiodelay.notify_finish(request))
-        try:
-            await probe.run(request, aiodelay.shield(critical()))
-            events.append("after the section")
-        except asyncio.CancelledError:
-            events.append("handler cancelled")
-            raise
-        return web.Response()
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await probe.wait_started()
-    client.drop("RST")
-    with pytest.raises(aiodelay.ConnectionLost):
-        await finish[0]
-    assert events == []  # the disconnect is held back
-    probe.gate.set_result(None)
-    await probe.wait_ended()
-    assert events == ["critical section done", "handler cancelled"]
-    assert aiodelay.stats(served.app).cancelled == 1
-
-
-async def test_shield_finds_its_request_through_nested_coroutines_among_many(
+@pytest.mark.both_loops
+async def test_notify_finish_asked_after_the_end_fails_with_the_handlers_error(
     serve: Serve,
 ) -> None:
-    """shield() called two coroutines below the handler holds back the disconnect of its
-    own request, while other requests are held on other connections."""
-    events: list[str] = []
-    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    held = asyncio.Event()
-    in_section = asyncio.Event()
-    ended = asyncio.Event()
-    holding = 0
+    """A handler raised; nothing asked aiodelay about the request while it ran. Asked after
+    the end, notify_finish fails with what the handler raised, as it does when asked before."""
+    kept: list[web.Request] = []
 
-    async def critical() -> None:
-        in_section.set()
-        await gate
-        events.append("section done")
+    async def broken(request: web.Request) -> web.Response:
+        kept.append(request)
+        raise RuntimeError("boom")
 
-    async def helper() -> None:
-        await aiodelay.shield(critical())
+    served = await serve(_app(web.get("/broken", broken)))
+    client = await served.get("/broken")
+    assert (await asyncio.wait_for(client.read_response(), 5))[0] == 500
+    assert aiodelay.stats(served.app).completed == 1  # its client did not leave: ended
+    [request] = kept
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
 
-    async def outer() -> None:
-        await helper()
 
-    finish: list[asyncio.Future[None]] = []
+@pytest.mark.both_loops
+async def test_a_download_cut_short_is_disconnected_when_asked_after_the_end(
+    serve: Serve, lines: Lines
+) -> None:
+    """The handler returned a large response and its client reset the connection while aiohttp
+    wrote it; nothing asked aiodelay about the request while it ran. Asked after the end:
+    notify_finish fails with ConnectionLost, and is_disconnected is True."""
+    kept: list[web.Request] = []
 
-    async def handler(request: web.Request) -> web.Response:
-        finish.append(aiodelay.notify_finish(request))
-        try:
-            await outer()
-            events.append("after the section")
-        except asyncio.CancelledError:
-            events.append("cancelled")
-            raise
-        finally:
-            ended.set()
-        return web.Response()
+    async def download(request: web.Request) -> web.Response:
+        kept.append(request)
+        return web.Response(body=b"x" * 16_000_000)
 
-    async def hold(request: web.Request) -> web.Response:
-        nonlocal holding
-        holding += 1
-        if holding == 5:
-            held.set()
-        await _forever()
-        return web.Response()  # pragma: no cover - never reached
-
-    served = await serve(_app(web.get("/", handler), web.get("/hold", hold)))
-    for _ in range(5):
-        await served.get("/hold")
-    await asyncio.wait_for(held.wait(), 5)
-    client = await served.get("/")
-    await asyncio.wait_for(in_section.wait(), 5)
-    client.drop("FIN")
+    served = await serve(_app(web.get("/big", download)))
+    client = await served.connect()
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await client.get("/big")
+    await client.read_until(b"HTTP/1.1 200 OK\r\n")
+    client.drop("RST")
+    await lines.wait_for("cut short")
+    assert aiodelay.stats(served.app).truncated == 1
+    [request] = kept
+    assert aiodelay.is_disconnected(request)
     with pytest.raises(aiodelay.ConnectionLost):
-        await asyncio.wait_for(finish[0], 5)
-    assert events == []  # the section holds the cancellation back until it ends
-    gate.set_result(None)
-    await asyncio.wait_for(ended.wait(), 5)
-    assert events == ["section done", "cancelled"]
-    assert aiodelay.stats(served.app).in_flight == 5  # the others are still held
-
-
-async def test_shield_in_a_task_the_handler_started_is_not_the_handlers(serve: Serve) -> None:
-    """The handler's request is not found from a task of its own (only from aiodelay.spawn's
-    tasks, where shield() is a plain await): RuntimeError, as outside any request."""
-    raised: list[BaseException] = []
-
-    async def section() -> None:
-        try:
-            await aiodelay.shield(asyncio.sleep(0))
-        except RuntimeError as exc:
-            raised.append(exc)
-
-    async def handler(request: web.Request) -> web.Response:
-        await asyncio.create_task(section())
-        return web.Response(text="ok")
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    assert await client.read_response() == (200, b"ok")
-    assert len(raised) == 1
-    assert "aiodelay" in str(raised[0])
-
-
-# -- leaks ---------------------------------------------------------------------------------
-
-
-async def test_no_tasks_or_timers_left_after_1000_disconnects(serve: Serve) -> None:
-    loop = asyncio.get_running_loop()
-    started = asyncio.Event()
-    ended = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.Response:
-        aiodelay.notify_finish(request)
-        aiodelay.call_later(request, 3600, print, "never")
-        aiodelay.spawn(request, _forever())
-        started.set()
-        try:
-            await loop.create_future()
-        finally:
-            ended.set()
-        return web.Response()
-
-    def live_timers() -> int:
-        scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
-        return sum(1 for handle in scheduled if not handle.cancelled())
-
-    served = await serve(_app(web.get("/", handler)))
-    tasks_before, timers_before = len(asyncio.all_tasks()), live_timers()
-    for i in range(1000):
-        started.clear()
-        ended.clear()
-        client = await served.get("/")
-        await asyncio.wait_for(started.wait(), 5)
-        client.drop("RST" if i % 2 else "FIN")
-        await asyncio.wait_for(ended.wait(), 5)
-        served.clients.clear()
-    # Cancelled tasks finish on their next step, and aiohttp's connection tasks end after
-    # the handler: wait for exactly those, without sleeping.
-    others = asyncio.all_tasks() - {asyncio.current_task()}
-    leftover = [t for t in others if "RequestHandler.start" in repr(t) or "Future" in repr(t)]
-    await asyncio.wait_for(asyncio.gather(*leftover, return_exceptions=True), 5)
-    assert len(asyncio.all_tasks()) == tasks_before
-    assert live_timers() <= timers_before
-    stats = aiodelay.stats(served.app)
-    assert (stats.in_flight, stats.disconnected, stats.cancelled) == (0, 1000, 1000)
+        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
+    assert aiodelay.is_disconnected(request)
