@@ -22,10 +22,9 @@ from multidict import CIMultiDict
 
 import aiodelay
 
+from ._client import HOST
 from ._outcome import DropHow, DropOutcome
 from ._response import ResponseReader
-
-HOST = "127.0.0.1"
 
 
 class Observer:
