@@ -18,7 +18,8 @@ from aiohttp import web
 
 import aiodelay
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.conftest import Lines, Probe, RawClient, Serve
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Lines, Serve
 
 # Issue 9 asks for these on asyncio's own loop and on uvloop.
 pytestmark = pytest.mark.both_loops
@@ -46,7 +47,7 @@ async def test_a_deadline_cancels_the_handler_and_answers_504(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     @aiodelay.deadline(0.3)
@@ -233,7 +234,7 @@ async def test_a_client_leaving_after_the_deadline_does_not_count_again(serve: S
 
 
 async def test_a_client_leaving_before_the_deadline_is_a_disconnect_only(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.deadline(0.3)
     async def slow(request: web.Request) -> web.Response:
@@ -255,7 +256,7 @@ async def test_a_client_leaving_before_the_deadline_is_a_disconnect_only(serve: 
 
 
 async def test_a_shutdown_before_the_deadline_decides(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.deadline(2)
     async def slow(request: web.Request) -> web.Response:
@@ -337,7 +338,7 @@ async def test_a_client_leaving_after_the_deadline_while_a_shield_section_runs(
     """The deadline came first; the client leaves during the shield section that delays the
     cancellation: counted once, as timed out."""
     lost: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
     release = asyncio.Event()
 
     class Lost:

@@ -27,7 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import Lines, Probe, RawClient, Serve, ServeLogged, until
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Lines, Serve, ServeLogged, until
 
 
 def _adds_up(stats: aiodelay.Stats) -> bool:
@@ -284,7 +285,7 @@ async def test_shielded_handler_runs_on_under_handler_cancellation_when_client_l
 async def test_a_websocket_whose_client_left_is_counted_and_logged_by_what_happened(
     serve: Serve, lines: Lines, handler_cancellation: bool, kind: str, said: str
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         socket_ = web.WebSocketResponse()
@@ -403,7 +404,7 @@ async def test_an_observed_request_whose_client_leaves_during_the_body_ends_trun
 async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_bytes(
     serve_logged: ServeLogged,
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -436,7 +437,7 @@ async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_byte
 async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
     serve_logged: ServeLogged,
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.shielded
     async def charge(request: web.Request) -> web.Response:
@@ -464,7 +465,7 @@ async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
 async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
     serve_logged: ServeLogged,
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def slow(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)
@@ -550,7 +551,7 @@ async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
 async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
     serve: Serve, lines: Lines, asked: bool
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     async def slow(request: web.Request) -> web.Response:

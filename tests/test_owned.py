@@ -15,7 +15,8 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Probe, RawClient, Serve
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Serve
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -53,7 +54,7 @@ async def test_timers_and_tasks_are_cancelled_when_the_request_ends(serve: Serve
 
 
 async def test_shielded_handler_keeps_its_timers_until_it_ends(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     owned: list[Any] = []
 
     @aiodelay.shielded
@@ -226,7 +227,7 @@ async def test_to_thread_returns_the_result_and_check_cancelled_is_a_no_op_outsi
 @pytest.mark.both_loops
 async def test_a_thread_stops_at_its_next_check_when_the_client_leaves(serve: Serve) -> None:
     worker = _Worker()
-    probe = Probe()
+    probe = HandlerRun()
 
     async def handler(request: web.Request) -> web.Response:
         text = await probe.run(request, aiodelay.to_thread(request, worker, 30))
@@ -279,7 +280,7 @@ async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
         started.set()
         release.wait(10)
 
-    probe = Probe()
+    probe = HandlerRun()
 
     async def handler(request: web.Request) -> web.Response:
         await probe.run(request, aiodelay.to_thread(request, stubborn))
@@ -318,7 +319,7 @@ async def test_a_thread_job_given_up_before_a_worker_took_it_is_not_waited_for(
     busy = threading.Event()
     release = threading.Event()
     ran: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
 
     def occupy() -> None:
         busy.set()

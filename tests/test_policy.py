@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Probe, Serve
+from tests.conftest import HandlerRun, Serve
 
 
 def _app(*routes: web.RouteDef, **config: Any) -> web.Application:
@@ -28,7 +28,7 @@ async def test_grace_lets_work_that_ends_in_time_run_on(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     left = asyncio.Event()
 
     @aiodelay.grace(0.6)
@@ -61,7 +61,7 @@ async def test_grace_cancels_work_that_takes_longer(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     seen: list[float] = []
 
     @aiodelay.grace(0.5)
@@ -113,7 +113,7 @@ async def test_the_end_of_a_grace_waits_for_a_shield_section(serve: Serve) -> No
     """A handler in its grace enters a shield() section (the write the grace is for) that
     outlasts the grace: the section runs to its end, then the handler is cancelled."""
     events: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
     release = asyncio.Event()
 
     @aiodelay.grace(0.2)

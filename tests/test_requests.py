@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Drop, Lines, Probe, Serve
+from tests.conftest import Drop, HandlerRun, Lines, Serve
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -88,7 +88,7 @@ async def test_notify_finish_fails_when_client_leaves_mid_body(
 async def test_notify_finish_fails_when_shielded_stream_loses_client(serve: Serve) -> None:
     """A shielded handler streams on; the future fails as soon as the client is gone."""
     futures: list[asyncio.Future[None]] = []
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.shielded
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -115,7 +115,7 @@ async def test_notify_finish_fails_when_shielded_stream_loses_client(serve: Serv
 
 async def test_notify_finish_after_the_end_reports_the_outcome(serve: Serve) -> None:
     requests: list[web.BaseRequest] = []
-    probe = Probe()
+    probe = HandlerRun()
 
     async def ok(request: web.Request) -> web.Response:
         requests.append(request)
@@ -227,7 +227,7 @@ async def test_disconnect_fails_futures_then_cancels_timers_and_tasks_then_the_h
     serve: Serve,
 ) -> None:
     events: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
     timers: list[asyncio.TimerHandle] = []
 
     async def background() -> None:

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Probe, Serve, connection_gone
+from tests.conftest import HandlerRun, Serve, connection_gone
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -51,7 +51,7 @@ async def test_shield_in_a_task_the_handler_started_says_to_await_it_in_the_hand
 
 async def test_shield_finishes_the_critical_section_then_cancels(serve: Serve) -> None:
     events: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     async def critical() -> str:

@@ -27,7 +27,7 @@ from aiodelay._core.aiohttp_internals import state_of
 from aiodelay._core.policy import Policy
 from aiodelay._core.requests import request_policy
 from aiodelay._core.state import ENDED, RUNNING, SETTLED
-from tests.conftest import Drop, Held, Probe, Serve, connection_gone, recorded
+from tests.conftest import Drop, HandlerRun, Held, Serve, connection_gone, recorded
 
 pytestmark = pytest.mark.both_loops
 
@@ -181,7 +181,7 @@ def _app(*routes: web.RouteDef) -> web.Application:
 async def test_a_plain_drop_makes_nothing_more_and_says_the_truth(
     serve: Serve, drop: Drop, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def handler(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)

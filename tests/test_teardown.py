@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Held, Probe, Serve, connection_gone, recorded
+from tests.conftest import HandlerRun, Held, Serve, connection_gone, recorded
 
 pytestmark = pytest.mark.both_loops
 
@@ -165,7 +165,7 @@ async def test_over_tls_a_fin_closes_at_once(
 ) -> None:
     """A TLS transport cannot stay open after EOF (asyncio warns if asked to): there the
     close is not deferred, and the handler is cancelled all the same."""
-    probe = Probe()
+    probe = HandlerRun()
 
     async def handler(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)
