@@ -9,11 +9,18 @@ import contextlib
 import socket
 import ssl
 import struct
+from asyncio.trsock import TransportSocket
 from dataclasses import dataclass, field
 
 from ._outcome import DropHow
 
 HOST = "127.0.0.1"
+
+
+def reset_on_close(sock: socket.socket | TransportSocket) -> None:
+    """Make the socket's close send an RST instead of a FIN (``SO_LINGER`` on, 0 s): how
+    both clients leave by ``"RST"``."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @dataclass
@@ -81,8 +88,7 @@ class RawClient:
         if how == "half-close":
             self.writer.write_eof()
         elif how == "RST":
-            sock = self.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset_on_close(self.writer.get_extra_info("socket"))
             # With TLS, close the socket right away so no close_notify goes out first.
             self.writer.transport.abort()
         elif how == "FIN":
