@@ -459,7 +459,7 @@ async def test_a_deadline_queue_stops_the_others_when_one_fails(
     assert "at its deadline failed" in record.getMessage()
 
 
-# -- what a tiny deadline is said to be ------------------------------------------------------------
+# -- what a tiny deadline is said to be -----------------------------------------------------
 
 
 @pytest.mark.parametrize(("seconds", "said"), [(1e-300, "1e-300s"), (0.00012345, "0.000123s")])

@@ -30,7 +30,7 @@ async def _forever() -> None:
     await asyncio.get_running_loop().create_future()
 
 
-# -- request-scoped timers and tasks ---------------------------------------------------------------
+# -- request-scoped timers and tasks --------------------------------------------------------
 
 
 async def test_timers_and_tasks_are_cancelled_when_the_request_ends(serve: Serve) -> None:
@@ -126,7 +126,7 @@ async def test_spawn_after_the_end_raises(serve: Serve) -> None:
         aiodelay.call_later(requests[0], 1, print)
 
 
-# -- leaks -----------------------------------------------------------------------------------------
+# -- leaks ----------------------------------------------------------------------------------
 
 
 async def test_no_tasks_or_timers_left_after_1000_disconnects(serve: Serve) -> None:
@@ -170,7 +170,7 @@ async def test_no_tasks_or_timers_left_after_1000_disconnects(serve: Serve) -> N
     assert (stats.in_flight, stats.disconnected, stats.cancelled) == (0, 1000, 1000)
 
 
-# -- aiodelay.to_thread and aiodelay.check_cancelled -----------------------------------------------
+# -- aiodelay.to_thread and aiodelay.check_cancelled ----------------------------------------
 
 
 async def _get(client: RawClient, path: str) -> tuple[int, bytes, float]:

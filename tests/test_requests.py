@@ -265,7 +265,7 @@ async def test_disconnect_fails_futures_then_cancels_timers_and_tasks_then_the_h
     assert timers[0].cancelled()
 
 
-# -- asked after the end, with nothing asked while the request ran ---------------------------------
+# -- asked after the end, with nothing asked while the request ran --------------------------
 
 
 @pytest.mark.both_loops
