@@ -33,10 +33,10 @@ from typing import NoReturn
 
 import pytest
 
-from aiodelay.testing import AiodelayServer, DropHow, DropKind, DropOutcome, LiveServer
+from aiodelay.testing import AiodelayServer, DropHow, DropKind, DropOutcome, LiveServer, RawClient
 
 # The fixture itself is not exported: importing it into a conftest would register it twice.
-__all__ = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
+__all__ = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer", "RawClient")
 
 _PLUGIN_NAME = "aiodelay.fixtures"
 

@@ -36,7 +36,7 @@ nitpick_ignore_regex = [
     (
         r"py:.*",
         r"(aiohttp|asyncio|collections|concurrent|contextvars|enum|multidict|pytest|"
-        r"pathlib|prometheus_client|socket|types|typing|typing_extensions|web|yarl|_asyncio)(\..*)?",
+        r"pathlib|prometheus_client|socket|ssl|types|typing|typing_extensions|web|yarl|_asyncio)(\..*)?",
     ),
     # Private names in signatures (type variables, internal types) are not documented.
     (r"py:.*", r"aiodelay(\.\w+)*\._\w+(\.\w+)*"),

@@ -1,30 +1,64 @@
-"""Shared test helpers: real servers on 127.0.0.1 and raw clients that drop for real.
+"""Shared test helpers: the ``serve`` fixture (the shipped :mod:`aiodelay.testing` harness,
+serving apps exactly as the test made them), what a test handler did, and waits on events.
 
 Servers are started the way production starts them, ``web.AppRunner(app,
 handler_cancellation=False)``; aiohttp's ``TestServer`` forces ``handler_cancellation=True``
-and would make every disconnect test pass with or without aiodelay.
+and would make every disconnect test pass with or without aiodelay. Raw connections are
+:class:`aiodelay.testing.RawClient`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import contextlib
 import logging
 import re
-import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import pytest
 import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-Drop = Literal["FIN", "RST", "half-close"]
+import aiodelay
+from aiodelay.testing import DropHow, LiveServer, RawClient
+from aiodelay.testing._server import live_servers
+
+#: How a raw client leaves (``RawClient.drop``).
+Drop = DropHow
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _positive(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of times, 1 or more, got {text!r}"
+        )
+    return count
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("aiodelay").addoption(
+        "--repeat-drops",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run the drop tests that take a `repetition` argument N times each "
+        "(default 1; 200 to check that a drop is seen every time)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes ``repetition`` runs ``--repeat-drops`` times."""
+    if "repetition" in metafunc.fixturenames:
+        metafunc.parametrize("repetition", range(metafunc.config.getoption("repeat_drops")))
 
 
 def pytest_asyncio_loop_factories(
@@ -38,18 +72,21 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
-@dataclass
 class Served:
-    app: web.Application
-    runner: web.AppRunner
-    port: int
-    ssl: ssl.SSLContext | None = None
-    clients: list[RawClient] = field(default_factory=list)
+    """A server of the ``serve`` fixture: the shipped :class:`LiveServer` (``server``), and
+    the client context that trusts its certificate if it speaks TLS."""
+
+    def __init__(self, server: LiveServer, tls: ssl.SSLContext | None) -> None:
+        self.server = server
+        self.app = server.app
+        self.runner = server.runner
+        self.port = server.port
+        self.ssl = tls
+        self.clients = server.clients
 
     async def connect(self) -> RawClient:
-        client = await RawClient.connect(self.port, self.ssl)
-        self.clients.append(client)
-        return client
+        """A new connection, aborted when the test ends."""
+        return await self.server.connect(tls=self.ssl)
 
     async def get(self, path: str = "/") -> RawClient:
         """A new connection with ``GET path`` sent on it."""
@@ -88,109 +125,36 @@ def certs() -> Certs:
 
 @pytest.fixture
 async def serve(certs: Certs) -> AsyncIterator[Serve]:
-    """Start apps on free ports of 127.0.0.1; stopped in reverse order at teardown."""
-    runners: list[web.AppRunner] = []
-    served: list[Served] = []
+    """Start apps on free ports of 127.0.0.1 with the shipped harness, as they are: aiodelay
+    is not installed on them (a test installs it, or serves plain aiohttp as a control), nor
+    an observer added unless a test calls ``served.server.drop()``. Stopped in reverse order
+    at teardown; the connections of ``connect()`` are aborted first."""
+    async with live_servers() as start:
 
-    async def go(
-        app: web.Application,
-        *,
-        handler_cancellation: bool = False,
-        tls: bool = False,
-        access_log: Any = None,
-        shutdown_timeout: float = 2,  # a test that leaves a handler running fails, not hangs
-    ) -> Served:
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=handler_cancellation,
-            access_log=access_log,
-            shutdown_timeout=shutdown_timeout,
-        )
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=certs.server if tls else None)
-        await site.start()
-        port = runner.addresses[0][1]
-        served.append(Served(app, runner, port, certs.client if tls else None))
-        return served[-1]
+        async def go(
+            app: web.Application,
+            *,
+            handler_cancellation: bool = False,
+            tls: bool = False,
+            access_log: Any = None,
+            shutdown_timeout: float = 2,  # a test that leaves a handler running fails, not hangs
+        ) -> Served:
+            server = await start(
+                app,
+                setup_aiodelay=False,
+                handler_cancellation=handler_cancellation,
+                ssl_context=certs.server if tls else None,
+                access_log=access_log,
+                shutdown_timeout=shutdown_timeout,
+            )
+            return Served(server, certs.client if tls else None)
 
-    yield go
-    for each in served:
-        for client in each.clients:
-            client.writer.transport.abort()
-    for runner in reversed(runners):
-        if runner.server is not None:  # not stopped by the test itself
-            await runner.cleanup()
+        yield go
 
 
-@dataclass
-class RawClient:
-    """One real TCP (or TLS) connection, written and dropped by hand."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    received: bytearray = field(default_factory=bytearray)
-
-    @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def get(self, path: str = "/", *, close: bool = False) -> None:
-        conn = b"Connection: close\r\n" if close else b""
-        await self.send(b"GET %s HTTP/1.1\r\nHost: test\r\n%s\r\n" % (path.encode(), conn))
-
-    async def read_response(self) -> tuple[int, bytes]:
-        """Read one complete Content-Length response: (status, body)."""
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        body = await self.reader.readexactly(length)
-        return status, body
-
-    async def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.received:
-            chunk = await self.reader.read(65536)
-            if not chunk:
-                raise ConnectionError(f"closed before {marker!r} arrived")
-            self.received += chunk
-        return bytes(self.received)
-
-    def drop(self, how: Drop) -> None:
-        """Leave: a FIN (orderly close), an RST (SO_LINGER 0, then close), or a half-close
-        (shutdown(SHUT_WR): a FIN, while still reading).
-
-        Closing a socket that has unread data sends an RST, not a FIN (TCP's rule): to send a
-        FIN while the server is still writing, half-close.
-        """
-        if how == "half-close":
-            self.writer.write_eof()
-        elif how == "RST":
-            sock = self.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # With TLS, close the socket right away so no close_notify goes out first.
-            transport = self.writer.transport
-            transport.abort()
-        else:
-            self.writer.close()
-
-    async def aclose(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.wait_closed()
-
-
-class Probe:
-    """What a test handler did: started, ended, and how."""
+class HandlerRun:
+    """One run of a test handler, recorded: started, ended, and how (cancelled, completed,
+    its ``finally`` ran). The handler awaits its work through :meth:`run`."""
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
@@ -292,19 +256,18 @@ class _AccessLog(AbstractAccessLogger):
             self.logged.set()
 
 
-@dataclass
 class Logged:
     """A server whose access log is recorded (the ``serve_logged`` fixture)."""
 
-    app: web.Application
-    port: int
-    entries: list[str] = field(default_factory=list)
-    clients: list[RawClient] = field(default_factory=list)
+    def __init__(self, server: LiveServer, entries: list[str]) -> None:
+        self.server = server
+        self.app = server.app
+        self.port = server.port
+        self.entries = entries
+        self.clients = server.clients
 
     async def connect(self) -> RawClient:
-        client = await RawClient.connect(self.port)
-        self.clients.append(client)
-        return client
+        return await self.server.connect()
 
     async def wait_for(self, count: int = 1) -> list[str]:
         """The access log lines, once there are ``count``."""
@@ -337,28 +300,76 @@ class ServeLogged(Protocol):
 @pytest.fixture
 async def serve_logged() -> AsyncIterator[ServeLogged]:
     """Like ``serve``, with aiohttp's access log recorded."""
-    runners: list[web.AppRunner] = []
-    served: list[Logged] = []
     _AccessLog.entries = []
     _AccessLog.logged = asyncio.Event()
+    async with live_servers() as start:
 
-    async def go(app: web.Application, *, handler_cancellation: bool = False) -> Logged:
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=handler_cancellation,
-            access_log_class=_AccessLog,
-            access_log=logging.getLogger("tests.access"),
-            shutdown_timeout=1,
-        )
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        served.append(Logged(app, runner.addresses[0][1], _AccessLog.entries))
-        return served[-1]
+        async def go(app: web.Application, *, handler_cancellation: bool = False) -> Logged:
+            server = await start(
+                app,
+                setup_aiodelay=False,
+                handler_cancellation=handler_cancellation,
+                access_log_class=_AccessLog,
+                access_log=logging.getLogger("tests.access"),
+                shutdown_timeout=1,
+            )
+            return Logged(server, _AccessLog.entries)
 
-    yield go
-    for each in served:
-        for client in each.clients:
-            client.writer.transport.abort()
-    for runner in reversed(runners):
-        await runner.cleanup()
+        yield go
+
+
+class Held:
+    """A handler (:meth:`handle`) that waits until its client leaves. ``on_cancel(request)``
+    runs in its ``except CancelledError`` block; the CancelledError goes on if that returns
+    None, its response is returned otherwise."""
+
+    def __init__(
+        self,
+        on_cancel: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None,
+    ) -> None:
+        self.on_cancel = on_cancel
+        self.requests: list[web.Request] = []
+        self.started, self.ended = asyncio.Event(), asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request)
+        self.started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            answer = None if self.on_cancel is None else await self.on_cancel(request)
+            if answer is None:
+                raise
+            return answer
+        finally:
+            self.ended.set()
+        raise AssertionError("unreachable: the future above is never set")  # pragma: no cover
+
+    async def start(self, served: Served, path: str = "/") -> RawClient:
+        """A new connection with ``GET path`` on it, once the handler has started."""
+        client = await served.get(path)
+        await asyncio.wait_for(self.started.wait(), 5)
+        return client
+
+    async def wait_ended(self) -> None:
+        await asyncio.wait_for(self.ended.wait(), 5)
+
+
+async def connection_gone(request: web.BaseRequest) -> None:
+    """Let the loop turn until aiohttp has run its connection_lost for the request's
+    connection (a few turns after the drop: aiodelay defers it past the cancellation)."""
+    for _ in range(1000):
+        if request.transport is None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the connection was not torn down")
+
+
+async def recorded(app: web.Application) -> None:
+    """Let the loop turn until no request is in flight any more: the middleware records the
+    end a few turns after the handler's own ``finally`` ran."""
+    for _ in range(1000):
+        if not aiodelay.stats(app).in_flight:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the request was not recorded")

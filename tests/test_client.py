@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp_remotes import XForwardedRelaxed, XForwardedStrict
 
 import aiodelay
-from tests.conftest import Probe, Serve
+from tests.conftest import HandlerRun, Serve
 
 # An address from TEST-NET-3 (RFC 5737): only ever a header value here, never contacted.
 CLIENT = "203.0.113.7"
@@ -30,7 +30,7 @@ class _Ends:
 
 
 async def _interrupted(
-    serve: Serve, app: web.Application, probe: Probe, caplog: pytest.LogCaptureFixture
+    serve: Serve, app: web.Application, probe: HandlerRun, caplog: pytest.LogCaptureFixture
 ) -> tuple[str, aiodelay.Outcome]:
     ends = _Ends()
     aiodelay.add_observer(app, ends)
@@ -52,7 +52,7 @@ async def test_behind_a_trusted_proxy_the_log_and_observers_name_the_client(
     serve: Serve, caplog: pytest.LogCaptureFixture, remotes_first: bool
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     seen: list[str | None] = []
 
     async def slow(request: web.Request) -> web.Response:
@@ -79,7 +79,7 @@ async def test_without_a_proxy_middleware_the_header_is_not_believed(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
 
     async def slow(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)

@@ -14,7 +14,7 @@ from aiohttp import web, web_protocol
 
 import aiodelay
 from aiodelay._core import aiohttp_internals, degraded, middleware
-from tests.conftest import Drop, Lines, Probe, Serve
+from tests.conftest import Drop, HandlerRun, Lines, Serve
 
 #: What the simulated aiohttp lacks: the queue of pipelined requests of a connection.
 LACKING = ("RequestHandler._messages",)
@@ -67,7 +67,7 @@ def test_no_warning_on_an_aiohttp_aiodelay_knows(caplog: pytest.LogCaptureFixtur
     assert not caplog.records
 
 
-def _app(probe: Probe, kept: Probe, release: asyncio.Event) -> web.Application:
+def _app(probe: HandlerRun, kept: HandlerRun, release: asyncio.Event) -> web.Application:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
 
@@ -96,7 +96,7 @@ def _app(probe: Probe, kept: Probe, release: asyncio.Event) -> web.Application:
 async def test_a_degraded_server_answers_and_stops_a_handler_whose_client_left(
     lacking: None, serve: Serve, lines: Lines, how: Drop
 ) -> None:
-    probe, kept, release = Probe(), Probe(), asyncio.Event()
+    probe, kept, release = HandlerRun(), HandlerRun(), asyncio.Event()
     app = _app(probe, kept, release)
     served = await serve(app)  # aiohttp's default server: handler_cancellation=False
 

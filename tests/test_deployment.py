@@ -41,9 +41,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from aiodelay.testing import RawClient
 from tests import deploy_app
 from tests._services import Gunicorn, Lines, Nginx, free_port, gunicorn, nginx, require
-from tests.conftest import RawClient
 
 ROOT = Path(__file__).parent.parent
 CLIENT = "127.0.0.2"  # loopback too; nginx itself connects to gunicorn from 127.0.0.1

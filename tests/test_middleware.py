@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 import aiodelay
 from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.conftest import Drop, Probe, Serve
+from tests.conftest import Drop, HandlerRun, Serve
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -145,7 +145,7 @@ async def test_a_result_that_is_no_response_gives_500_and_a_log_line(
 async def test_shielded_handler_runs_to_completion(
     serve: Serve, handler_cancellation: bool, how: str
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     async def work(request: web.Request) -> web.Response:
@@ -195,7 +195,7 @@ async def test_cancellable_overrides_an_app_wide_shield(aiodelay_server: Aiodela
 
 async def test_cancelling_the_request_task_propagates(serve: Serve) -> None:
     """The caller cancels: the CancelledError goes through aiodelay unchanged."""
-    probe = Probe()
+    probe = HandlerRun()
     tasks: list[asyncio.Task[Any]] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -218,7 +218,7 @@ async def test_cancelling_the_request_task_propagates(serve: Serve) -> None:
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 cannot count cancel requests")
 async def test_a_foreign_cancel_during_a_disconnect_still_propagates(serve: Serve) -> None:
     """Both arrive before the handler wakes up: aiodelay takes back only its own."""
-    probe = Probe()
+    probe = HandlerRun()
     tasks: list[asyncio.Task[Any]] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -239,7 +239,7 @@ async def test_a_foreign_cancel_during_a_disconnect_still_propagates(serve: Serv
 
 
 async def test_server_shutdown_fails_notify_finish_with_shutdown_reason(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -286,7 +286,7 @@ async def test_shielded_log_line_says_it_ran_on(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     @aiodelay.shielded
@@ -547,7 +547,7 @@ async def test_contextvar_of_an_outer_middleware_reaches_a_handler_under_setup(
 async def test_a_websocket_handler_ends_as_without_aiodelay(serve: Serve, drop: Drop) -> None:
     """aiohttp itself ends a WebSocket handler's receive loop when the client leaves;
     aiodelay does not turn that into a cancellation."""
-    probe = Probe()
+    probe = HandlerRun()
     events: list[str] = []
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
@@ -586,7 +586,7 @@ async def test_cleanup_cancels_a_shielded_handler_still_running_for_a_gone_clien
 ) -> None:
     """aiohttp stops tracking a connection's handler once the connection is gone; aiodelay's
     cleanup cancels what still runs, so nothing is destroyed pending when the loop closes."""
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     @aiodelay.shielded
@@ -655,7 +655,7 @@ async def test_a_shielded_section_that_raises_still_ends_in_the_cancellation(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
     events: list[str] = []
 
@@ -689,7 +689,7 @@ async def test_a_shielded_section_that_raises_still_ends_in_the_cancellation(
 
 
 async def test_a_sub_apps_own_policy_applies_to_its_routes(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     async def work(request: web.Request) -> web.Response:
@@ -715,7 +715,7 @@ async def test_a_sub_apps_own_policy_applies_to_its_routes(serve: Serve) -> None
 
 
 async def test_a_request_cloned_by_a_middleware_is_the_same_request(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     seen: list[Any] = []
 
     @web.middleware
@@ -830,3 +830,59 @@ async def _ping_until_idle(served: Any) -> None:
     await client.get("/ok", close=True)
     assert (await client.read_response())[0] == 200
     assert await client.reader.read() == b""
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("logged", [False, True])
+async def test_a_middleware_outside_aiodelay_sees_a_drop_as_without_aiodelay(
+    serve: Serve, caplog: pytest.LogCaptureFixture, logged: bool
+) -> None:
+    """A middleware outside aiodelay's (a parent app's, or one put before
+    aiodelay.middleware()) gets the CancelledError where aiohttp logs nothing (from Python
+    3.11 on), and otherwise a response of its own to look at: never one shared by every
+    drop, which it could change for all the others."""
+    seen: list[object] = []
+    probes: list[HandlerRun] = []
+    outer_ended = asyncio.Event()
+
+    @web.middleware
+    async def outer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            seen.append("CancelledError")
+            outer_ended.set()
+            raise
+        seen.append(response)
+        outer_ended.set()
+        response.headers["X-Outer"] = "seen"
+        return response
+
+    async def hold(request: web.Request) -> web.Response:
+        await probes[-1].run(request, asyncio.get_running_loop().create_future())
+        return web.Response()
+
+    access_log = None
+    if logged:
+        caplog.set_level(logging.INFO, logger="tests.access.outer")  # (enabled: aiohttp logs)
+        access_log = logging.getLogger("tests.access.outer")
+    app = web.Application(middlewares=[outer, aiodelay.middleware()])
+    app.router.add_get("/", hold)
+    served = await serve(app, access_log=access_log)
+    for _ in range(2):
+        probes.append(HandlerRun())
+        client = await served.get("/")
+        await probes[-1].wait_started()
+        client.drop("RST")
+        await asyncio.wait_for(outer_ended.wait(), 5)  # (a turn or two after the handler's)
+        outer_ended.clear()
+    # (aiohttp before 3.11 does not say whether it logs: aiodelay takes it that it does)
+    aiohttp_says = tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) >= (3, 11)
+    if not logged and sys.version_info >= (3, 11) and aiohttp_says:
+        assert seen == ["CancelledError", "CancelledError"]
+    else:
+        first, second = seen
+        assert isinstance(first, web.StreamResponse)
+        assert isinstance(second, web.StreamResponse)
+        assert (first.status, second.status) == (499, 499)
+        assert first is not second

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 import aiodelay
-from tests.conftest import Probe, Serve
+from tests.conftest import HandlerRun, Serve
 
 
 class _Recorder:
@@ -67,7 +67,7 @@ def test_add_observer_without_aiodelay_names_the_fix() -> None:
 async def test_an_observer_hears_start_loss_and_end_once_and_can_be_removed(
     serve: Serve,
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def slow(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)

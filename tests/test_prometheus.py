@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import aiodelay
 import aiodelay.prometheus
-from tests.conftest import Probe, RawClient, Serve
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Serve
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
@@ -106,7 +107,7 @@ _BIG = 16 * 1024 * 1024
 async def test_each_outcome_is_counted_under_its_route_pattern(serve: Serve) -> None:
     """A completed request, FIN and RST drops that cancel, a shielded handler that runs on, a
     download cut short, a 404 and a 405, a sub-app route: the exact samples afterwards."""
-    probes = {"fin": Probe(), "rst": Probe()}
+    probes = {"fin": HandlerRun(), "rst": HandlerRun()}
     ends = _Ends()
 
     async def user(request: web.Request) -> web.Response:
@@ -205,7 +206,7 @@ async def test_each_outcome_is_counted_under_its_route_pattern(serve: Serve) -> 
 
 
 async def test_the_in_flight_gauge_counts_a_held_request_and_returns_to_0(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     async def hold(request: web.Request) -> web.Response:
         await probe.run(request, asyncio.Future())
@@ -271,7 +272,7 @@ async def test_a_sub_app_with_a_setup_of_its_own_counts_each_request_once(
 ) -> None:
     """Regression: with setup() on an app and on its sub-app, each request of the sub-app was
     counted twice (and, in multiprocess mode, stayed in flight for good)."""
-    probe = Probe()
+    probe = HandlerRun()
 
     async def x(request: web.Request) -> web.Response:
         return web.Response(text="x")

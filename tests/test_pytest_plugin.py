@@ -26,11 +26,9 @@ from aiohttp import web
 import aiodelay
 from aiodelay.pytest_plugin import AiodelayServer, DropOutcome
 from aiodelay.testing._response import ResponseReader
+from tests.conftest import Certs
 
 pytest_plugins = ("pytester",)
-
-# How many times the determinism tests run (200 runs without a flake).
-REPEAT = int(os.environ.get("AIODELAY_REPEAT", "200"))
 
 FOREVER = web.AppKey("forever", asyncio.Event)
 
@@ -85,10 +83,11 @@ def create_app() -> web.Application:
 
 
 # -- the usability bar: each test body is at most five lines --------------------------------
+# The two tests that take ``repetition`` are the determinism check: once by default,
+# ``pytest --repeat-drops 200`` runs each 200 times (see tests/conftest.py).
 
 
 @pytest.mark.both_loops  # uvloop implements sockets its own way
-@pytest.mark.parametrize("repetition", range(REPEAT))
 async def test_report_is_cancelled_when_the_client_leaves(
     aiodelay_server: AiodelayServer, repetition: int
 ) -> None:
@@ -99,7 +98,6 @@ async def test_report_is_cancelled_when_the_client_leaves(
 
 
 @pytest.mark.both_loops  # uvloop implements sockets its own way
-@pytest.mark.parametrize("repetition", range(REPEAT))
 async def test_shielded_charge_finishes_after_the_client_left(
     aiodelay_server: AiodelayServer, repetition: int
 ) -> None:
@@ -251,13 +249,88 @@ async def test_server_accepts_aiodelay_as_a_listed_middleware(
 async def test_server_runs_like_production_unless_asked(
     aiodelay_server: AiodelayServer, handler_cancellation: bool
 ) -> None:
-    kwargs = {"handler_cancellation": True} if handler_cancellation else {}
+    kwargs: dict[str, Any] = {"handler_cancellation": True} if handler_cancellation else {}
     server = await aiodelay_server(create_app(), **kwargs)
     assert server.runner.server is not None
     assert server.runner.server.handler_cancellation is handler_cancellation
     assert server.host == "127.0.0.1"
     assert server.url.port == server.port
     assert str(server.make_url("/a?b=c")) == f"http://127.0.0.1:{server.port}/a?b=c"
+
+
+async def test_server_serves_the_app_as_it_is_when_asked_not_to_set_up_aiodelay(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = web.Application()
+    app.router.add_get("/quick", quick)
+    server = await aiodelay_server(app, setup_aiodelay=False)
+    client = await server.connect()
+    await client.get("/quick")
+    assert await asyncio.wait_for(client.read_response(), 5) == (200, b"ok")
+    with pytest.raises(RuntimeError, match=r"not installed"):
+        aiodelay.stats(app)
+    with pytest.raises(RuntimeError, match=r"^drop\(\) needs aiodelay on the app"):
+        await server.drop("GET", "/quick")
+
+
+async def test_server_adds_its_observer_on_the_first_drop_only(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    # An observed request takes another path through aiodelay: a server that no test drops
+    # from serves the app as it was set up.
+    from aiodelay._core.installation import installed_on
+
+    app = create_app()
+    server = await aiodelay_server(app)
+    assert installed_on(app).observers == []
+    assert (await server.drop("GET", "/quick", after_response_bytes=2)).completed
+    assert (await server.drop("GET", "/quick", after_response_bytes=2)).completed
+    assert len(installed_on(app).observers) == 1
+    await server.close()
+    assert installed_on(app).observers == []
+
+
+async def test_connect_gives_a_raw_connection_that_the_server_aborts_when_it_closes(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    client = await server.connect()
+    await client.get("/quick")
+    assert await asyncio.wait_for(client.read_response(), 5) == (200, b"ok")
+    assert server.clients == [client]
+    await server.close()
+    assert client.writer.transport.is_closing()
+    assert server.clients == []
+
+
+async def test_server_speaks_tls_with_an_ssl_context(
+    aiodelay_server: AiodelayServer, certs: Certs
+) -> None:
+    server = await aiodelay_server(create_app(), ssl_context=certs.server)
+    assert str(server.make_url("/quick")) == f"https://127.0.0.1:{server.port}/quick"
+    client = await server.connect(tls=certs.client)
+    await client.get("/quick")
+    assert await asyncio.wait_for(client.read_response(), 5) == (200, b"ok")
+    with pytest.raises(ValueError, match=r"pass tls="):
+        await server.connect()
+    with pytest.raises(ValueError, match=r"^drop\(\) speaks plain HTTP"):
+        await server.drop("GET", "/quick")
+
+
+async def test_a_runner_the_test_stopped_is_not_cleaned_up_again(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    app = create_app()
+    cleanups: list[web.Application] = []
+
+    async def count(app: web.Application) -> None:
+        cleanups.append(app)
+
+    app.on_cleanup.append(count)
+    server = await aiodelay_server(app)
+    await server.runner.cleanup()  # the test stops the server itself
+    await server.close()  # as the fixture does when the test ends
+    assert cleanups == [app]
 
 
 # -- misuse and timeouts ------------------------------------------------------------------
@@ -287,6 +360,15 @@ async def test_drop_rejects_a_path_without_leading_slash(aiodelay_server: Aiodel
     server = await aiodelay_server(create_app())
     with pytest.raises(ValueError, match="path must start with '/'"):
         await server.drop("GET", "report")
+
+
+async def test_a_raw_client_rejects_an_unknown_way_to_leave(
+    aiodelay_server: AiodelayServer,
+) -> None:
+    server = await aiodelay_server(create_app())
+    client = await server.connect()
+    with pytest.raises(ValueError, match=r"^how must be 'FIN', 'RST' or 'half-close', got 'FYN'$"):
+        client.drop("FYN")  # type: ignore[arg-type]
 
 
 async def test_a_request_that_never_reaches_a_handler_fails_readably(
@@ -336,7 +418,7 @@ def test_plugin_re_exports_the_types_of_aiodelay_testing() -> None:
     import aiodelay.pytest_plugin
     import aiodelay.testing
 
-    names = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
+    names = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer", "RawClient")
     assert aiodelay.testing.__all__ == aiodelay.pytest_plugin.__all__ == names
     for name in names:
         assert getattr(aiodelay.pytest_plugin, name) is getattr(aiodelay.testing, name)

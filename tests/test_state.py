@@ -1,20 +1,33 @@
 """A request's state (``aiodelay/_core/state.py``): one object per request, from the
-middleware to the final outcome, that whatever asks about the request finds on it."""
+middleware to the final outcome, that whatever asks about the request finds on it.
+
+The drop path most requests take: a handler under the cancel policy, with no grace, that
+asked aiodelay nothing and that nobody observes, is cancelled from the transport's callback
+with nothing made for it beyond its state; whatever asks later (the handler's own ``except``
+block, a deadline, ``notify_finish`` after the end) finds the truth in the request's state.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_remotes import XForwardedRelaxed
 
 import aiodelay
 from aiodelay._core import state as state_module
 from aiodelay._core.aiohttp_internals import state_of
+from aiodelay._core.policy import Policy
+from aiodelay._core.requests import request_policy
 from aiodelay._core.state import ENDED, RUNNING, SETTLED
-from tests.conftest import Serve
+from tests.conftest import Drop, HandlerRun, Held, Serve, connection_gone, recorded
 
 pytestmark = pytest.mark.both_loops
 
@@ -152,3 +165,292 @@ def test_a_tracer_at_import_never_lets_a_held_request_share_its_state() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "2"
+
+
+# -- the drop path most requests take: nothing made beyond the request's state ---------------------
+
+
+def _app(*routes: web.RouteDef) -> web.Application:
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_routes(routes)
+    return app
+
+
+@pytest.mark.parametrize(("drop", "reason"), [("FIN", "FIN"), ("RST", "RST")])
+async def test_a_plain_drop_makes_nothing_more_and_says_the_truth(
+    serve: Serve, drop: Drop, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = HandlerRun()
+
+    async def handler(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await probe.wait_started()
+    with caplog.at_level(logging.INFO, logger="aiodelay"):
+        client.drop(drop)
+        await probe.wait_ended()
+        await recorded(served.app)
+    assert probe.cancelled
+    request = probe.request
+    assert request is not None
+    # Before anything asks: how the client left is kept, and nothing else was made for it.
+    state = state_of(request)
+    assert state.phase == SETTLED
+    assert state.extras is None
+    assert state.request is None  # let go: no cycle between the request and its state
+    assert state.lost is not None
+    assert state.lost.reason == reason
+    assert aiodelay.is_disconnected(request)
+    assert request_policy(request) is Policy.CANCEL  # what the server's Resource reads
+    future = aiodelay.notify_finish(request)
+    assert future.done()
+    exc = future.exception()
+    assert isinstance(exc, aiodelay.ConnectionLost)
+    assert exc.reason == reason
+    with pytest.raises(RuntimeError, match="already ended"):
+        aiodelay.call_later(request, 1, print)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled, stats.completed) == (1, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert f"GET / from 127.0.0.1 interrupted by {reason} after" in line
+    assert line.endswith(": cancelled")
+
+
+def _asking(seen: list[object], turns: int = 0) -> Callable[[web.Request], Awaitable[None]]:
+    """An ``on_cancel`` that, ``turns`` turns of the loop after the cancellation, asks
+    whether the client left and how (into ``seen``), then lets the cancellation go on."""
+
+    async def ask(request: web.Request) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        seen.append(aiodelay.is_disconnected(request))
+        future = aiodelay.notify_finish(request)
+        seen.append(future.done() and future.exception())
+
+    return ask
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize("turns", [0, 5])
+async def test_the_handler_can_ask_after_a_quick_stop_whenever(
+    serve: Serve, drop: Drop, turns: int
+) -> None:
+    """In its ``except CancelledError`` block the handler learns that its client left, also
+    after an RST (whose connection_lost is the first news, so the connection is gone when the
+    handler runs its except block) and a few turns later (after a FIN the deferred close has
+    run by then); the request is still open for timers."""
+    seen: list[object] = []
+    ask = _asking(seen, turns)
+
+    async def ask_and_set_a_timer(request: web.Request) -> None:
+        await ask(request)
+        aiodelay.call_later(request, 10, print)  # the request has not ended: no error
+
+    held = Held(ask_and_set_a_timer)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
+    client.drop(drop)
+    await held.wait_ended()
+    await recorded(served.app)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+    assert seen[1].reason == drop
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled) == (1, 1)
+
+
+@web.middleware
+async def _cloning(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An inner middleware that hands the handler a clone (as aiohttp-remotes' do), made
+    before any drop."""
+    return await handler(request.clone(rel_url=request.rel_url))
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+@pytest.mark.parametrize("turns", [0, 5])
+async def test_a_clone_made_before_the_drop_can_ask_after_it(
+    serve: Serve, drop: Drop, turns: int
+) -> None:
+    """A clone made before the drop knows of it, as the request does: it shares the
+    request's state."""
+    seen: list[object] = []
+    held = Held(_asking(seen, turns))
+    app = _app(web.get("/", held.handle))
+    app.middlewares.append(_cloning)
+    served = await serve(app)
+    client = await held.start(served)
+    client.drop(drop)
+    await held.wait_ended()
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_behind_x_forwarded_the_handler_and_later_callers_see_the_drop(
+    serve: Serve, drop: Drop
+) -> None:
+    """The deployment guide's setup: aiodelay.setup(app), then aiohttp-remotes'
+    XForwardedRelaxed, which hands every handler a clone."""
+    seen: list[object] = []
+    held = Held(_asking(seen))
+    app = _app(web.get("/", held.handle))
+    await XForwardedRelaxed().setup(app)
+    served = await serve(app)
+    client = await held.start(served)
+    client.drop(drop)
+    await held.wait_ended()
+    await recorded(served.app)
+    assert seen[0] is True
+    assert isinstance(seen[1], aiodelay.ConnectionLost)
+    after = aiodelay.notify_finish(held.requests[0])  # after the end, from the test's task
+    assert after.done()
+    assert isinstance(after.exception(), aiodelay.ConnectionLost)
+
+
+@pytest.mark.parametrize("drop", ["FIN", "RST"])
+async def test_a_clone_made_after_a_quick_stop_knows_it_after_the_end(
+    serve: Serve, drop: Drop
+) -> None:
+    """A clone copies what the request keeps of the stop; it still says the truth after the
+    end, also once the original was asked."""
+    clones: list[web.BaseRequest] = []
+    seen: list[bool] = []
+
+    async def clone_and_ask(request: web.Request) -> None:
+        clone = request.clone()
+        clones.append(clone)
+        seen.append(aiodelay.is_disconnected(request))
+        seen.append(aiodelay.is_disconnected(clone))
+
+    held = Held(clone_and_ask)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
+    client.drop(drop)
+    await held.wait_ended()
+    await recorded(served.app)
+    assert seen == [True, True]
+    assert aiodelay.is_disconnected(clones[0])
+    future = aiodelay.notify_finish(clones[0])
+    assert isinstance(future.exception(), aiodelay.ConnectionLost)
+
+
+async def test_a_handler_with_a_grace_that_asks_nothing_runs_on_in_its_grace(
+    serve: Serve,
+) -> None:
+    """@aiodelay.grace keeps a handler off the quick path: it is not cancelled at once."""
+    started, ended, work = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    requests: list[web.BaseRequest] = []
+    outcome: list[str] = []
+
+    @aiodelay.grace(5)
+    async def handler(request: web.Request) -> web.Response:
+        requests.append(request)
+        started.set()
+        try:
+            await work.wait()
+            outcome.append("completed")
+        except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+            outcome.append("cancelled")
+            raise
+        finally:
+            ended.set()
+        return web.Response()
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("RST")
+    await connection_gone(requests[0])  # the server has seen the drop
+    work.set()
+    await asyncio.wait_for(ended.wait(), 5)
+    await recorded(served.app)
+    assert outcome == ["completed"]
+    assert aiodelay.stats(served.app).shielded_ran_on == 1
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot count cancel requests (documented)"
+)
+async def test_a_foreign_cancellation_after_a_swallowed_quick_stop_is_not_aiodelays(
+    serve: Serve,
+) -> None:
+    swallowed = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def swallow_and_run_on(request: web.Request) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        swallowed.set()
+        await asyncio.get_running_loop().create_future()  # runs on
+
+    held = Held(swallow_and_run_on)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
+    client.drop("FIN")
+    await asyncio.wait_for(swallowed.wait(), 5)
+    tasks[0].cancel()  # an outer cancellation, not aiodelay's
+    await held.wait_ended()
+    await recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.cancelled, stats.failed) == (1, 0, 1)
+
+
+async def test_a_handler_that_answers_after_a_quick_stop_ran_on(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catching the cancellation and returning a response: counted as run on, nothing sent."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="too late")
+
+    held = Held(answer)
+    served = await serve(_app(web.get("/", held.handle)))
+    client = await held.start(served)
+    with caplog.at_level(logging.INFO, logger="aiodelay"):
+        client.drop("RST")
+        await held.wait_ended()
+        await recorded(served.app)
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
+    assert "interrupted by RST" in line
+    assert "ran on (it ended before the cancellation took effect)" in line
+
+
+async def test_a_deadline_after_a_quick_stop_changes_nothing(serve: Serve) -> None:
+    """The client left first: the deadline that passes later (the handler caught the
+    cancellation and runs on) neither cancels it again nor counts it as timed out."""
+    started, ended = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+
+    @aiodelay.deadline(0.05)
+    async def handler(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            try:
+                await asyncio.sleep(0.2)  # the deadline passes meanwhile
+            except asyncio.CancelledError:  # pragma: no cover - the failure being tested
+                outcome.append("cancelled again")
+                raise
+            outcome.append("ran on")
+            return web.Response()
+        finally:
+            ended.set()
+        return web.Response()  # pragma: no cover - never reached
+
+    served = await serve(_app(web.get("/", handler)))
+    client = await served.get("/")
+    await asyncio.wait_for(started.wait(), 5)
+    client.drop("FIN")
+    await asyncio.wait_for(ended.wait(), 5)
+    await recorded(served.app)
+    assert outcome == ["ran on"]
+    stats = aiodelay.stats(served.app)
+    assert (stats.disconnected, stats.shielded_ran_on, stats.timed_out) == (1, 1, 0)

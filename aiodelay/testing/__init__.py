@@ -7,7 +7,8 @@ with. They need pytest (a wait that runs out fails the test with ``pytest.fail``
 also needs pytest-asyncio, whose event loop it runs on: ``pip install 'aiodelay[pytest]'``.
 """
 
+from ._client import RawClient
 from ._outcome import DropHow, DropKind, DropOutcome
 from ._server import AiodelayServer, LiveServer
 
-__all__ = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer")
+__all__ = ("AiodelayServer", "DropHow", "DropKind", "DropOutcome", "LiveServer", "RawClient")

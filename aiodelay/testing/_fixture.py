@@ -21,7 +21,10 @@ async def aiodelay_server() -> AsyncIterator[AiodelayServer]:
     Served like production: ``web.AppRunner(app, handler_cancellation=False, **runner_kwargs)``
     (pass ``handler_cancellation=True`` to test that setting) on a free port of ``127.0.0.1``.
     ``aiodelay.setup(app)`` is applied if aiodelay is not installed on ``app`` yet; to test
-    another policy, call ``aiodelay.setup(app, policy=...)`` yourself first.
+    another policy, call ``aiodelay.setup(app, policy=...)`` yourself first, and to serve the
+    app exactly as it is (a control without aiodelay), pass ``setup_aiodelay=False``.
+    ``ssl_context`` (a server-side ``ssl.SSLContext``) serves over TLS, for
+    :meth:`LiveServer.connect` with a client context that trusts it.
     ``shutdown_timeout`` is how long teardown lets running handlers finish before aiohttp
     cancels them (aiohttp's own default of 60 s would stall a test that left one running).
     Servers are closed in reverse order when the test ends.

@@ -1,6 +1,11 @@
 """The client that leaves: one real connection per :meth:`LiveServer.drop`, matched to the
 request aiodelay's middleware sees, and dropped at the chosen moment.
 
+It works on the socket itself, not on asyncio's streams as :class:`RawClient` does: to leave
+by FIN while the server is still writing, it reads what has arrived and closes in one step
+of the loop (a socket closed with unread data sends an RST, and the server could write more
+between two steps), which a transport cannot do (it closes its socket a turn later).
+
 Every wait is on an event (aiodelay's own request lifecycle, or bytes arriving on the
 socket), bounded by a timeout; a wait that runs out fails the test with a message saying what
 was awaited and what had happened so far.
@@ -11,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -22,10 +26,9 @@ from multidict import CIMultiDict
 
 import aiodelay
 
+from ._client import HOST, reset_on_close
 from ._outcome import DropHow, DropOutcome
 from ._response import ResponseReader
-
-HOST = "127.0.0.1"
 
 
 class Observer:
@@ -146,7 +149,7 @@ class Probe:
                 self.sock.shutdown(socket.SHUT_WR)
         else:
             if self.how == "RST":
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(self.sock)
             await self.aclose()
         self.dropped_at = time.monotonic()
 

@@ -1,11 +1,13 @@
-"""A live server for tests: an app served like production on ``127.0.0.1``, observed by
-aiodelay, with :meth:`LiveServer.drop` as the client that leaves."""
+"""A live server for tests: an app served like production on ``127.0.0.1``, with
+:meth:`LiveServer.drop` as the client that leaves and :meth:`LiveServer.connect` as raw
+connections."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Mapping
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
@@ -13,32 +15,65 @@ from yarl import URL
 
 import aiodelay
 
+from ._client import HOST, RawClient
 from ._outcome import DropHow, DropOutcome
-from ._probe import HOST, Observer, Probe, describe_moment, request_head
+from ._probe import Observer, Probe, describe_moment, request_head
 
 _HOWS = ("FIN", "RST", "half-close")
 _WAITS = ("ended", "seen")
 
 
 class LiveServer:
-    """An app served on ``127.0.0.1`` by a real ``web.AppRunner``, observed by aiodelay.
+    """An app served on ``127.0.0.1`` by a real ``web.AppRunner``.
 
     Made by the ``aiodelay_server`` fixture; closed when the test ends. Any HTTP client
-    can talk to ``url``; :meth:`drop` is the client that leaves.
+    can talk to ``url``; :meth:`drop` is the client that leaves, :meth:`connect` a raw
+    connection to write and drop by hand.
     """
 
-    def __init__(self, app: web.Application, runner: web.AppRunner, port: int) -> None:
+    def __init__(
+        self, app: web.Application, runner: web.AppRunner, port: int, *, tls: bool = False
+    ) -> None:
         self.app = app
         self.runner = runner
         self.host = HOST
         self.port = port
-        self.url = URL.build(scheme="http", host=HOST, port=port)
-        self._observer = Observer()
-        self._remove_observer = aiodelay.add_observer(app, self._observer)
+        self.url = URL.build(scheme="https" if tls else "http", host=HOST, port=port)
+        #: The connections :meth:`connect` opened, aborted when the server closes.
+        self.clients: list[RawClient] = []
+        self._tls = tls
+        self._observer: Observer | None = None
+        self._remove_observer: Callable[[], None] | None = None
         self._probes: list[Probe] = []
 
     def make_url(self, path: str) -> URL:
         return self.url.join(URL(path))
+
+    async def connect(self, *, tls: ssl.SSLContext | None = None) -> RawClient:
+        """A new raw connection to the server, aborted when the test ends (if the test has
+        not closed it). ``tls`` is the client's context for a server started with
+        ``ssl_context``: one that trusts the server's certificate."""
+        if self._tls and tls is None:
+            raise ValueError("this server speaks TLS: pass tls=, a client context it trusts")
+        client = await RawClient.connect(self.port, tls)
+        self.clients.append(client)
+        return client
+
+    def _observed(self) -> Observer:
+        """aiodelay's observer of the app, added on the first :meth:`drop`: a test that
+        does not drop keeps the app exactly as it was served (an observed request takes
+        another path through aiodelay: the middleware writes its response)."""
+        if self._observer is None:
+            try:
+                aiodelay.stats(self.app)
+            except RuntimeError:
+                raise RuntimeError(
+                    "drop() needs aiodelay on the app: serve it with setup_aiodelay=True "
+                    "(the default), or call aiodelay.setup(app) first"
+                ) from None
+            self._observer = Observer()
+            self._remove_observer = aiodelay.add_observer(self.app, self._observer)
+        return self._observer
 
     async def drop(
         self,
@@ -85,12 +120,15 @@ class LiveServer:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
+        if self._tls:
+            raise ValueError("drop() speaks plain HTTP: use connect(tls=...) on a TLS server")
+        observer = self._observed()
 
         probe = Probe(method, path, how, moment)
         self._probes.append(probe)
         sent = data if after_request_bytes is None else data[:after_request_bytes]
         head = request_head(method, path, self.port, data, headers)
-        await probe.open(self.port, self._observer, head)
+        await probe.open(self.port, observer, head)
         await probe.send(sent)
         await probe.wait_started(timeout)
         if after_response_bytes is not None:
@@ -103,15 +141,27 @@ class LiveServer:
         return await probe.wait_seen(timeout)
 
     async def close(self) -> None:
-        """Close the connections :meth:`drop` left open, then stop the server."""
+        """Abort the connections :meth:`connect` opened, close those :meth:`drop` left
+        open, then stop the server (unless the test stopped its runner already)."""
+        for client in self.clients:  # held while aborted: a writer freed first warns
+            client.writer.transport.abort()
+        self.clients.clear()
         while self._probes:
             await self._probes.pop().aclose()
-        self._remove_observer()
-        await self.runner.cleanup()
+        if self._remove_observer is not None:
+            self._remove_observer()
+        if self.runner.server is not None:  # not stopped by the test itself
+            await self.runner.cleanup()
 
 
 class AiodelayServer(Protocol):
-    """The type of the ``aiodelay_server`` fixture, for annotating tests."""
+    """The type of the ``aiodelay_server`` fixture, for annotating tests.
+
+    ``await aiodelay_server(app)`` serves ``app`` and returns its :class:`LiveServer`:
+    ``handler_cancellation`` and ``shutdown_timeout`` (and any other ``runner_kwargs``, e.g.
+    ``access_log``) go to ``web.AppRunner``; ``setup_aiodelay=False`` leaves an app without
+    aiodelay as it is; ``ssl_context`` serves over TLS.
+    """
 
     def __call__(
         self,
@@ -119,6 +169,8 @@ class AiodelayServer(Protocol):
         *,
         handler_cancellation: bool = False,
         shutdown_timeout: float = 1.0,
+        setup_aiodelay: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
         **runner_kwargs: Any,
     ) -> Awaitable[LiveServer]: ...
 
@@ -134,12 +186,15 @@ async def live_servers() -> AsyncIterator[AiodelayServer]:
         *,
         handler_cancellation: bool = False,
         shutdown_timeout: float = 1.0,
+        setup_aiodelay: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
         **runner_kwargs: Any,
     ) -> LiveServer:
-        try:
-            aiodelay.stats(app)
-        except RuntimeError:  # aiodelay is not installed on app
-            aiodelay.setup(app)
+        if setup_aiodelay:
+            try:
+                aiodelay.stats(app)
+            except RuntimeError:  # aiodelay is not installed on app
+                aiodelay.setup(app)
         runner = web.AppRunner(
             app,
             handler_cancellation=handler_cancellation,
@@ -150,8 +205,8 @@ async def live_servers() -> AsyncIterator[AiodelayServer]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind((HOST, 0))  # our own socket: the port is known without a race
-            await web.SockSite(runner, sock).start()
-            server = LiveServer(app, runner, sock.getsockname()[1])
+            await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+            server = LiveServer(app, runner, sock.getsockname()[1], tls=ssl_context is not None)
         except BaseException:
             sock.close()
             await runner.cleanup()

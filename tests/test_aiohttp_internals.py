@@ -1,4 +1,5 @@
-"""Seeing the client leave: FIN and RST, on a default server, with handler_cancellation, on TLS.
+"""Seeing the client leave (``aiodelay/_core/aiohttp_internals.py``, and ``hangups.py`` behind
+paused reading): FIN and RST, in every server configuration aiodelay supports.
 
 Each case: a handler blocks at an await, the client drops the connection for real, and the
 test waits for the handler to end. Without aiodelay the handler would wait forever (see
@@ -19,26 +20,27 @@ from aiohttp import web, web_protocol
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import Drop, Probe, RawClient, Serve, Served
+from aiodelay.testing import RawClient
+from tests.conftest import Drop, HandlerRun, Serve, Served
 
 # Where the handler is when the client leaves, and how the client gets it there:
 # (name, route, handler work, client steps before the drop)
-Work = Callable[[web.Request, Probe], Awaitable[Any]]
+Work = Callable[[web.Request, HandlerRun], Awaitable[Any]]
 Steps = Callable[[RawClient], Awaitable[None]]
 
 
-async def _await_gate(request: web.Request, probe: Probe) -> Any:
+async def _await_gate(request: web.Request, probe: HandlerRun) -> Any:
     return await probe.gate
 
 
-async def _mid_stream(request: web.Request, probe: Probe) -> Any:
+async def _mid_stream(request: web.Request, probe: HandlerRun) -> Any:
     response = web.StreamResponse()
     await response.prepare(request)
     await response.write(b"first line\n")
     return await probe.gate
 
 
-async def _reading_body(request: web.Request, probe: Probe) -> Any:
+async def _reading_body(request: web.Request, probe: HandlerRun) -> Any:
     return await request.read()
 
 
@@ -76,7 +78,7 @@ SERVERS = [
 ]
 
 
-def _app(work: Work, probe: Probe, finish: list[asyncio.Future[None]]) -> web.Application:
+def _app(work: Work, probe: HandlerRun, finish: list[asyncio.Future[None]]) -> web.Application:
     async def handler(request: web.Request) -> web.StreamResponse:
         finish.append(aiodelay.notify_finish(request))
         result = await probe.run(request, work(request, probe))
@@ -109,7 +111,7 @@ async def test_handler_cancelled_when_client_leaves(
     tls: bool,
     drop: Drop,
 ) -> None:
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
     served = await serve(
         _app(work, probe, finish), handler_cancellation=handler_cancellation, tls=tls
@@ -172,7 +174,7 @@ async def test_handler_cancelled_when_client_leaves_while_reading_is_paused(
 ) -> None:
     if kind == "full-pipeline" and not hasattr(web_protocol, "MAX_MSG_QUEUE_SIZE"):
         pytest.skip("this aiohttp reads pipelined requests without pausing: no blind spot")
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
     served = await serve(
         _app(_await_gate, probe, finish), handler_cancellation=handler_cancellation, tls=tls
@@ -213,7 +215,7 @@ async def _ping(served: Served) -> None:
 @pytest.mark.parametrize("drop", ["FIN", "RST"])
 async def test_control_without_aiodelay_handler_runs_on(serve: Serve, drop: Drop) -> None:
     """The problem aiodelay solves: aiohttp's default server never tells the handler."""
-    probe = Probe()
+    probe = HandlerRun()
     seen_gone: list[bool] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -275,7 +277,7 @@ async def test_a_fin_stuck_behind_a_full_receive_window_is_no_worse_than_plain_a
     aiodelay. (An 800 kB upload fits the window, and that FIN is seen: see
     ``test_handler_cancelled_when_client_leaves_while_reading_is_paused``.)"""
     caplog.set_level(logging.WARNING)
-    probe = Probe()
+    probe = HandlerRun()
 
     async def handler(request: web.Request) -> web.Response:
         await probe.run(request, probe.gate)

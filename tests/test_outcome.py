@@ -1,11 +1,13 @@
-"""How a request's end is recorded when things happen close together: a deadline and a client
-leaving, a reset in the turn a handler's result is ready, a file sent with ``sendfile()``, a
-shielded handler tripping over its gone client, and what is asked after the end. Real sockets
-on 127.0.0.1, servers started with ``handler_cancellation=False``.
+"""How a request's end is decided, counted, logged and told (``aiodelay/_core/outcome.py``):
+what aiodelay records about a request (the counters, the INFO line, aiohttp's access log, the
+observers' outcome) matches what happened on the wire, also when things happen close together
+(a deadline and a client leaving, a reset in the turn a handler's result is ready, a file sent
+with ``sendfile()``, a shielded handler tripping over its gone client). Real sockets on
+127.0.0.1, servers started with ``handler_cancellation=False`` unless a test says otherwise.
 
-What each test checks is what the public API and its documentation promise: the counters of
-``aiodelay.stats``, the observers' calls and outcome, the INFO line of the ``aiodelay`` logger,
-and aiohttp's access log line (499 with 0 bytes when nothing went out).
+After every request has ended, ``disconnected == cancelled + shielded_ran_on + truncated +
+failed``: the tests of the counters check that too. aiohttp's access log says 499 with 0 bytes
+when nothing went out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,14 +27,82 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import Lines, RawClient, Serve, ServeLogged, until
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Lines, Serve, ServeLogged, until
+
+
+def _adds_up(stats: aiodelay.Stats) -> bool:
+    ended = stats.cancelled + stats.shielded_ran_on + stats.truncated + stats.failed
+    return stats.disconnected == ended
+
+
+async def _fire_and_close(port: int, path: str, times: int) -> None:
+    """POSTs with an empty body, each on its own connection closed right after sending."""
+    for _ in range(times):
+        client = await RawClient.connect(port)
+        await client.send(
+            b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n" % path.encode()
+        )
+        client.drop("FIN")
+
+
+class _Ran:
+    """Counts handlers that ran to their end; ``wait(n)`` waits for the n-th."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended = 0
+        self.changed = asyncio.Event()
+
+    async def work(self) -> web.Response:
+        self.started += 1
+        await asyncio.sleep(0.02)  # the charge's own work: a point a cancellation could hit
+        self.ended += 1
+        self.changed.set()
+        return web.Response(text="charged")
+
+    async def wait(self, count: int) -> None:
+        async def reached() -> None:
+            while self.ended < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        try:
+            await asyncio.wait_for(reached(), 5)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise AssertionError(
+                f"{self.ended} of {count} handlers ran to their end ({self.started} started)"
+            ) from None
+
+
+class _Ended:
+    """An observer: an event per ended request."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.changed = asyncio.Event()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        pass
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        pass
+
+    def request_ended(self, request: web.BaseRequest, outcome: Any) -> None:
+        self.kinds.append(outcome.kind)
+        self.changed.set()
+
+    async def wait(self, count: int) -> list[str]:
+        async def enough() -> None:
+            while len(self.kinds) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(enough(), 5)
+        return self.kinds
+
 
 _AIOHTTP = tuple(int(part) for part in aiohttp.__version__.split(".")[:2])
-
-# What each test checks must hold on asyncio's own loop and on uvloop alike.
-pytestmark = pytest.mark.both_loops
-
-# -- helpers: an observer (the INFO lines and the access log: tests/conftest.py) -------------
 
 
 class _Observer:
@@ -86,6 +157,428 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+# -- the sub-app's policy and stats ---------------------------------------------------------
+
+
+def _main_and_sub(ran: _Ran) -> tuple[web.Application, web.Application]:
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application()
+    aiodelay.setup(app)  # cancel
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/sub", sub)
+    return app, sub
+
+
+async def test_sub_app_policy_applies_to_a_client_that_left_before_the_handler(
+    serve: Serve,
+) -> None:
+    """Fire-and-close POSTs into a shielded sub-app: every handler runs to its end, whether
+    aiodelay saw the client leave before the handler started or while it ran."""
+    from aiodelay import add_observer
+
+    ran = _Ran()
+    app, sub = _main_and_sub(ran)
+    ended = _Ended()
+    add_observer(app, ended)
+    served = await serve(app)
+    await _fire_and_close(served.port, "/sub/charge", 20)
+    await ran.wait(20)
+    kinds = await ended.wait(20)
+    assert set(kinds) <= {"ran_on", "completed"}
+    for each in (app, sub):
+        stats = aiodelay.stats(each)
+        assert stats.in_flight == 0
+        assert stats.completed + stats.disconnected == 20
+        assert stats.cancelled == 0
+        assert _adds_up(stats)
+
+
+async def test_sub_app_policy_applies_when_the_connection_closed_before_aiodelay(
+    serve: Serve,
+) -> None:
+    """The same, made certain: a middleware in front of aiodelay closes the connection."""
+    ran = _Ran()
+
+    @web.middleware
+    async def close_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return await handler(request)
+
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application(middlewares=[close_first, aiodelay.middleware()])
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_post("/charge", charge)
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.connect()
+    await client.send(b"POST /sub/charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await ran.wait(1)
+    for each in (app, sub):
+        stats = aiodelay.stats(each)
+        assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
+
+
+async def test_stats_of_a_sub_app_count_its_requests_and_the_main_app_counts_all(
+    serve: Serve,
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    sub = web.Application()
+    aiodelay.setup(sub)
+    sub.router.add_get("/", hello)
+    app.add_subapp("/sub/", sub)
+    served = await serve(app)
+    client = await served.connect()
+    for path in ("/", "/sub/", "/sub/", "/"):
+        await client.get(path)
+        assert await client.read_response() == (200, b"hi")
+    assert aiodelay.stats(sub).completed == 2
+    assert aiodelay.stats(app).completed == 4
+
+
+# -- handler_cancellation=True ----------------------------------------------------------------
+
+
+async def test_shielded_handler_runs_on_under_handler_cancellation_when_client_left_first(
+    serve: Serve, lines: Lines
+) -> None:
+    ran = _Ran()
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        return await ran.work()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_post("/charge", charge)
+    served = await serve(app, handler_cancellation=True)
+    await _fire_and_close(served.port, "/charge", 20)
+    await ran.wait(20)
+    assert ran.started == 20
+    await lines.wait_for("interrupted", count=aiodelay.stats(app).disconnected)
+    stats = aiodelay.stats(app)
+    assert stats.cancelled == 0
+    assert stats.failed == 0
+    assert _adds_up(stats)
+    assert not [line for line in lines.lines if "stopped" in line]
+
+
+@pytest.mark.parametrize(
+    ("handler_cancellation", "kind", "said"),
+    [
+        (False, "ran_on", r"ran on \(WebSocket: aiohttp ended it\)"),
+        (True, "cancelled", r"cancelled \(a WebSocket, by aiohttp's handler_cancellation\)"),
+    ],
+)
+async def test_a_websocket_whose_client_left_is_counted_and_logged_by_what_happened(
+    serve: Serve, lines: Lines, handler_cancellation: bool, kind: str, said: str
+) -> None:
+    probe = HandlerRun()
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket_ = web.WebSocketResponse()
+        await socket_.prepare(request)
+
+        async def receive() -> None:
+            async for _ in socket_:
+                pass
+
+        await probe.run(request, receive())
+        return socket_
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/ws", ws)
+    served = await serve(app, handler_cancellation=handler_cancellation)
+    async with aiohttp.ClientSession() as session:
+        connection = await session.ws_connect(f"http://127.0.0.1:{served.port}/ws")
+        await probe.wait_started()
+        transport = connection._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.close()
+        await probe.wait_ended()
+        [line] = await lines.wait_for("interrupted")
+    assert re.search(said, line), line
+    stats = aiodelay.stats(app)
+    assert stats.disconnected == 1
+    assert (stats.cancelled, stats.shielded_ran_on) == ((1, 0) if kind == "cancelled" else (0, 1))
+    assert _adds_up(stats)
+
+
+# -- a client that leaves while aiohttp writes the response ---------------------------------
+
+_BIG = 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("body", ["bytes", "file"])
+async def test_a_client_that_leaves_during_the_response_body_is_truncated_not_completed(
+    serve_logged: ServeLogged,
+    lines: Lines,
+    tmp_path: Path,
+    body: str,
+) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * _BIG)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        if body == "file":
+            return web.FileResponse(big)
+        return web.Response(body=b"x" * _BIG)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/big", download)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await client.get("/big")
+    await client.read_until(b"x" * 1024)
+    # Closing with unread response bytes sends an RST (TCP's rule), as a browser or curl
+    # stopping a download does.
+    client.drop("RST")
+    [line] = await lines.wait_for("cut short")
+    assert line.startswith("GET /big from 127.0.0.1 interrupted by ")
+    [entry] = await logged.wait_for()
+    status, sent = entry.split()[2:]
+    assert status == "200"
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (0, 1, 1)
+    assert _adds_up(stats)
+    if body == "bytes":  # a file goes out with sendfile(), which aiohttp does not count
+        # What aiohttp handed to the transport: here the whole body at once.
+        assert 1024 < int(sent) <= _BIG + 200
+        assert re.search(r"\(\d+ bytes handed to the transport\)", line)
+
+
+async def test_a_complete_response_followed_by_a_close_is_completed(
+    serve: Serve, lines: Lines
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+    client.drop("RST")
+    # The next request on another connection is the event that the first one was settled by.
+    other = await served.get("/")
+    assert await other.read_response() == (200, b"hi")
+    assert aiodelay.stats(app).completed == 2
+    assert aiodelay.stats(app).disconnected == 0
+    assert lines.lines == []
+
+
+async def test_an_observed_request_whose_client_leaves_during_the_body_ends_truncated(
+    aiodelay_server: Any,
+) -> None:
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * _BIG)
+
+    app = web.Application()
+    app.router.add_get("/big", download)
+    server = await aiodelay_server(app)
+    outcome = await server.drop("GET", "/big", after_response_bytes=65536, how="RST")
+    assert outcome.truncated, outcome
+    assert aiodelay.stats(app).truncated == 1
+
+
+# -- the access log shows what went on the wire ----------------------------------------------
+
+
+async def test_access_log_of_a_stream_cancelled_midway_shows_its_status_and_bytes(
+    serve_logged: ServeLogged,
+) -> None:
+    probe = HandlerRun()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"y" * 6144)
+
+        async def hold() -> None:
+            await asyncio.Future()
+
+        await probe.run(request, hold())
+        return response
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/stream", stream)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.get("/stream")
+    await client.read_until(b"y" * 6144)
+    await probe.wait_started()
+    client.drop("RST")
+    await probe.wait_ended()
+    [entry] = await logged.wait_for()
+    _, _, status, sent = entry.split()
+    assert status == "200"
+    assert int(sent) > 6144  # the body, and the status line and headers before it
+    assert probe.cancelled
+
+
+async def test_access_log_of_a_shielded_request_whose_client_left_says_499(
+    serve_logged: ServeLogged,
+) -> None:
+    probe = HandlerRun()
+
+    @aiodelay.shielded
+    async def charge(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response(text="charged")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_post("/charge", charge)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.send(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    await probe.wait_started()
+    client.drop("FIN")
+    # The Watch saw the client leave once notify_finish fails.
+    assert probe.request is not None
+    with pytest.raises(aiodelay.ConnectionLost):
+        await asyncio.wait_for(aiodelay.notify_finish(probe.request), 5)
+    probe.gate.set_result(None)
+    await probe.wait_ended()
+    assert await logged.wait_for() == ["POST /charge 499 0"]
+    assert aiodelay.stats(app).shielded_ran_on == 1
+
+
+async def test_access_log_of_a_cancelled_request_with_nothing_sent_says_499(
+    serve_logged: ServeLogged,
+) -> None:
+    probe = HandlerRun()
+
+    async def slow(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/slow", slow)
+    logged = await serve_logged(app)
+    client = await RawClient.connect(logged.port)
+    await client.get("/slow")
+    await probe.wait_started()
+    client.drop("FIN")
+    await probe.wait_ended()
+    assert await logged.wait_for() == ["GET /slow 499 0"]
+
+
+# -- regressions found in review: a complete response is completed, shutdown is shutdown --------
+
+
+@pytest.mark.parametrize("observed", [False, True])
+async def test_a_client_that_half_closes_and_reads_everything_is_completed(
+    serve: Serve, lines: Lines, observed: bool
+) -> None:
+    """aiohttp answers a FIN by closing, and a close sends what the transport still holds: a
+    client that half-closed and read on got the whole response."""
+    from aiodelay import add_observer
+
+    body = b"x" * (8 * 1024 * 1024)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/big", big)
+    ended = _Ended()
+    if observed:
+        add_observer(app, ended)
+    served = await serve(app)
+    client = await served.get("/big")
+    await client.read_until(b"x" * 1024)
+    client.drop("half-close")
+    received = bytes(client.received) + await client.reader.read()  # to the server's close
+    assert received.endswith(body)
+    if observed:
+        assert await ended.wait(1) == ["completed"]
+    # Otherwise: the server closed the socket in connection_lost, whose settling callback ran
+    # before the client could read that close.
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (1, 0, 0)
+    assert lines.lines == []
+
+
+async def test_a_response_an_outer_middleware_replaced_is_completed_when_sent(
+    serve: Serve, lines: Lines
+) -> None:
+    """aiodelay watches the handler's response; aiohttp sends what the outer middleware
+    returned instead. What counts is what went out."""
+
+    @web.middleware
+    async def wrap(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        assert isinstance(response, web.Response)
+        return web.Response(text=f"wrapped: {response.text}")
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application(middlewares=[wrap, aiodelay.middleware()])
+    app.router.add_get("/", hello)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"wrapped: hello")
+    client.drop("half-close")
+    assert await client.reader.read() == b""  # the server saw the FIN and closed
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.truncated) == (1, 0, 0)
+    assert lines.lines == []
+
+
+@pytest.mark.parametrize("asked", [False, True])
+async def test_a_request_stopped_by_the_shutdown_is_counted_and_logged_as_such(
+    serve: Serve, lines: Lines, asked: bool
+) -> None:
+    probe = HandlerRun()
+    finish: list[asyncio.Future[None]] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        if asked:
+            finish.append(aiodelay.notify_finish(request))
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/slow", slow)
+    served = await serve(app, shutdown_timeout=0.05)
+    await served.get("/slow")
+    await probe.wait_started()
+    await served.runner.cleanup()
+    assert probe.cancelled
+    stats = aiodelay.stats(app)
+    assert (stats.completed, stats.disconnected, stats.failed) == (0, 1, 1)
+    [line] = await lines.wait_for("interrupted")
+    assert "interrupted by shutdown" in line
+    assert line.endswith("stopped by the server's shutdown")
+    if asked:
+        exc = finish[0].exception()
+        assert isinstance(exc, aiodelay.ConnectionLost)
+        assert exc.reason == "shutdown"
+
+
 # -- a deadline passes in a shield() section, then the client leaves --------------------------
 
 
@@ -117,6 +610,7 @@ class _InAShieldSection:
         self.release.set()
 
 
+@pytest.mark.both_loops
 async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
     serve_logged: ServeLogged, lines: Lines
 ) -> None:
@@ -143,6 +637,7 @@ async def test_deadline_then_client_leaving_in_a_shield_section_logs_499(
     assert (stats.timed_out, stats.completed, stats.disconnected) == (1, 0, 0)
 
 
+@pytest.mark.both_loops
 async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
     serve_logged: ServeLogged, lines: Lines
 ) -> None:
@@ -172,6 +667,7 @@ async def test_deadline_then_client_leaving_before_a_late_answer_logs_499(
 # -- a reset read in the turn in which the handler's result is ready --------------------------
 
 
+@pytest.mark.both_loops
 async def test_a_reset_in_the_turn_the_result_is_ready_is_not_a_response_cut_short(
     serve_logged: ServeLogged,
 ) -> None:
@@ -280,6 +776,7 @@ async def test_a_client_gone_before_aiodelay_saw_its_request_is_told_as_it_left(
 # -- a sub-app's observer, for a client that left before the handler started ----------------
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("policy", ["cancel", "shield"])
 @pytest.mark.parametrize("left", ["before aiodelay saw the request", "in a middleware"])
 async def test_a_sub_apps_observer_hears_the_start_before_the_loss(
@@ -333,6 +830,7 @@ async def test_a_sub_apps_observer_hears_the_start_before_the_loss(
     assert sub_observer.calls == expected
 
 
+@pytest.mark.both_loops
 async def test_a_request_into_a_sub_app_whose_connection_closed_is_recorded_once(
     serve: Serve,
 ) -> None:
@@ -383,60 +881,10 @@ async def test_a_request_into_a_sub_app_whose_connection_closed_is_recorded_once
         assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
 
 
-# -- asked after the end, with nothing asked while the request ran ----------------------------
-
-
-async def test_notify_finish_asked_after_the_end_fails_with_the_handlers_error(
-    serve: Serve,
-) -> None:
-    """A handler raised; nothing asked aiodelay about the request while it ran. Asked after
-    the end, notify_finish fails with what the handler raised, as it does when asked before."""
-    kept: list[web.Request] = []
-
-    async def broken(request: web.Request) -> web.Response:
-        kept.append(request)
-        raise RuntimeError("boom")
-
-    served = await serve(_app(web.get("/broken", broken)))
-    client = await served.get("/broken")
-    assert (await asyncio.wait_for(client.read_response(), 5))[0] == 500
-    assert aiodelay.stats(served.app).completed == 1  # its client did not leave: ended
-    [request] = kept
-    with pytest.raises(RuntimeError, match=r"^boom$"):
-        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
-
-
-async def test_a_download_cut_short_is_disconnected_when_asked_after_the_end(
-    serve: Serve, lines: Lines
-) -> None:
-    """The handler returned a large response and its client reset the connection while aiohttp
-    wrote it; nothing asked aiodelay about the request while it ran. Asked after the end:
-    notify_finish fails with ConnectionLost, and is_disconnected is True."""
-    kept: list[web.Request] = []
-
-    async def download(request: web.Request) -> web.Response:
-        kept.append(request)
-        return web.Response(body=b"x" * 16_000_000)
-
-    served = await serve(_app(web.get("/big", download)))
-    client = await served.connect()
-    sock = client.writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    await client.get("/big")
-    await client.read_until(b"HTTP/1.1 200 OK\r\n")
-    client.drop("RST")
-    await lines.wait_for("cut short")
-    assert aiodelay.stats(served.app).truncated == 1
-    [request] = kept
-    assert aiodelay.is_disconnected(request)
-    with pytest.raises(aiodelay.ConnectionLost):
-        await asyncio.wait_for(aiodelay.notify_finish(request), 5)
-    assert aiodelay.is_disconnected(request)
-
-
 # -- a file sent with sendfile(), reset by its client -----------------------------------------
 
 
+@pytest.mark.both_loops
 async def test_a_file_download_reset_by_its_client_is_truncated_by_rst_with_matching_bytes(
     serve_logged: ServeLogged, lines: Lines, tmp_path: Path
 ) -> None:
@@ -488,6 +936,7 @@ async def _shielded_failure(
     return app, observer, await served.connect()
 
 
+@pytest.mark.both_loops
 async def test_a_shielded_handler_whose_write_fails_after_its_client_left_counts_as_failed(
     serve: Serve,
 ) -> None:
@@ -520,6 +969,7 @@ async def test_a_shielded_handler_whose_write_fails_after_its_client_left_counts
     assert (stats.disconnected, stats.failed, stats.shielded_ran_on) == (1, 1, 0)
 
 
+@pytest.mark.both_loops
 async def test_a_shielded_handler_whose_body_read_fails_after_its_client_left_counts_as_failed(
     serve: Serve,
 ) -> None:
@@ -548,52 +998,3 @@ async def test_a_shielded_handler_whose_body_read_fails_after_its_client_left_co
     assert outcome.kind == "failed", outcome
     stats = aiodelay.stats(app)
     assert (stats.disconnected, stats.failed, stats.shielded_ran_on) == (1, 1, 0)
-
-
-# -- what aiodelay says about shield() in another task, and about a tiny deadline ----------
-
-
-async def test_shield_in_a_task_the_handler_started_says_to_await_it_in_the_handlers_task(
-    serve: Serve,
-) -> None:
-    """aiodelay is installed; shield() awaited in a plain task the handler started cannot
-    protect that task: the RuntimeError says so, not that aiodelay is not installed."""
-    errors: list[RuntimeError] = []
-
-    async def section() -> None:
-        await aiodelay.shield(asyncio.sleep(0))
-
-    async def handler(request: web.Request) -> web.Response:
-        try:
-            await asyncio.create_task(section())
-        except RuntimeError as exc:
-            errors.append(exc)
-        return web.Response(text="ok")
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    assert await asyncio.wait_for(client.read_response(), 5) == (200, b"ok")
-    [error] = errors
-    assert "not installed" not in str(error)
-    assert "handler's own task" in str(error)
-
-
-@pytest.mark.parametrize(("seconds", "said"), [(1e-300, "1e-300s"), (0.00012345, "0.000123s")])
-async def test_a_deadline_under_a_millisecond_is_said_with_its_significant_digits(
-    serve: Serve, lines: Lines, seconds: float, said: str
-) -> None:
-    """A deadline of less than 0.001 s is not "0.000s": the 504 body and the INFO line give
-    it with three significant digits."""
-
-    @aiodelay.deadline(seconds)
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
-        return web.Response(text="too late")
-
-    served = await serve(_app(web.get("/x", slow)))
-    client = await served.get("/x")
-    status, body = await asyncio.wait_for(client.read_response(), 5)
-    assert (status, body) == (504, f"504: the request exceeded its {said} deadline\n".encode())
-    line = (await lines.wait_for("deadline"))[0]
-    assert line == f"GET /x from 127.0.0.1 exceeded its {said} deadline: cancelled, answered 504"
-    assert lines.lines == [line]

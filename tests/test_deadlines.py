@@ -1,5 +1,6 @@
-"""Deadlines, grace and thread work: @aiodelay.deadline, setup(deadline=...),
-@aiodelay.grace, aiodelay.to_thread and aiodelay.check_cancelled, with real sockets.
+"""Deadlines: @aiodelay.deadline and setup(deadline=...) with real sockets, and the queue that
+times the requests of one deadline (``aiodelay/_core/deadlines.py``). @aiodelay.grace is
+tested in test_policy.py, aiodelay.to_thread and check_cancelled in test_owned.py.
 
 The bounds on times below are the behaviour the API promises (a 0.3 s deadline answers
 after 0.3 s, not after the handler's 5 s), with room for a loaded machine."""
@@ -7,20 +8,18 @@ after 0.3 s, not after the handler's 5 s), with room for a loaded machine."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import subprocess
-import sys
-import threading
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 import aiodelay
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.conftest import Probe, RawClient, Serve
+from aiodelay.testing import RawClient
+from tests.conftest import HandlerRun, Lines, Serve
 
 # Deadlines arm loop timers: checked on asyncio's own loop and on uvloop.
 pytestmark = pytest.mark.both_loops
@@ -48,7 +47,7 @@ async def test_a_deadline_cancels_the_handler_and_answers_504(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
+    probe = HandlerRun()
     finish: list[asyncio.Future[None]] = []
 
     @aiodelay.deadline(0.3)
@@ -235,7 +234,7 @@ async def test_a_client_leaving_after_the_deadline_does_not_count_again(serve: S
 
 
 async def test_a_client_leaving_before_the_deadline_is_a_disconnect_only(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.deadline(0.3)
     async def slow(request: web.Request) -> web.Response:
@@ -257,7 +256,7 @@ async def test_a_client_leaving_before_the_deadline_is_a_disconnect_only(serve: 
 
 
 async def test_a_shutdown_before_the_deadline_decides(serve: Serve) -> None:
-    probe = Probe()
+    probe = HandlerRun()
 
     @aiodelay.deadline(2)
     async def slow(request: web.Request) -> web.Response:
@@ -270,249 +269,6 @@ async def test_a_shutdown_before_the_deadline_decides(serve: Serve) -> None:
     await served.runner.cleanup()
     stats = aiodelay.stats(served.app)
     assert (stats.failed, stats.disconnected, stats.timed_out) == (1, 1, 0)
-
-
-# -- @aiodelay.grace --------------------------------------------------------------------------
-
-
-async def test_grace_lets_work_that_ends_in_time_run_on(
-    serve: Serve, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
-    left = asyncio.Event()
-
-    @aiodelay.grace(0.6)
-    async def fill(request: web.Request) -> web.Response:
-        async def work() -> None:
-            await left.wait()
-            await asyncio.sleep(0.3)  # the cache fill's remaining work
-
-        await probe.run(request, work())
-        return web.Response()
-
-    served = await serve(_app(web.get("/fill", fill)))
-    client = await served.get("/fill")
-    await probe.wait_started()
-    client.drop("FIN")
-    assert probe.request is not None
-    with pytest.raises(aiodelay.ConnectionLost):
-        await asyncio.wait_for(aiodelay.notify_finish(probe.request), 5)
-    left.set()
-    await probe.wait_ended()
-    assert probe.completed
-    stats = aiodelay.stats(served.app)
-    assert (stats.disconnected, stats.shielded_ran_on, stats.cancelled) == (1, 1, 0)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
-    assert "ran on (within its 0.600s grace)" in line
-
-
-async def test_grace_cancels_work_that_takes_longer(
-    serve: Serve, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="aiodelay")
-    probe = Probe()
-    seen: list[float] = []
-
-    @aiodelay.grace(0.5)
-    async def fill(request: web.Request) -> web.Response:
-        await probe.run(request, asyncio.sleep(5))
-        return web.Response()
-
-    served = await serve(_app(web.get("/fill", fill)))
-    client = await served.get("/fill")
-    await probe.wait_started()
-    assert probe.request is not None
-    finish = aiodelay.notify_finish(probe.request)
-    finish.add_done_callback(lambda _: seen.append(time.monotonic()))
-    client.drop("FIN")
-    await probe.wait_ended()
-    stopped = time.monotonic()
-    assert probe.cancelled
-    assert 0.5 <= stopped - seen[0] < 0.6
-    stats = aiodelay.stats(served.app)
-    assert (stats.disconnected, stats.cancelled) == (1, 1)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
-    assert line.endswith("cancelled (after its 0.500s grace)")
-
-
-# -- aiodelay.to_thread and aiodelay.check_cancelled -----------------------------------------
-
-
-class _Worker:
-    """A thread function that checks every 5 ms, and says when it stopped."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.stopped_at: float | None = None
-        self.raised: BaseException | None = None
-
-    def __call__(self, limit: float) -> str:
-        self.started.set()
-        end = time.monotonic() + limit
-        try:
-            while time.monotonic() < end:
-                aiodelay.check_cancelled()
-                time.sleep(0.005)
-        except BaseException as exc:
-            self.raised = exc
-            raise
-        finally:
-            self.stopped_at = time.monotonic()
-        return "done"
-
-
-async def _started(worker: _Worker) -> None:
-    await asyncio.get_running_loop().run_in_executor(None, worker.started.wait, 5)
-
-
-async def test_to_thread_returns_the_result_and_check_cancelled_is_a_no_op_outside(
-    serve: Serve,
-) -> None:
-    aiodelay.check_cancelled()  # outside an aiodelay thread: nothing
-    worker = _Worker()
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(text=await aiodelay.to_thread(request, worker, 0.05))
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    assert (await _get(client, "/"))[:2] == (200, b"done")
-    assert worker.raised is None
-
-
-async def test_a_thread_stops_at_its_next_check_when_the_client_leaves(serve: Serve) -> None:
-    worker = _Worker()
-    probe = Probe()
-
-    async def handler(request: web.Request) -> web.Response:
-        text = await probe.run(request, aiodelay.to_thread(request, worker, 30))
-        return web.Response(text=text)
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await _started(worker)
-    dropped = time.monotonic()
-    client.drop("FIN")
-    await probe.wait_ended()
-    assert probe.cancelled  # the await ended at once
-    await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
-    assert isinstance(worker.raised, asyncio.CancelledError)
-    assert worker.stopped_at is not None
-    assert worker.stopped_at - dropped < 0.05
-
-
-async def test_a_thread_stops_at_its_next_check_when_the_deadline_passes(serve: Serve) -> None:
-    worker = _Worker()
-
-    @aiodelay.deadline(0.2)
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(text=await aiodelay.to_thread(request, worker, 30))
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    status, _, took = await _get(client, "/")
-    answered = time.monotonic()
-    assert status == 504
-    await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
-    assert isinstance(worker.raised, asyncio.CancelledError)
-    assert worker.stopped_at is not None
-    assert worker.stopped_at - (answered - took + 0.2) < 0.05
-
-
-async def test_cleanup_waits_for_a_thread_and_says_which_it_left_behind(
-    serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import aiodelay._core.middleware
-
-    monkeypatch.setattr(aiodelay._core.middleware, "THREAD_CLEANUP_TIMEOUT", 0.2)
-    caplog.set_level(logging.WARNING, logger="aiodelay")
-    release = threading.Event()
-    started = threading.Event()
-
-    def stubborn() -> None:  # never checks: it cannot be stopped
-        started.set()
-        release.wait(10)
-
-    probe = Probe()
-
-    async def handler(request: web.Request) -> web.Response:
-        await probe.run(request, aiodelay.to_thread(request, stubborn))
-        return web.Response()
-
-    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
-    client = await served.get("/")
-    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
-    client.drop("RST")
-    await probe.wait_ended()
-    await served.runner.cleanup()
-    [line] = [r.getMessage() for r in caplog.records if r.name == "aiodelay"]
-    assert "stubborn" in line
-    assert "left behind" in line
-    release.set()
-
-
-# A server process whose request runs a thread that never checks, and stops while the
-# thread runs. Its lines on stdout: the "left behind" log line, "cleanup ended", the thread's
-# "returned", "exits" (the thread ends on its own 1 s after it began: bounded).
-STUBBORN_THREAD = """\
-import asyncio, logging, sys, threading, time
-import aiohttp
-from aiohttp import web
-import aiodelay, aiodelay._core.middleware
-
-aiodelay._core.middleware.THREAD_CLEANUP_TIMEOUT = 0.2
-logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
-started = threading.Event()
-
-def stubborn():  # never calls aiodelay.check_cancelled()
-    started.set()
-    time.sleep(1)
-    print("returned", flush=True)
-
-async def handler(request):
-    await aiodelay.to_thread(request, stubborn)
-    return web.Response()
-
-async def main():
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=0.05)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
-    writer.close()  # the client leaves: the thread is told to stop, and does not
-    await runner.cleanup()
-    print("cleanup ended", flush=True)
-
-asyncio.run(main())
-print("exits", flush=True)
-"""
-
-
-def test_the_left_behind_line_says_the_process_waits_for_the_thread() -> None:
-    """A thread cannot be stopped, nor the process exit before it: the line says so."""
-    done = subprocess.run(
-        [sys.executable, "-c", STUBBORN_THREAD], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    left, *rest = done.stdout.splitlines()
-    assert "stubborn" in left
-    assert "left behind" in left
-    assert "the process exits only once it returns" in left
-    assert "aiodelay.check_cancelled()" in left  # what would have stopped it
-    # What the line says: the process went on waiting, up to the thread's own end.
-    assert rest == ["cleanup ended", "returned", "exits"]
-
-
-def aiodelay_key() -> Any:
-    from aiodelay._core.installation import app_key as book_key
-
-    return book_key
 
 
 # -- the pytest plugin ------------------------------------------------------------------------
@@ -534,145 +290,10 @@ async def test_the_plugin_reports_a_deadline(aiodelay_server: AiodelayServer) ->
     assert outcome.received.startswith(b"504"), outcome
 
 
-# -- configuration errors ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("call", "error"),
-    [
-        (lambda: aiodelay.deadline("5"), TypeError),  # type: ignore[arg-type]
-        (lambda: aiodelay.deadline(True), TypeError),
-        (lambda: aiodelay.deadline(0), ValueError),
-        (lambda: aiodelay.deadline(-1), ValueError),
-        (lambda: aiodelay.deadline(float("inf")), ValueError),
-        (lambda: aiodelay.deadline(1, status=200), ValueError),
-        (lambda: aiodelay.deadline(1, status="504"), TypeError),  # type: ignore[arg-type]
-        (lambda: aiodelay.grace(0), ValueError),
-        (lambda: aiodelay.grace(None), TypeError),  # type: ignore[arg-type]
-        (lambda: aiodelay.setup(web.Application(), deadline=0), ValueError),
-        (lambda: aiodelay.middleware(deadline="1"), TypeError),  # type: ignore[arg-type]
-    ],
-)
-def test_bad_configuration_is_refused(call: Any, error: type[Exception]) -> None:
-    with pytest.raises(error):
-        call()
-
-
 # -- regressions found in review ---------------------------------------------------------------
 
 
-async def test_a_thread_job_given_up_before_a_worker_took_it_is_not_waited_for(
-    serve: Serve, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A job still queued behind a busy executor when its request is cancelled never runs:
-    cleanup does not wait for it, nor says it was left behind."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    caplog.set_level(logging.WARNING, logger="aiodelay")
-    loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=1)
-    loop.set_default_executor(executor)
-    busy = threading.Event()
-    release = threading.Event()
-    ran: list[str] = []
-    probe = Probe()
-
-    def occupy() -> None:
-        busy.set()
-        release.wait(10)
-
-    def queued() -> None:
-        ran.append("queued job ran")
-
-    async def handler(request: web.Request) -> web.Response:
-        await probe.run(request, aiodelay.to_thread(request, queued))
-        return web.Response()
-
-    blocker = loop.run_in_executor(None, occupy)
-    assert busy.wait(5)  # the one worker is taken
-    served = await serve(_app(web.get("/", handler)), shutdown_timeout=0.05)
-    client = await served.get("/")
-    await probe.wait_started()
-    client.drop("FIN")
-    await probe.wait_ended()
-    book = served.app[aiodelay_key()]
-    assert book.threads == set()  # given up: nothing left to wait for
-    release.set()
-    await blocker
-    started = time.monotonic()
-    await served.runner.cleanup()
-    assert time.monotonic() - started < 1
-    assert ran == []
-    assert [r for r in caplog.records if r.name == "aiodelay"] == []
-    executor.shutdown(wait=True)
-
-
-async def test_check_cancelled_raises_once_the_awaiting_code_gave_up(serve: Serve) -> None:
-    """An asyncio.timeout around the await gives up on the thread: it is told to stop then,
-    not only when its request ends."""
-    loop = asyncio.get_running_loop()
-    stopped = asyncio.Event()
-
-    def work() -> None:
-        try:
-            for _ in range(6000):  # 30 s at most
-                aiodelay.check_cancelled()
-                time.sleep(0.005)
-        finally:
-            loop.call_soon_threadsafe(stopped.set)
-
-    async def handler(request: web.Request) -> web.Response:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(aiodelay.to_thread(request, work), 0.1)
-        # Still in the request: the thread must stop now, not when the request ends.
-        await asyncio.wait_for(stopped.wait(), 2)
-        return web.Response(text="stopped")
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.connect()
-    assert (await _get(client, "/"))[:2] == (200, b"stopped")
-
-
-async def test_the_end_of_a_grace_waits_for_a_shield_section(serve: Serve) -> None:
-    """A handler in its grace enters a shield() section (the write the grace is for) that
-    outlasts the grace: the section runs to its end, then the handler is cancelled."""
-    events: list[str] = []
-    probe = Probe()
-    release = asyncio.Event()
-
-    @aiodelay.grace(0.2)
-    async def handler(request: web.Request) -> web.Response:
-        async def work() -> None:
-            async def commit() -> None:
-                await release.wait()  # set by the test once the grace is over
-                events.append("committed")
-
-            await aiodelay.shield(commit())
-            events.append("after the section")
-
-        await probe.run(request, work())
-        return web.Response()
-
-    served = await serve(_app(web.get("/", handler)))
-    client = await served.get("/")
-    await probe.wait_started()
-    assert probe.request is not None
-    finish = aiodelay.notify_finish(probe.request)
-    client.drop("FIN")
-    with contextlib.suppress(aiodelay.ConnectionLost):
-        await asyncio.wait_for(finish, 5)  # the client left: the grace runs
-    # The grace is a span of time: the test lets it pass (a timer, not a wait for an event).
-    grace_over = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_later(0.3, grace_over.set_result, None)
-    await grace_over
-    release.set()
-    await probe.wait_ended()
-    assert events == ["committed"]
-    assert probe.cancelled
-
-
 async def test_an_app_default_deadline_leaves_websockets_alone(serve: Serve) -> None:
-    import aiohttp
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         socket_ = web.WebSocketResponse()
@@ -720,7 +341,7 @@ async def test_a_client_leaving_after_the_deadline_while_a_shield_section_runs(
     """The deadline came first; the client leaves during the shield section that delays the
     cancellation: counted once, as timed out."""
     lost: list[str] = []
-    probe = Probe()
+    probe = HandlerRun()
     release = asyncio.Event()
 
     class Lost:
@@ -839,3 +460,27 @@ async def test_a_deadline_queue_stops_the_others_when_one_fails(
     await asyncio.wait_for(other.passed, 5)
     [record] = [r for r in caplog.records if r.name == "aiodelay"]
     assert "at its deadline failed" in record.getMessage()
+
+
+# -- what a tiny deadline is said to be -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "said"), [(1e-300, "1e-300s"), (0.00012345, "0.000123s")])
+async def test_a_deadline_under_a_millisecond_is_said_with_its_significant_digits(
+    serve: Serve, lines: Lines, seconds: float, said: str
+) -> None:
+    """A deadline of less than 0.001 s is not "0.000s": the 504 body and the INFO line give
+    it with three significant digits."""
+
+    @aiodelay.deadline(seconds)
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    served = await serve(_app(web.get("/x", slow)))
+    client = await served.get("/x")
+    status, body = await asyncio.wait_for(client.read_response(), 5)
+    assert (status, body) == (504, f"504: the request exceeded its {said} deadline\n".encode())
+    line = (await lines.wait_for("deadline"))[0]
+    assert line == f"GET /x from 127.0.0.1 exceeded its {said} deadline: cancelled, answered 504"
+    assert lines.lines == [line]

@@ -1,0 +1,38 @@
+"""Why a request ended before its response was complete (``aiodelay/_core/errors.py``):
+ConnectionLost and its reason, through copies and pickles."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+
+import pytest
+
+import aiodelay
+
+pytestmark = pytest.mark.both_loops
+
+
+@pytest.mark.parametrize("message", [None, "the connection was closed before the handler started"])
+def test_connection_lost_copies_and_pickles_with_its_reason(message: str | None) -> None:
+    """ConnectionLost keeps its reason in a slot (no per-drop __dict__); copies and pickles
+    still carry reason and message."""
+    lost = aiodelay.ConnectionLost("closed", message)
+    for again in (copy.copy(lost), pickle.loads(pickle.dumps(lost))):
+        assert type(again) is aiodelay.ConnectionLost
+        assert again.reason == "closed"
+        assert str(again) == str(lost)
+
+
+def test_exception_notes_and_attributes_survive_a_copy() -> None:
+    """Attributes other than the reason (and Python 3.11's notes) live in the instance
+    __dict__, which copies and pickles carry too."""
+    lost = aiodelay.ConnectionLost("RST")
+    lost.where = "upstream"  # type: ignore[attr-defined]
+    if sys.version_info >= (3, 11):
+        lost.add_note("seen behind a proxy")
+    for again in (copy.copy(lost), pickle.loads(pickle.dumps(lost))):
+        assert again.reason == "RST"
+        assert again.where == "upstream"  # type: ignore[union-attr]
+        assert getattr(again, "__notes__", None) == getattr(lost, "__notes__", None)
