@@ -53,7 +53,7 @@ _PAUSED_REQUEST = (
 )
 
 
-class Probe:
+class HeldHandler:
     """The handler's side: tells when it started waiting and when it was cancelled."""
 
     def __init__(self) -> None:
@@ -74,7 +74,7 @@ class Probe:
         raise AssertionError("unreachable: the future above is never set")
 
 
-async def one_round(port: int, probe: Probe, close: str, paused: bool = False) -> float:
+async def one_round(port: int, probe: HeldHandler, close: str, paused: bool = False) -> float:
     """One connect, wait, close; the latency in seconds."""
     loop = asyncio.get_running_loop()
     probe.cancelled.clear()
@@ -101,7 +101,7 @@ async def one_round(port: int, probe: Probe, close: str, paused: bool = False) -
 
 
 async def measure_kind(kind: str, count: int, paused: bool = False) -> dict[str, list[float]]:
-    probe = Probe()
+    probe = HeldHandler()
     app = web.Application()
     app.router.add_route("*", "/wait", probe.wait)
     if kind == "aiodelay":
