@@ -10,10 +10,11 @@ import logging
 
 import aiohttp
 import pytest
-from aiohttp import web, web_protocol
+from aiohttp import http_writer, web, web_protocol, web_server
 
 import aiodelay
 from aiodelay._core import aiohttp_internals, degraded, middleware
+from aiodelay.pytest_plugin import AiodelayServer
 from tests.conftest import Drop, HandlerRun, Lines, Serve
 
 #: What the simulated aiohttp lacks: the queue of pipelined requests of a connection.
@@ -36,6 +37,22 @@ def test_a_missing_internal_is_named() -> None:
     assert "RequestHandler._messages" in missing
     assert "RequestHandler.eof_received" in missing
     assert "RequestHandler.data_received" not in missing
+
+
+def test_a_writer_that_takes_no_attribute_and_a_server_without_connection_lost_are_named() -> None:
+    class Writer:  # where aiodelay keeps a request's state: it must take an attribute
+        __slots__ = ("_eof",)
+
+    class Server:  # aiodelay wraps its connection_lost (how a peer left, before the request)
+        handler_cancellation = False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(http_writer, "StreamWriter", Writer)
+        mp.setattr(web_server, "Server", Server)
+        missing = aiohttp_internals.missing_internals()
+    assert "StreamWriter.__dict__" in missing
+    assert "Server.connection_lost" in missing
+    assert "Server.handler_cancellation" not in missing
 
 
 @pytest.fixture
@@ -149,3 +166,71 @@ def _protocols(runner: web.AppRunner) -> list[object]:
     server = runner.server
     assert server is not None
     return [handler.transport.get_protocol() for handler in server.connections if handler.transport]
+
+
+@pytest.mark.parametrize("how", ["FIN", "RST"])
+async def test_degraded_with_aiodelay_on_a_sub_app_too_handles_a_request_once(
+    lacking: None, serve: Serve, lines: Lines, how: Drop
+) -> None:
+    """As when not degraded: the outer middleware handles a request into the sub-app, under the
+    sub-app's policy, logs it once and counts it in both."""
+    kept, release = HandlerRun(), asyncio.Event()
+
+    async def write(request: web.Request) -> web.Response:  # no mark: the sub-app's policy
+        await kept.run(request, release.wait())
+        return web.Response(text="written")
+
+    sub = web.Application()
+    aiodelay.setup(sub, policy="shield")
+    sub.router.add_get("/write", write)
+    app = web.Application()
+    aiodelay.setup(app)  # cancel
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    left = await served.get("/sub/write")
+    await kept.wait_started()
+    left.drop(how)
+    await lines.wait_for(r"GET /sub/write .*: shielded, runs on")
+    release.set()
+    await kept.wait_ended()
+    assert kept.completed
+    await until_counted(app)
+    for each in (app, sub):
+        counted = aiodelay.stats(each)
+        assert (counted.cancelled, counted.shielded_ran_on, counted.in_flight) == (0, 1, 0)
+    assert len([line for line in lines.lines if "/sub/write" in line]) == 1, lines.lines
+
+
+async def test_degraded_says_so_when_it_cannot_turn_on_aiohttps_cancellation(
+    lacking: None, serve: Serve, lines: Lines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where aiohttp's server cannot be reached through the request, nothing would see a
+    client leave: a second WARNING, at the first request, says what to pass instead."""
+    monkeypatch.setattr(degraded, "turn_on_handler_cancellation", lambda request: None)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    served = await serve(app)
+    client = await served.connect()
+    for _ in range(2):
+        await client.get("/")
+        assert await client.read_response() == (200, b"hello")
+    [line] = [line for line in lines.lines if "cannot reach aiohttp's server" in line]
+    assert "handler_cancellation=True" in line
+
+
+async def test_the_plugins_drop_says_at_once_that_it_cannot_follow_a_degraded_server(
+    lacking: None, aiodelay_server: AiodelayServer
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    server = await aiodelay_server(app)
+    with pytest.raises(RuntimeError, match="runs degraded on this aiohttp"):
+        await server.drop("GET", "/")

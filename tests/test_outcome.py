@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.typedefs import Handler
 
 import aiodelay
@@ -770,7 +770,10 @@ async def test_a_client_gone_before_aiodelay_saw_its_request_is_told_as_it_left(
     assert transports == [None]  # (gone when aiodelay saw the request)
     assert outcome.kind == "cancelled"
     assert outcome.lost is not None
-    assert outcome.lost.reason == drop
+    # aiohttp 3.10's RequestHandler has no room for the note (no ``_cache``): there, as
+    # documented, the request is told "closed".
+    told = drop if hasattr(web_protocol.RequestHandler, "_cache") else "closed"
+    assert outcome.lost.reason == told
 
 
 # -- a sub-app's observer, for a client that left before the handler started ----------------

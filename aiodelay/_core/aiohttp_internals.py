@@ -143,7 +143,11 @@ def missing_internals() -> tuple[str, ...]:
                 "_payload_parser",
             ),
         ),
-        ("Server", getattr(web_server, "Server", None), ("handler_cancellation",)),
+        (
+            "Server",
+            getattr(web_server, "Server", None),
+            ("handler_cancellation", "connection_lost"),
+        ),
         # A request: where its state is kept, its body, its route, its message.
         (
             "BaseRequest",
@@ -173,6 +177,11 @@ def missing_internals() -> tuple[str, ...]:
             missing.append(where)
             continue
         missing.extend(f"{where}.{name}" for name in names if not _has(owner, name))
+    # A request's state is kept on its message's writer (STATE, below): the writer must take an
+    # attribute of aiodelay's (a class with __slots__ and no __dict__ would not).
+    writer = getattr(http_writer, "StreamWriter", None)
+    if writer is not None and not getattr(writer, "__dictoffset__", 0):
+        missing.append("StreamWriter.__dict__")
     return tuple(missing)
 
 
@@ -544,7 +553,7 @@ transport_of = operator.attrgetter("_protocol.transport")
 #: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
 #: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
 payload_of = operator.attrgetter("_payload")
-EMPTY_PAYLOAD = streams.EMPTY_PAYLOAD
+EMPTY_PAYLOAD = getattr(streams, "EMPTY_PAYLOAD", None)  # (None: MISSING names it)
 
 #: ``route_of(request)``: ``request.match_info.route`` of a ``web.Request`` (a C attribute
 #: getter: those are two Python properties, paid by every request whose plan is asked for).
@@ -694,7 +703,10 @@ def _logged(status: int, reason: str, sent: int) -> web.StreamResponse:
 
 #: What every request that sent nothing is logged as: one object, shared (aiohttp only reads
 #: it), so that a storm of drops does not build a response per drop.
-_NOTHING_SENT = _logged(499, "Client Closed Request", 0)
+try:
+    _NOTHING_SENT = _logged(499, "Client Closed Request", 0)
+except AttributeError:  # a StreamResponse without them (MISSING names them): never used then
+    _NOTHING_SENT = web.StreamResponse(status=499)
 
 
 def log_bytes_sent(response: web.StreamResponse) -> int:

@@ -57,7 +57,11 @@ class Hangups:
         self._mask = mask
         self._epoll = select.epoll()
         self._held: dict[int, Reporter] = {}
-        loop.add_reader(self._epoll.fileno(), self._ready)
+        try:
+            loop.add_reader(self._epoll.fileno(), self._ready)
+        except BaseException:
+            self._epoll.close()  # not left open by a loop that would not take it
+            raise
         weakref.finalize(loop, self._epoll.close)
 
     def hold(self, fd: int, watch: Reporter) -> int:

@@ -110,7 +110,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the server until Ctrl-C or SIGTERM; returns the exit status."""
+    """Run the server until Ctrl-C or SIGTERM; returns the exit status.
+
+    While it runs, the root logger writes to stderr from INFO up, in the server's format (a
+    handler and the level are added, and taken back when it returns): scripts' own lines are
+    the site's log too. A program that configured the root logger itself and calls this gets
+    each line from its own handlers too."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)

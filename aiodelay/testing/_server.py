@@ -14,6 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 import aiodelay
+from aiodelay._core import aiohttp_internals
 
 from ._client import HOST, RawClient
 from ._outcome import DropHow, DropOutcome
@@ -71,6 +72,12 @@ class LiveServer:
                     "drop() needs aiodelay on the app: serve it with setup_aiodelay=True "
                     "(the default), or call aiodelay.setup(app) first"
                 ) from None
+            missing = aiohttp_internals.MISSING
+            if missing:
+                raise RuntimeError(
+                    "drop() cannot follow requests while aiodelay runs degraded on this "
+                    f"aiohttp (it lacks {', '.join(missing)}): observers are not called then"
+                )
             self._observer = Observer()
             self._remove_observer = aiodelay.add_observer(self.app, self._observer)
         return self._observer
