@@ -40,7 +40,7 @@ from collections.abc import Callable, Sized
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import streams, web
+from aiohttp import hdrs, streams, web
 from aiohttp.abc import AbstractAccessLogger
 
 from .errors import ConnectionLost, Reason
@@ -60,6 +60,8 @@ __all__ = (
     "as_sent",
     "asks_upgrade",
     "bytes_written",
+    "close_after",
+    "close_waiting",
     "fail_as_aiohttp",
     "how_peer_left",
     "install_watch",
@@ -68,9 +70,13 @@ __all__ = (
     "peer_gone",
     "response_written",
     "route_of",
+    "says_close",
+    "server_of",
     "state_of",
     "status_line_sent",
+    "take_over_pre_shutdown",
     "transport_of",
+    "worth_reading",
     "writer_of",
 )
 
@@ -420,6 +426,101 @@ def fail_as_aiohttp(request: web.BaseRequest, exc: BaseException) -> None:
     protocol = request.protocol
     protocol.log_exception("Unhandled exception", exc_info=exc)
     protocol.force_close()
+
+
+def server_of(request: web.BaseRequest) -> web.Server | None:
+    """The aiohttp server (``web.Server``, one per runner) that ``request`` came through."""
+    manager: web.Server | None = request.protocol._manager
+    return manager
+
+
+def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, drain: bool) -> None:
+    """Shut ``server``'s connections down so that no request a client sent is lost: in place
+    of aiohttp's ``Server.pre_shutdown`` (the runner calls it once it stopped accepting, before
+    the app's ``on_shutdown`` hooks), call ``begin()``, then close each connection with a
+    request in flight after its response, which says so (:func:`close_after`). ``drain``: leave
+    the others reading, until :func:`close_waiting` (an ``on_shutdown`` hook calls it, after
+    waiting while :func:`worth_reading`); else close them now.
+
+    aiohttp's own ``pre_shutdown`` stops reading on every connection at once and closes an idle
+    one only later, once the ``on_shutdown`` hooks have run: a request sent on it meanwhile is
+    read and dropped, and so is the first request of a connection accepted just before (a
+    proxy connects to send a request). Then it answers each request in flight as on a
+    connection that stays open, and closes that connection (it declined to change this:
+    aiohttp#2298): a keep-alive client, such as nginx's pool of upstream connections, sends
+    its next request on it and gets a reset. nginx answers such a POST with 502 (it retries
+    only idempotent requests on another connection).
+    """
+
+    def pre_shutdown() -> None:
+        begin()
+        for proto in server.connections:
+            request = proto._current_request
+            if request is not None:
+                close_after(request)
+            elif proto._messages:
+                proto.close()  # (the middleware makes their responses say so)
+        if not drain:
+            close_waiting(server)
+
+    server.pre_shutdown = pre_shutdown  # type: ignore[method-assign]
+
+
+def worth_reading(server: web.Server) -> list[asyncio.Task[None]]:
+    """While a client may still send a request on a connection of ``server`` that is being shut
+    down, what to wait for: the tasks of its connections that are not idle (each ends when its
+    connection closes). A client may still send one while a connection has not brought its
+    first request yet (a client connects to send one), or while one waits for its next request
+    and others have requests in flight (the clients are busy: nginx sends its next request on
+    any connection of its pool). Empty once none may."""
+    tasks: list[asyncio.Task[None]] = []
+    waiting = fresh = False
+    for proto in server.connections:
+        if not proto._request_count:
+            fresh = True
+        elif proto._waiter is not None and not proto._messages:
+            waiting = True
+            continue
+        if proto._task_handler is not None:
+            tasks.append(proto._task_handler)
+    return tasks if fresh or (waiting and tasks) else []
+
+
+def close_waiting(server: web.Server) -> None:
+    """End the shutdown's wait for requests on ``server``'s connections: close those that wait
+    for one now (so that the client learns it at once), the others after their response (as
+    aiohttp's ``pre_shutdown`` would have). Not promised: a client may send a request at the
+    moment its idle connection closes (HTTP/1.1 has no way to prevent it; nginx retries an
+    idempotent one on another connection)."""
+    for proto in server.connections:
+        if proto._waiter is not None and not proto._messages:
+            proto.force_close()
+        else:
+            proto.close()
+
+
+def close_after(request: web.BaseRequest) -> None:
+    """Close ``request``'s connection after its response, which says so: no further request is
+    read on it, and the response carries ``Connection: close`` (see :func:`says_close`)."""
+    request.protocol.close()
+    says_close(request)
+
+
+def says_close(request: web.BaseRequest) -> None:
+    """Make ``request``'s response carry ``Connection: close`` (the one aiohttp's writer of
+    the request, shared by its clones, writes next: the handler's to make, not prepared yet)."""
+    writer = request._payload_writer
+    if "write_headers" in vars(writer):
+        return  # done already
+    write_headers = writer.write_headers
+
+    async def closing(status_line: str, headers: Any) -> None:
+        # (but a protocol switch, a WebSocket handshake: it needs "Connection: upgrade")
+        if "upgrade" not in headers.get(hdrs.CONNECTION, "").lower():
+            headers[hdrs.CONNECTION] = "close"
+        await write_headers(status_line, headers)
+
+    writer.write_headers = closing  # type: ignore[method-assign]
 
 
 def abort_connection(request: web.BaseRequest) -> None:

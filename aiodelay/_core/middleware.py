@@ -22,10 +22,15 @@ from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
     asks_upgrade,
+    close_after,
+    close_waiting,
     install_watch,
     payload_of,
     route_of,
+    server_of,
+    take_over_pre_shutdown,
     transport_of,
+    worth_reading,
 )
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
@@ -50,6 +55,12 @@ _get_running_loop = asyncio.get_running_loop
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
 
+#: How long a graceful shutdown keeps reading connections that wait for a request, while a
+#: client may still send one on them (see ``aiohttp_internals.worth_reading``): a connection
+#: accepted just before (a client, a proxy, connects to send one at once), or any while
+#: requests are in flight (nginx sends its next request on any connection of its pool).
+SHUTDOWN_DRAIN = 0.25
+
 #: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
 #: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
 _RESPONSE_CLASSES: set[type] = set()
@@ -71,7 +82,14 @@ class Middleware(Installation):
             # The first request on this connection (on the next ones the Watch is there);
             # also when the transport is already closing, so that aiohttp's connection_lost
             # still goes through the Watch. None once it is gone.
-            watch = None if transport is None else install_watch(request, transport, EVENTS)
+            if transport is None:
+                watch = None
+            else:
+                watch = install_watch(request, transport, EVENTS)
+                server = server_of(request)
+                if server is not None and server not in self.servers:
+                    self.servers.add(server)
+                    take_over_pre_shutdown(server, self._shutdown_began, drain=self.drains)
         if self.nested is None:
             self.learn(request.app)
         if _current_tasks is None:
@@ -80,6 +98,10 @@ class Middleware(Installation):
             task = _current_tasks.get(_get_running_loop())
         assert task is not None  # aiohttp runs each request in a task of its own
         state = state_for(request, task, self, watch)
+        if self.shutting_down:
+            # Read once the shutdown began, or before it but not started then: its connection
+            # closes after it, and its response says so (take_over_pre_shutdown).
+            close_after(request)
         if state is None:
             # aiodelay is installed on an app and on a sub-app: the outer one watches, counts
             # and tells for both, under the sub-app's policy.
@@ -151,12 +173,29 @@ class Middleware(Installation):
         deadlines.add(state)
         return deadlines
 
+    def _shutdown_began(self) -> None:
+        self.shutting_down = True
+
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
+        # The first on_shutdown hook (see setup()): what clients send before they learn of the
+        # shutdown is served while the app's resources are all there, each answer saying that
+        # the connection closes. Bounded: a client that connected and sent nothing, or left a
+        # connection idle, is not waited for long.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_DRAIN
+        while (left := deadline - loop.time()) > 0:
+            tasks = [task for server in self.servers for task in worth_reading(server)]
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        for server in self.servers:
+            close_waiting(server)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self.shutting_down = False
         yield
+        self.servers.clear()
         # aiohttp's graceful shutdown waited for these; what still runs now would be
         # destroyed pending when the loop closes. Cancel it and let its finally blocks run.
         tasks = [state.task for state in self.running_on if state.task is not None]
@@ -238,8 +277,11 @@ def setup(
     if app.frozen:
         raise RuntimeError("aiodelay.setup() must be called before the app starts")
     app[app_key] = mw
+    mw.drains = True
     app.middlewares.insert(0, mw)
-    app.on_shutdown.append(mw._on_shutdown)
+    # First: the requests that clients sent before they learned of the shutdown are served
+    # before the app's own hooks tear anything down (see Middleware._on_shutdown).
+    app.on_shutdown.insert(0, mw._on_shutdown)
     app.cleanup_ctx.append(mw._lifecycle)
 
 
