@@ -59,6 +59,7 @@ __all__ = (
     "access_logged",
     "as_sent",
     "asks_upgrade",
+    "busy",
     "bytes_written",
     "close_after",
     "close_waiting",
@@ -466,24 +467,28 @@ def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, dra
     server.pre_shutdown = pre_shutdown  # type: ignore[method-assign]
 
 
-def worth_reading(server: web.Server) -> list[asyncio.Task[None]]:
+def _waiting(proto: RequestHandler) -> bool:
+    """Whether the connection waits for its next request (none read, none in flight)."""
+    return proto._waiter is not None and not proto._messages
+
+
+def busy(server: web.Server) -> bool:
+    """Whether ``server`` has a request in flight (or read and not yet handled)."""
+    return any(proto._request_count and not _waiting(proto) for proto in server.connections)
+
+
+def worth_reading(server: web.Server, *, idle: bool) -> list[asyncio.Task[None]]:
     """While a client may still send a request on a connection of ``server`` that is being shut
-    down, what to wait for: the tasks of its connections that are not idle (each ends when its
-    connection closes). A client may still send one while a connection has not brought its
-    first request yet (a client connects to send one), or while one waits for its next request
-    and others have requests in flight (the clients are busy: nginx sends its next request on
-    any connection of its pool). Empty once none may."""
-    tasks: list[asyncio.Task[None]] = []
-    waiting = fresh = False
-    for proto in server.connections:
-        if not proto._request_count:
-            fresh = True
-        elif proto._waiter is not None and not proto._messages:
-            waiting = True
-            continue
-        if proto._task_handler is not None:
-            tasks.append(proto._task_handler)
-    return tasks if fresh or (waiting and tasks) else []
+    down, what to wait for: the tasks of its connections (each ends when its connection
+    closes); empty once no client may. A client may send one on a connection that has not
+    brought its first request yet (a client connects to send one), and, with ``idle`` (the
+    clients were busy when the shutdown began: nginx sends its next request on any connection
+    of its pool), on any connection: one waiting for its next request, or one whose response
+    went out as on a connection that stays open just before the shutdown began."""
+    tasks = [proto._task_handler for proto in server.connections if proto._task_handler]
+    if idle or any(not proto._request_count for proto in server.connections):
+        return tasks
+    return []
 
 
 def close_waiting(server: web.Server) -> None:
@@ -493,7 +498,7 @@ def close_waiting(server: web.Server) -> None:
     moment its idle connection closes (HTTP/1.1 has no way to prevent it; nginx retries an
     idempotent one on another connection)."""
     for proto in server.connections:
-        if proto._waiter is not None and not proto._messages:
+        if _waiting(proto):
             proto.force_close()
         else:
             proto.close()

@@ -22,6 +22,7 @@ from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
     asks_upgrade,
+    busy,
     close_after,
     close_waiting,
     install_watch,
@@ -55,10 +56,10 @@ _get_running_loop = asyncio.get_running_loop
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
 
-#: How long a graceful shutdown keeps reading connections that wait for a request, while a
-#: client may still send one on them (see ``aiohttp_internals.worth_reading``): a connection
-#: accepted just before (a client, a proxy, connects to send one at once), or any while
-#: requests are in flight (nginx sends its next request on any connection of its pool).
+#: How long at most a graceful shutdown keeps reading connections that wait for a request,
+#: while a client may still send one on them (see ``aiohttp_internals.worth_reading``): one
+#: accepted just before (a client, a proxy, connects to send one at once), and, if requests
+#: were in flight, the idle ones (nginx sends its next request on any connection of its pool).
 SHUTDOWN_DRAIN = 0.25
 
 #: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
@@ -180,12 +181,16 @@ class Middleware(Installation):
         self.shutting_down = True
         # The first on_shutdown hook (see setup()): what clients send before they learn of the
         # shutdown is served while the app's resources are all there, each answer saying that
-        # the connection closes. Bounded: a client that connected and sent nothing, or left a
-        # connection idle, is not waited for long.
+        # the connection closes. While requests were in flight, the clients are busy: idle
+        # connections are kept reading too, and each closes after the request it brings
+        # (under load, nginx cycles through its pool in a moment); not when nothing was (then
+        # closing an idle connection races with no one). Bounded: a connection that brings
+        # nothing is not waited for long.
+        idle = any(busy(server) for server in self.servers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_DRAIN
         while (left := deadline - loop.time()) > 0:
-            tasks = [task for server in self.servers for task in worth_reading(server)]
+            tasks = [task for server in self.servers for task in worth_reading(server, idle=idle)]
             if not tasks:
                 break
             await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
