@@ -1019,3 +1019,54 @@ async def test_an_idle_connection_does_not_hold_up_the_shutdown(
     assert (await _head(client))[1] == b"done"
     await asyncio.wait_for(served.runner.cleanup(), 5)
     assert await asyncio.wait_for(client.reader.read(), 5) == b""
+
+
+async def test_the_next_request_after_a_response_sent_before_the_shutdown_is_served(
+    serve: Serve,
+) -> None:
+    """A handler still runs when the shutdown begins, but its whole response went out before,
+    as on a connection that stays open: its client sends its next request on it, which is
+    served (saying that the connection closes), not read and dropped."""
+    sent, go, began = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/late":
+            return web.Response(text="/late")
+        response = web.StreamResponse()
+        response.content_length = 5
+        await response.prepare(request)
+        await response.write(b"first")
+        await response.write_eof()
+        sent.set()
+        await go.wait()  # the handler's work after its response (a log line, a commit...)
+        return response
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/{name}", handler)
+    served = await serve(app, shutdown_timeout=5)
+    server = served.runner.server
+    assert server is not None
+    client = await served.get("/first")
+    await asyncio.wait_for(sent.wait(), 5)
+    head, body = await _head(client)
+    assert body == b"first"
+    assert b"Connection" not in head, head  # a keep-alive response, before the shutdown
+    pre_shutdown = server.pre_shutdown
+
+    def shutting_down() -> None:
+        pre_shutdown()
+        began.set()
+
+    server.pre_shutdown = shutting_down  # type: ignore[method-assign]
+    cleanup = asyncio.ensure_future(served.runner.cleanup())
+    try:
+        await asyncio.wait_for(began.wait(), 5)
+        await client.get("/late")
+        go.set()
+        head, body = await _head(client)
+        assert body == b"/late"
+        assert b"\r\nConnection: close\r\n" in head, head
+    finally:
+        go.set()
+        await asyncio.wait_for(cleanup, 5)

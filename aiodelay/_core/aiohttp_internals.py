@@ -439,9 +439,10 @@ def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, dra
     """Shut ``server``'s connections down so that no request a client sent is lost: in place
     of aiohttp's ``Server.pre_shutdown`` (the runner calls it once it stopped accepting, before
     the app's ``on_shutdown`` hooks), call ``begin()``, then close each connection with a
-    request in flight after its response, which says so (:func:`close_after`). ``drain``: leave
-    the others reading, until :func:`close_waiting` (an ``on_shutdown`` hook calls it, after
-    waiting while :func:`worth_reading`); else close them now.
+    request in flight after its response, which says so (:func:`close_after`), if its head has
+    not gone out yet. ``drain``: leave the others reading, until :func:`close_waiting` (an
+    ``on_shutdown`` hook calls it, after waiting while :func:`worth_reading`); else close them
+    now.
 
     aiohttp's own ``pre_shutdown`` stops reading on every connection at once and closes an idle
     one only later, once the ``on_shutdown`` hooks have run: a request sent on it meanwhile is
@@ -457,10 +458,11 @@ def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, dra
         begin()
         for proto in server.connections:
             request = proto._current_request
-            if request is not None:
+            if request is not None and not _head_written(request):
                 close_after(request)
-            elif proto._messages:
-                proto.close()  # (the middleware makes their responses say so)
+            # else: a request read but not started yet is closed after by the middleware; a
+            # response whose head went out as on a connection that stays open is followed by
+            # its client's next request, which the drain serves (read, not dropped).
         if not drain:
             close_waiting(server)
 
@@ -502,6 +504,14 @@ def close_waiting(server: web.Server) -> None:
             proto.force_close()
         else:
             proto.close()
+
+
+def _head_written(request: web.BaseRequest) -> bool:
+    """Whether the status line and headers of ``request``'s response were written (sent, or
+    buffered to go with the body: aiohttp 3.11 and later)."""
+    return getattr(request._payload_writer, "_headers_buf", None) is not None or (
+        status_line_sent(request)
+    )
 
 
 def close_after(request: web.BaseRequest) -> None:
