@@ -18,6 +18,11 @@ sends a first chunk of a chunked response, then holds the same way. ``/download/
 they are taken; ``/work/{id}?seconds=S`` answers after S seconds. The id is in the path so
 that aiodelay's INFO line (which names the path) says which request it is about.
 
+``POST /write/{id}?seconds=S`` reads its body and answers after S seconds, and ``GET
+/read/{id}?seconds=S`` answers after S seconds: the reload test's load (neither reports an
+event; there are thousands). ``serve_plain`` serves those two routes on plain aiohttp, without
+aiodelay: the reload test's control.
+
 ``serve_metrics`` is ``serve`` with ``aiodelay.prometheus.setup(app)`` (``GET /metrics``),
 run with ``PROMETHEUS_MULTIPROC_DIR`` set and the hooks of
 ``examples/deployment/prometheus_hooks.py``. Its
@@ -142,6 +147,22 @@ async def work(request: web.Request) -> web.Response:
     return web.Response(text="done")
 
 
+async def write(request: web.Request) -> web.Response:
+    """A write: the body read, then ``seconds`` (a query parameter) of work."""
+    body = await request.read()
+    await asyncio.sleep(float(request.query["seconds"]))
+    return web.Response(text=f"wrote {len(body)}")
+
+
+async def read(request: web.Request) -> web.Response:
+    """A read: ``seconds`` (a query parameter) of work, then the answer."""
+    await asyncio.sleep(float(request.query["seconds"]))
+    return web.Response(text="read")
+
+
+LOAD_ROUTES = [web.post("/write/{id}", write), web.get("/read/{id}", read)]
+
+
 async def _ready(app: web.Application) -> None:
     report("ready")
 
@@ -164,9 +185,19 @@ async def create_app(*, metrics: bool = False) -> web.Application:
             # The same download through nginx's /stream/ location (proxy_buffering off).
             web.get("/stream/download/{id}", download),
             web.get("/work/{id}", work),
+            *LOAD_ROUTES,
         ]
     )
     return app
+
+
+async def serve_plain() -> web.AppRunner:
+    """The reload test's control: the load's routes on aiohttp alone (no aiodelay), in the
+    same runner as ``serve()``."""
+    app = web.Application()
+    app.on_startup.append(_ready)
+    app.add_routes(LOAD_ROUTES)
+    return _runner(app)
 
 
 async def serve() -> web.AppRunner:

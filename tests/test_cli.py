@@ -174,6 +174,21 @@ resource = Pending()
 """
 
 
+# (the whole stop, seconds; what aiohttp gets as shutdown_timeout, which it waits twice)
+SHUTDOWN_SPLITS = [
+    (3.0, 1.375),  # the CLI's: aiodelay's drain (0.25 s) first, then 2 x 1.375 s
+    (1.0, 0.375),
+    (0.1, 0.025),  # shorter than the drain can be: aiohttp keeps half, never 0 (no timeout)
+]
+
+
+@pytest.mark.parametrize(("total", "expected"), SHUTDOWN_SPLITS)
+def test_the_stop_time_is_shared_between_the_drain_and_aiohttp(
+    total: float, expected: float
+) -> None:
+    assert _cli.aiohttp_shutdown_timeout(total) == pytest.approx(expected)
+
+
 def test_stop_fails_pending_requests_with_reason_shutdown(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 import aiodelay
 from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
+from aiodelay.testing import RawClient
 from tests.conftest import Drop, HandlerRun, Serve
 
 
@@ -886,3 +887,243 @@ async def test_a_middleware_outside_aiodelay_sees_a_drop_as_without_aiodelay(
         assert isinstance(second, web.StreamResponse)
         assert (first.status, second.status) == (499, 499)
         assert first is not second
+
+
+# -- graceful shutdown: the responses in flight say that the connection closes ---------------
+
+# What a handler in flight when the server began to shut down answers: a response it returns
+# (aiohttp writes it), one that aiodelay writes (an observed request), a stream it prepares
+# itself; and whether aiodelay is installed (without it, aiohttp's own behaviour: the control).
+SHUTDOWN_CASES = [
+    ("returned", True),
+    ("observed", True),
+    ("stream", True),
+    ("returned", False),  # aiohttp alone answers as on a connection that stays open
+    ("stream", False),
+]
+
+
+class _Quiet:
+    def request_started(self, request: web.BaseRequest) -> None:
+        pass
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        pass
+
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("kind", "installed"), SHUTDOWN_CASES)
+async def test_a_response_in_flight_at_shutdown_says_the_connection_closes(
+    serve: Serve, kind: str, installed: bool
+) -> None:
+    started, go, stopping, answered = (asyncio.Event() for _ in range(4))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        started.set()
+        await go.wait()
+        if kind != "stream":
+            return web.Response(text="done")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"done")
+        return response
+
+    async def on_shutdown(app: web.Application) -> None:
+        # The app's own shutdown work, registered before aiodelay's hook; the response goes
+        # out meanwhile.
+        stopping.set()
+        await answered.wait()
+
+    app = web.Application()
+    app.on_shutdown.append(on_shutdown)
+    if installed:
+        aiodelay.setup(app)
+        if kind == "observed":
+            aiodelay.add_observer(app, _Quiet())
+    app.router.add_get("/", handler)
+    served = await serve(app, shutdown_timeout=5)
+    client = await served.get("/")  # HTTP/1.1, keep-alive
+    await asyncio.wait_for(started.wait(), 5)
+    cleanup = asyncio.ensure_future(served.runner.cleanup())
+    await asyncio.wait_for(stopping.wait(), 5)
+    go.set()
+    head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+    answered.set()
+    await asyncio.wait_for(cleanup, 5)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (b"\r\nConnection: close\r\n" in head) is installed, head
+    await asyncio.wait_for(client.reader.read(), 5)  # and then the connection closes
+
+
+async def test_a_request_sent_after_shutdown_began_is_not_read(serve: Serve) -> None:
+    """A client that sends its next request before it reads ``Connection: close`` (pipelining)
+    gets no answer to it: the connection closes after the response in flight."""
+    started, go, stopping = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        handled.append(request.path)
+        started.set()
+        await go.wait()
+        return web.Response(text="done")
+
+    async def on_shutdown(app: web.Application) -> None:
+        stopping.set()
+        await go.wait()
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/{name}", handler)
+    served = await serve(app, shutdown_timeout=5)
+    client = await served.get("/first")
+    await asyncio.wait_for(started.wait(), 5)
+    cleanup = asyncio.ensure_future(served.runner.cleanup())
+    await asyncio.wait_for(stopping.wait(), 5)
+    await client.get("/second")  # read by the server or not, it must not be handled
+    go.set()
+    rest = await asyncio.wait_for(client.reader.read(), 5)
+    await asyncio.wait_for(cleanup, 5)
+    assert rest.count(b"HTTP/1.1 ") == 1, rest
+    assert b"\r\nConnection: close\r\n" in rest, rest
+    assert handled == ["/first"]
+
+
+async def _head(client: RawClient) -> tuple[bytes, bytes]:
+    """One Content-Length response: its head and its body."""
+    head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.partition(b":")[2])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await asyncio.wait_for(client.reader.readexactly(length), 5)
+
+
+# A connection on which a client sends a request once the shutdown began, while another
+# request is in flight: accepted just before and nothing sent yet (a proxy connects to send
+# a request), or idle after a first request (a proxy's pool of connections).
+@pytest.mark.parametrize("connection", ["new", "idle"])
+async def test_a_request_sent_before_the_client_learned_of_the_shutdown_is_served(
+    serve: Serve, connection: str
+) -> None:
+    started, go, began, accepted = (asyncio.Event() for _ in range(4))
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/held":
+            started.set()
+            await go.wait()
+        return web.Response(text=request.path)
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/{name}", handler)
+    served = await serve(app, shutdown_timeout=5)
+    server = served.runner.server
+    assert server is not None
+    await served.get("/held")
+    await asyncio.wait_for(started.wait(), 5)
+    # Told when the server accepted the next connection and when its shutdown began.
+    connection_made = server.connection_made
+    pre_shutdown = server.pre_shutdown
+
+    def made(handler: Any, transport: Any) -> None:
+        connection_made(handler, transport)
+        accepted.set()
+
+    def shutting_down() -> None:
+        pre_shutdown()
+        began.set()
+
+    server.connection_made = made  # type: ignore[method-assign]
+    server.pre_shutdown = shutting_down  # type: ignore[method-assign]
+    client = await served.connect()
+    await asyncio.wait_for(accepted.wait(), 5)
+    if connection == "idle":
+        await client.get("/first")
+        _, body = await _head(client)
+        assert body == b"/first"
+    cleanup = asyncio.ensure_future(served.runner.cleanup())
+    try:
+        await asyncio.wait_for(began.wait(), 5)
+        await client.get("/late")
+        head, body = await _head(client)
+        assert body == b"/late"
+        assert b"\r\nConnection: close\r\n" in head, head
+    finally:
+        go.set()
+        await asyncio.wait_for(cleanup, 5)
+
+
+@pytest.mark.parametrize("installed", ["setup", "middleware"])
+async def test_an_idle_connection_does_not_hold_up_the_shutdown(
+    serve: Serve, installed: str
+) -> None:
+    """Closed at once when nothing is in flight: aiohttp's shutdown would wait its whole
+    ``shutdown_timeout`` for a connection still reading."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    app = web.Application(middlewares=[aiodelay.middleware()] if installed == "middleware" else [])
+    if installed == "setup":
+        aiodelay.setup(app)
+    app.router.add_get("/", handler)
+    served = await serve(app, shutdown_timeout=60)
+    client = await served.get("/")
+    assert (await _head(client))[1] == b"done"
+    await asyncio.wait_for(served.runner.cleanup(), 5)
+    assert await asyncio.wait_for(client.reader.read(), 5) == b""
+
+
+async def test_the_next_request_after_a_response_sent_before_the_shutdown_is_served(
+    serve: Serve,
+) -> None:
+    """A handler still runs when the shutdown begins, but its whole response went out before,
+    as on a connection that stays open: its client sends its next request on it, which is
+    served (saying that the connection closes), not read and dropped."""
+    sent, go, began = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/late":
+            return web.Response(text="/late")
+        response = web.StreamResponse()
+        response.content_length = 5
+        await response.prepare(request)
+        await response.write(b"first")
+        await response.write_eof()
+        sent.set()
+        await go.wait()  # the handler's work after its response (a log line, a commit...)
+        return response
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/{name}", handler)
+    served = await serve(app, shutdown_timeout=5)
+    server = served.runner.server
+    assert server is not None
+    client = await served.get("/first")
+    await asyncio.wait_for(sent.wait(), 5)
+    head, body = await _head(client)
+    assert body == b"first"
+    assert b"Connection" not in head, head  # a keep-alive response, before the shutdown
+    pre_shutdown = server.pre_shutdown
+
+    def shutting_down() -> None:
+        pre_shutdown()
+        began.set()
+
+    server.pre_shutdown = shutting_down  # type: ignore[method-assign]
+    cleanup = asyncio.ensure_future(served.runner.cleanup())
+    try:
+        await asyncio.wait_for(began.wait(), 5)
+        await client.get("/late")
+        go.set()
+        head, body = await _head(client)
+        assert body == b"/late"
+        assert b"\r\nConnection: close\r\n" in head, head
+    finally:
+        go.set()
+        await asyncio.wait_for(cleanup, 5)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 from aiohttp import (
     abc,
+    hdrs,
     http_parser,
     http_writer,
     streams,
@@ -76,8 +77,11 @@ __all__ = (
     "access_logged",
     "as_sent",
     "asks_upgrade",
+    "busy",
     "bytes_written",
+    "close_after",
     "close_unread",
+    "close_waiting",
     "fail_as_aiohttp",
     "gone_before_watched",
     "how_peer_left",
@@ -88,10 +92,14 @@ __all__ = (
     "peer_gone",
     "response_written",
     "route_of",
+    "says_close",
+    "server_of",
     "state_of",
     "status_line_sent",
+    "take_over_pre_shutdown",
     "transport_of",
     "turn_on_handler_cancellation",
+    "worth_reading",
     "writer_of",
 )
 
@@ -141,12 +149,18 @@ def missing_internals() -> tuple[str, ...]:
                 "_close",
                 "_force_close",
                 "_payload_parser",
+                # A graceful shutdown that loses no request (take_over_pre_shutdown).
+                "close",
+                "_current_request",
+                "_waiter",
+                "_request_count",
+                "_task_handler",
             ),
         ),
         (
             "Server",
             getattr(web_server, "Server", None),
-            ("handler_cancellation", "connection_lost"),
+            ("handler_cancellation", "connection_lost", "pre_shutdown", "connections"),
         ),
         # A request: where its state is kept, its body, its route, its message.
         (
@@ -163,7 +177,7 @@ def missing_internals() -> tuple[str, ...]:
         ("RawRequestMessage", getattr(http_parser, "RawRequestMessage", None), ("upgrade",)),
         # What went on the wire, and what aiohttp's access log is told.
         ("StreamWriter", getattr(abc, "AbstractStreamWriter", None), ("output_size",)),
-        ("StreamWriter", getattr(http_writer, "StreamWriter", None), ("_eof",)),
+        ("StreamWriter", getattr(http_writer, "StreamWriter", None), ("_eof", "write_headers")),
         (
             "StreamResponse",
             web.StreamResponse,
@@ -585,6 +599,115 @@ def fail_as_aiohttp(request: web.BaseRequest, exc: BaseException) -> None:
     protocol = request.protocol
     protocol.log_exception("Unhandled exception", exc_info=exc)
     protocol.force_close()
+
+
+def server_of(request: web.BaseRequest) -> web.Server | None:
+    """The aiohttp server (``web.Server``, one per runner) that ``request`` came through."""
+    manager: web.Server | None = request.protocol._manager
+    return manager
+
+
+def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, drain: bool) -> None:
+    """Shut ``server``'s connections down so that no request a client sent is lost: in place
+    of aiohttp's ``Server.pre_shutdown`` (the runner calls it once it stopped accepting, before
+    the app's ``on_shutdown`` hooks), call ``begin()``, then close each connection with a
+    request in flight after its response, which says so (:func:`close_after`), if its head has
+    not gone out yet. ``drain``: leave the others reading, until :func:`close_waiting` (an
+    ``on_shutdown`` hook calls it, after waiting while :func:`worth_reading`); else close them
+    now.
+
+    aiohttp's own ``pre_shutdown`` stops reading on every connection at once and closes an idle
+    one only later, once the ``on_shutdown`` hooks have run: a request sent on it meanwhile is
+    read and dropped, and so is the first request of a connection accepted just before (a
+    proxy connects to send a request). Then it answers each request in flight as on a
+    connection that stays open, and closes that connection (it declined to change this:
+    aiohttp#2298): a keep-alive client, such as nginx's pool of upstream connections, sends
+    its next request on it and gets a reset. nginx answers such a POST with 502 (it retries
+    only idempotent requests on another connection).
+    """
+
+    def pre_shutdown() -> None:
+        begin()
+        for proto in server.connections:
+            request = proto._current_request
+            if request is not None and not _head_written(request):
+                close_after(request)
+            # else: a request read but not started yet is closed after by the middleware; a
+            # response whose head went out as on a connection that stays open is followed by
+            # its client's next request, which the drain serves (read, not dropped).
+        if not drain:
+            close_waiting(server)
+
+    server.pre_shutdown = pre_shutdown  # type: ignore[method-assign]
+
+
+def _waiting(proto: RequestHandler) -> bool:
+    """Whether the connection waits for its next request (none read, none in flight)."""
+    return proto._waiter is not None and not proto._messages
+
+
+def busy(server: web.Server) -> bool:
+    """Whether ``server`` has a request in flight (or read and not yet handled)."""
+    return any(proto._request_count and not _waiting(proto) for proto in server.connections)
+
+
+def worth_reading(server: web.Server, *, idle: bool) -> list[asyncio.Task[None]]:
+    """While a client may still send a request on a connection of ``server`` that is being shut
+    down, what to wait for: the tasks of its connections (each ends when its connection
+    closes); empty once no client may. A client may send one on a connection that has not
+    brought its first request yet (a client connects to send one), and, with ``idle`` (the
+    clients were busy when the shutdown began: nginx sends its next request on any connection
+    of its pool), on any connection: one waiting for its next request, or one whose response
+    went out as on a connection that stays open just before the shutdown began."""
+    tasks = [proto._task_handler for proto in server.connections if proto._task_handler]
+    if idle or any(not proto._request_count for proto in server.connections):
+        return tasks
+    return []
+
+
+def close_waiting(server: web.Server) -> None:
+    """End the shutdown's wait for requests on ``server``'s connections: close those that wait
+    for one now (so that the client learns it at once), the others after their response (as
+    aiohttp's ``pre_shutdown`` would have). Not promised: a client may send a request at the
+    moment its idle connection closes (HTTP/1.1 has no way to prevent it; nginx retries an
+    idempotent one on another connection)."""
+    for proto in server.connections:
+        if _waiting(proto):
+            proto.force_close()
+        else:
+            proto.close()
+
+
+def _head_written(request: web.BaseRequest) -> bool:
+    """Whether the status line and headers of ``request``'s response were written (sent, or
+    buffered to go with the body: aiohttp 3.11 and later)."""
+    return getattr(request._payload_writer, "_headers_buf", None) is not None or (
+        status_line_sent(request)
+    )
+
+
+def close_after(request: web.BaseRequest) -> None:
+    """Close ``request``'s connection after its response, which says so: no further request is
+    read on it, and the response carries ``Connection: close`` (see :func:`says_close`)."""
+    request.protocol.close()
+    says_close(request)
+
+
+def says_close(request: web.BaseRequest) -> None:
+    """Make ``request``'s response carry ``Connection: close`` (the one aiohttp's writer of
+    the request, shared by its clones, writes next: the handler's to make, not prepared yet)."""
+    writer = request._payload_writer
+    if "write_headers" in vars(writer):
+        return  # done already
+    write_headers = writer.write_headers
+
+    async def closing(status_line: str, headers: Any) -> None:
+        # (but a protocol switch, a WebSocket handshake: it needs "Connection: upgrade")
+        if "upgrade" not in headers.get(hdrs.CONNECTION, "").lower():
+            headers[hdrs.CONNECTION] = "close"
+        await write_headers(status_line, headers)
+
+    writer.write_headers = closing  # type: ignore[method-assign]
 
 
 def abort_connection(request: web.BaseRequest) -> None:

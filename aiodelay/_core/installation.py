@@ -115,10 +115,12 @@ class Installation:
         "_plans",
         "counters",
         "deadline",
+        "drains",
         "nested",
         "observers",
         "policy",
         "running_on",
+        "servers",
         "shutting_down",
         "threads",
         "timed",
@@ -138,6 +140,12 @@ class Installation:
         #: Functions that ``aiodelay.to_thread`` runs in threads now (``ThreadJob``).
         self.threads: set[ThreadJob] = set()
         self.shutting_down = False
+        #: The aiohttp servers (``web.Server``, one per runner) of the connections this
+        #: installation watches: at shutdown, each connection's last response says it closes.
+        self.servers: set[web.Server] = set()
+        #: Whether its ``on_shutdown`` hook (``setup()``'s) serves what clients send before
+        #: they learn of a shutdown.
+        self.drains = False
         #: Learned from the app's routes at the first request (:meth:`learn`), None before:
         #: whether any route can have a deadline, and whether other installations are on the
         #: way of some route (sub-apps with aiodelay of their own).

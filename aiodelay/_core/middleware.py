@@ -23,11 +23,17 @@ from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
     asks_upgrade,
+    busy,
+    close_after,
+    close_waiting,
     gone_before_watched,
     install_watch,
     payload_of,
     route_of,
+    server_of,
+    take_over_pre_shutdown,
     transport_of,
+    worth_reading,
 )
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
@@ -53,6 +59,12 @@ _get_running_loop = asyncio.get_running_loop
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
 
+#: How long at most a graceful shutdown keeps reading connections that wait for a request,
+#: while a client may still send one on them (see ``aiohttp_internals.worth_reading``): one
+#: accepted just before (a client, a proxy, connects to send one at once), and, if requests
+#: were in flight, the idle ones (nginx sends its next request on any connection of its pool).
+SHUTDOWN_DRAIN = 0.25
+
 #: Classes known to be StreamResponse subclasses: isinstance() on StreamResponse goes
 #: through ABCMeta (it is a MutableMapping), too slow to pay on every request.
 _RESPONSE_CLASSES: set[type] = set()
@@ -74,7 +86,14 @@ class Middleware(Installation):
             # The first request on this connection (on the next ones the Watch is there);
             # also when the transport is already closing, so that aiohttp's connection_lost
             # still goes through the Watch. None once it is gone.
-            watch = None if transport is None else install_watch(request, transport, EVENTS)
+            if transport is None:
+                watch = None
+            else:
+                watch = install_watch(request, transport, EVENTS)
+                server = server_of(request)
+                if server is not None and server not in self.servers:
+                    self.servers.add(server)
+                    take_over_pre_shutdown(server, self._shutdown_began, drain=self.drains)
         if self.nested is None:
             self.learn(request.app)
         if _current_tasks is None:
@@ -83,6 +102,10 @@ class Middleware(Installation):
             task = _current_tasks.get(_get_running_loop())
         assert task is not None  # aiohttp runs each request in a task of its own
         state = state_for(request, task, self, watch)
+        if self.shutting_down:
+            # Read once the shutdown began, or before it but not started then: its connection
+            # closes after it, and its response says so (take_over_pre_shutdown).
+            close_after(request)
         if state is None:
             # aiodelay is installed on an app and on a sub-app: the outer one watches, counts
             # and tells for both, under the sub-app's policy.
@@ -152,8 +175,28 @@ class Middleware(Installation):
         deadlines.add(state)
         return deadlines
 
+    def _shutdown_began(self) -> None:
+        self.shutting_down = True
+
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
+        # The first on_shutdown hook (see setup()): what clients send before they learn of the
+        # shutdown is served while the app's resources are all there, each answer saying that
+        # the connection closes. While requests were in flight, the clients are busy: idle
+        # connections are kept reading too, and each closes after the request it brings
+        # (under load, nginx cycles through its pool in a moment); not when nothing was (then
+        # closing an idle connection races with no one). Bounded: a connection that brings
+        # nothing is not waited for long.
+        idle = any(busy(server) for server in self.servers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_DRAIN
+        while (left := deadline - loop.time()) > 0:
+            tasks = [task for server in self.servers for task in worth_reading(server, idle=idle)]
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        for server in self.servers:
+            close_waiting(server)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self.shutting_down = False
@@ -162,6 +205,7 @@ class Middleware(Installation):
             # server out of descriptors then would not see its clients leave behind it.
             hangups_of(asyncio.get_running_loop())
         yield
+        self.servers.clear()
         # aiohttp's graceful shutdown waited for these; what still runs now would be
         # destroyed pending when the loop closes. Cancel it and let its finally blocks run.
         tasks = [state.task for state in self.running_on if state.task is not None]
@@ -266,8 +310,11 @@ def setup(
     if app.frozen:
         raise RuntimeError("aiodelay.setup() must be called before the app starts")
     app[app_key] = mw
+    mw.drains = True
     app.middlewares.insert(0, mw)
-    app.on_shutdown.append(mw._on_shutdown)
+    # First: the requests that clients sent before they learned of the shutdown are served
+    # before the app's own hooks tear anything down (see Middleware._on_shutdown).
+    app.on_shutdown.insert(0, mw._on_shutdown)
     app.cleanup_ctx.append(mw._lifecycle)
 
 

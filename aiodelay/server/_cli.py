@@ -22,6 +22,7 @@ from typing import TextIO
 from aiohttp import web
 from aiohttp.log import access_logger
 
+from .._core.middleware import SHUTDOWN_DRAIN
 from .._core.policy import Policy
 from .._version import __version__
 from ._site import create_app
@@ -45,9 +46,11 @@ def aiohttp_shutdown_timeout(total: float) -> float:
     again, and only then cancels the handler's task: twice the timeout for a handler that
     does not end by itself.  Connections are shut down concurrently, so this does not grow
     with their number.  The app's ``on_shutdown`` hooks run before the first wait, so aiodelay
-    knows the cancellations are the shutdown's (``notify_finish`` fails with "shutdown").
+    knows the cancellations are the shutdown's (``notify_finish`` fails with "shutdown");
+    aiodelay's first one serves what clients still send, for up to ``SHUTDOWN_DRAIN``, which
+    comes out of ``total`` (but of a ``total`` under twice that: aiohttp keeps half of it).
     """
-    return total / 2
+    return max(total - SHUTDOWN_DRAIN, total / 2) / 2
 
 
 _PROG = "python -m aiodelay"
