@@ -158,7 +158,7 @@ async def _send(sock: socket.socket, data: bytes) -> None:
 
 
 async def test_drops_behind_unread_bodies_are_seen_when_descriptors_ran_out() -> None:
-    """The issue's case: under a limit of 64 descriptors, 80 idle connections use them all
+    """The case as it was found: under a limit of 64 descriptors, 80 idle connections use them all
     up; then two of the accepted ones upload (1 MiB of 20 MB sent, unread) and leave, one by
     FIN, one by RST. Both are seen, each with its reason, while the server is still out of
     descriptors."""

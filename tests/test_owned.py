@@ -245,7 +245,7 @@ async def test_a_thread_stops_at_its_next_check_when_the_client_leaves(serve: Se
     await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
     assert isinstance(worker.raised, asyncio.CancelledError)
     assert worker.stopped_at is not None
-    assert worker.stopped_at - dropped < 0.05
+    assert worker.stopped_at - dropped < 0.5  # at its next check (every 5 ms), not in 30 s
 
 
 @pytest.mark.both_loops
@@ -264,7 +264,7 @@ async def test_a_thread_stops_at_its_next_check_when_the_deadline_passes(serve: 
     await asyncio.wait_for(asyncio.gather(*[j.done for j in served.app[aiodelay_key()].threads]), 5)
     assert isinstance(worker.raised, asyncio.CancelledError)
     assert worker.stopped_at is not None
-    assert worker.stopped_at - (answered - took + 0.2) < 0.05
+    assert worker.stopped_at - (answered - took + 0.2) < 0.5  # (not at its own 30 s)
 
 
 @pytest.mark.both_loops

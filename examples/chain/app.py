@@ -86,7 +86,14 @@ def main(argv: list[str]) -> int:
         return 2
     name, port, *downstream = argv
     logging.basicConfig(level=logging.INFO)
-    web.run_app(create_app(name, *downstream), host="127.0.0.1", port=int(port))
+    try:
+        web.run_app(create_app(name, *downstream), host="127.0.0.1", port=int(port))
+    except OSError as exc:  # the port is taken, or not ours to listen on
+        print(
+            f"examples/chain: cannot listen on 127.0.0.1:{int(port)}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -130,7 +130,14 @@ def main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    web.run_app(create_app(), host="127.0.0.1", port=args.port)
+    try:
+        web.run_app(create_app(), host="127.0.0.1", port=args.port)
+    except OSError as exc:  # the port is taken, or not ours to listen on
+        print(
+            f"examples/stream: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

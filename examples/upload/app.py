@@ -127,7 +127,14 @@ def main(argv: Sequence[str]) -> int:
     if not args.directory.is_dir():
         parser.error(f"{args.directory} is not a directory")
     logging.basicConfig(level=logging.INFO)
-    web.run_app(create_app(args.directory), host="127.0.0.1", port=args.port)
+    try:
+        web.run_app(create_app(args.directory), host="127.0.0.1", port=args.port)
+    except OSError as exc:  # the port is taken, or not ours to listen on
+        print(
+            f"examples/upload: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
