@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import aiodelay
+from aiodelay._core.middleware import SHUTDOWN_DRAIN
 from aiodelay.server import _cli, main
 
 
@@ -115,6 +116,11 @@ def test_main_serves_the_demo_until_a_signal(
     assert "aiodelay demo" in pages[0]
     assert '"completed": 1' in pages[1]
     assert '"GET /status.rpy?json HTTP/1.1" 200' in err  # the access log
+    # The stop's own line: its times add up (aiodelay's drain, then aiohttp's two waits).
+    drain = SHUTDOWN_DRAIN
+    body_reads = drain + _cli.aiohttp_shutdown_timeout(_cli.SHUTDOWN_TIMEOUT)
+    assert f"up to {_cli.SHUTDOWN_TIMEOUT:g}s to end" in err, err
+    assert f"request-body reads after {body_reads:g}s)" in err, err
     assert "Traceback" not in err
 
 

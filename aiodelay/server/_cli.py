@@ -184,7 +184,8 @@ async def _serve(
             "stopping: requests in flight have up to %gs to end (aiohttp interrupts "
             "request-body reads after %gs), then they are cancelled",
             SHUTDOWN_TIMEOUT,
-            aiohttp_shutdown_timeout(SHUTDOWN_TIMEOUT),
+            # (after aiodelay's drain and aiohttp's first wait)
+            SHUTDOWN_DRAIN + aiohttp_shutdown_timeout(SHUTDOWN_TIMEOUT),
         )
     finally:
         await runner.cleanup()
