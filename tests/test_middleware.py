@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 import aiodelay
+import aiodelay._core.middleware
 from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
 from aiodelay.testing import RawClient
@@ -931,8 +932,8 @@ async def test_a_response_in_flight_at_shutdown_says_the_connection_closes(
         return response
 
     async def on_shutdown(app: web.Application) -> None:
-        # The app's own shutdown work, registered before aiodelay's hook; the response goes
-        # out meanwhile.
+        # The app's own shutdown work (aiodelay's hook, the first, has drained); the response
+        # goes out meanwhile.
         stopping.set()
         await answered.wait()
 
@@ -1002,9 +1003,19 @@ async def _head(client: RawClient) -> tuple[bytes, bytes]:
     return head, await asyncio.wait_for(client.reader.readexactly(length), 5)
 
 
+@pytest.fixture
+def long_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drain of 5 s instead of 0.25: the tests below send their request once the shutdown
+    began, and a machine that stalls a quarter of a second between the two must not close the
+    connection first (the drain ends as soon as every connection has closed, so they do not
+    take longer)."""
+    monkeypatch.setattr(aiodelay._core.middleware, "SHUTDOWN_DRAIN", 5.0)
+
+
 # A connection on which a client sends a request once the shutdown began, while another
 # request is in flight: accepted just before and nothing sent yet (a proxy connects to send
 # a request), or idle after a first request (a proxy's pool of connections).
+@pytest.mark.usefixtures("long_drain")
 @pytest.mark.parametrize("connection", ["new", "idle"])
 async def test_a_request_sent_before_the_client_learned_of_the_shutdown_is_served(
     serve: Serve, connection: str
@@ -1078,6 +1089,7 @@ async def test_an_idle_connection_does_not_hold_up_the_shutdown(
     assert await asyncio.wait_for(client.reader.read(), 5) == b""
 
 
+@pytest.mark.usefixtures("long_drain")
 async def test_the_next_request_after_a_response_sent_before_the_shutdown_is_served(
     serve: Serve,
 ) -> None:
@@ -1127,3 +1139,31 @@ async def test_the_next_request_after_a_response_sent_before_the_shutdown_is_ser
     finally:
         go.set()
         await asyncio.wait_for(cleanup, 5)
+
+
+async def test_a_middleware_served_again_after_a_shutdown_keeps_connections_alive(
+    serve: Serve,
+) -> None:
+    """One ``aiodelay.middleware()`` object in the apps of two runners, one after the other
+    (an app factory's, a restarted app's): the first runner's shutdown is over for the second,
+    whose responses keep their connections alive."""
+    mw = aiodelay.middleware()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    heads: list[bytes] = []
+    for _ in range(2):
+        app = web.Application(middlewares=[mw])
+        app.router.add_get("/", handler)
+        served = await serve(app)
+        client = await served.connect()
+        for _ in range(2):  # the second on the same connection: it was kept alive
+            await client.get("/")
+            head, body = await _head(client)
+            assert body == b"done"
+            heads.append(head)
+        await served.runner.cleanup()
+    assert not [head for head in heads if b"Connection: close" in head], heads
+    assert not mw.shutting_down
+    assert not mw.servers  # the first runner's server is not kept

@@ -160,7 +160,13 @@ def missing_internals() -> tuple[str, ...]:
         (
             "Server",
             getattr(web_server, "Server", None),
-            ("handler_cancellation", "connection_lost", "pre_shutdown", "connections"),
+            (
+                "handler_cancellation",
+                "connection_lost",
+                "pre_shutdown",
+                "shutdown",
+                "connections",
+            ),
         ),
         # A request: where its state is kept, its body, its route, its message.
         (
@@ -607,14 +613,21 @@ def server_of(request: web.BaseRequest) -> web.Server | None:
     return manager
 
 
-def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, drain: bool) -> None:
+def take_over_pre_shutdown(
+    server: web.Server,
+    begin: Callable[[], None],
+    ended: Callable[[web.Server], None],
+    *,
+    drain: bool,
+) -> None:
     """Shut ``server``'s connections down so that no request a client sent is lost: in place
     of aiohttp's ``Server.pre_shutdown`` (the runner calls it once it stopped accepting, before
     the app's ``on_shutdown`` hooks), call ``begin()``, then close each connection with a
     request in flight after its response, which says so (:func:`close_after`), if its head has
     not gone out yet. ``drain``: leave the others reading, until :func:`close_waiting` (an
     ``on_shutdown`` hook calls it, after waiting while :func:`worth_reading`); else close them
-    now.
+    now. ``ended(server)`` once aiohttp's ``Server.shutdown`` is over (its connections are
+    closed, their handlers ended).
 
     aiohttp's own ``pre_shutdown`` stops reading on every connection at once and closes an idle
     one only later, once the ``on_shutdown`` hooks have run: a request sent on it meanwhile is
@@ -639,6 +652,15 @@ def take_over_pre_shutdown(server: web.Server, begin: Callable[[], None], *, dra
             close_waiting(server)
 
     server.pre_shutdown = pre_shutdown  # type: ignore[method-assign]
+    shutdown = server.shutdown
+
+    async def shutdown_then_say(timeout: float | None = None) -> None:
+        try:
+            await shutdown(timeout)
+        finally:
+            ended(server)
+
+    server.shutdown = shutdown_then_say  # type: ignore[method-assign]
 
 
 def _waiting(proto: RequestHandler) -> bool:

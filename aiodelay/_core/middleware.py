@@ -93,7 +93,9 @@ class Middleware(Installation):
                 server = server_of(request)
                 if server is not None and server not in self.servers:
                     self.servers.add(server)
-                    take_over_pre_shutdown(server, self._shutdown_began, drain=self.drains)
+                    take_over_pre_shutdown(
+                        server, self._shutdown_began, self._shutdown_ended, drain=self.drains
+                    )
         if self.nested is None:
             self.learn(request.app)
         if _current_tasks is None:
@@ -177,6 +179,14 @@ class Middleware(Installation):
 
     def _shutdown_began(self) -> None:
         self.shutting_down = True
+
+    def _shutdown_ended(self, server: web.Server) -> None:
+        self.servers.discard(server)
+        if not self.drains:
+            # middleware() alone has no lifecycle hook to start afresh with (setup()'s does):
+            # a later runner of the same middleware, a restarted app, an app factory's next
+            # app, must not find it shutting down.
+            self.shutting_down = False
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.shutting_down = True
