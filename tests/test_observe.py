@@ -285,15 +285,22 @@ async def test_a_response_aiohttp_cannot_write_is_logged_and_closed_as_without_a
 def test_make_outcome_makes_what_the_dataclass_makes() -> None:
     import dataclasses
 
-    from aiodelay._core.observe import make_outcome
+    from aiodelay._core.observe import make_outcome, note_budget
 
     lost = aiodelay.ConnectionLost("RST")
     values = ("cancelled", lost, 1.0, 1.5, 2.0, "127.0.0.1")
     made, built = make_outcome(*values), aiodelay.Outcome(*values)  # type: ignore[arg-type]
-    assert [f.name for f in dataclasses.fields(built)] == list(vars(made))
+    # Every field it sets; budget_from only for a request a budget from upstream set the
+    # deadline of (note_budget), else the class's default answers.
+    names = [f.name for f in dataclasses.fields(built)]
+    assert names == [*vars(made), "budget_from"]
     assert (made, hash(made), repr(made)) == (built, hash(built), repr(built))
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.kind = "completed"  # type: ignore[misc]
+    budgeted = make_outcome(*values)  # type: ignore[arg-type]
+    note_budget(budgeted, "grpc-timeout")
+    built = aiodelay.Outcome(*values, budget_from="grpc-timeout")  # type: ignore[arg-type]
+    assert (budgeted, hash(budgeted), repr(budgeted)) == (built, hash(built), repr(built))
 
 
 async def test_a_response_class_with_its_own_prepare_is_observed_as_completed(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from contextvars import ContextVar
 from time import monotonic
 from typing import Any
@@ -87,8 +88,14 @@ class DegradedMiddleware(Middleware):
 
     __slots__ = ("_looked",)
 
-    def __init__(self, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None):
-        super().__init__(policy=policy, deadline=deadline)
+    def __init__(
+        self,
+        *,
+        policy: Policy | str = Policy.CANCEL,
+        deadline: float | None = None,
+        budget_headers: Iterable[str] = (),
+    ):
+        super().__init__(policy=policy, deadline=deadline, budget_headers=budget_headers)
         #: Whether the first request looked for aiohttp's server (to turn its cancellation on).
         self._looked = False
 

@@ -61,19 +61,32 @@ class ConnectionLost(ConnectionError):
 
 class DeadlineExceeded(TimeoutError):
     """The request ran longer than its deadline (``@aiodelay.deadline`` or
-    ``aiodelay.setup(app, deadline=...)``) and was stopped.
+    ``aiodelay.setup(app, deadline=...)``, or the budget it came with from upstream) and was
+    stopped.
 
     ``seconds`` is the deadline; ``status`` the status the client was answered with if no
-    status line had gone out yet.
+    status line had gone out yet; ``upstream`` the header the budget came in
+    (``"grpc-timeout"``...) when the deadline was the upstream's, else None.
     """
 
     seconds: float
     status: int
+    upstream: str | None
 
-    def __init__(self, seconds: float, status: int) -> None:
-        super().__init__(f"the request exceeded its {seconds_text(seconds)} deadline")
+    def __init__(self, seconds: float, status: int, upstream: str | None = None) -> None:
+        from_upstream = "" if upstream is None else f" (the budget in {upstream})"
+        super().__init__(
+            f"the request exceeded its {seconds_text(seconds)} deadline{from_upstream}"
+        )
         self.seconds = seconds
         self.status = status
+        self.upstream = upstream
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[DeadlineExceeded], tuple[float, int, str | None], dict[str, Any]]:
+        # (BaseException's own gives args, the message alone, which __init__ cannot take.)
+        return type(self), (self.seconds, self.status, self.upstream), self.__dict__
 
     def __repr__(self) -> str:
         return f"DeadlineExceeded({self.seconds!r})"

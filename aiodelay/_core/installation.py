@@ -16,13 +16,15 @@ middlewares on the way (which say who the client is behind a proxy).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 
 from .aiohttp_internals import route_of
+from .budget import check_budget_headers
 from .client import remotes_on_the_way
 from .deadlines import DeadlineQueue
 from .observe import RequestObserver
@@ -95,6 +97,11 @@ class RoutePlan:
     last_to_touch: bool
     #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
     remotes: tuple[Any, ...]
+    #: The status a budget from upstream is answered with when it runs out, or None: the
+    #: route takes no budget (no ``budget_headers``; shielded, or ``@aiodelay.deadline(None)``).
+    budget_status: int | None = None
+    #: The route takes a budget by default, not by a deadline of its own (WebSockets do not).
+    budget_by_default: bool = False
 
     def deadline_for(self, request: web.BaseRequest) -> Limit:
         """The request's deadline: the plan's, unless it is the app's default and the request
@@ -113,6 +120,7 @@ class Installation:
         "_alone",
         "_deadline_queues",
         "_plans",
+        "budget_headers",
         "counters",
         "deadline",
         "drains",
@@ -127,12 +135,18 @@ class Installation:
     )
 
     def __init__(
-        self, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+        self,
+        *,
+        policy: Policy | str = Policy.CANCEL,
+        deadline: float | None = None,
+        budget_headers: Iterable[str] = (),
     ) -> None:
         self.policy = coerce_policy(policy)
         seconds = check_seconds(deadline, "deadline", allow_none=True)
         #: The default deadline of the app's routes (answered with 504), or None.
         self.deadline: Limit = None if seconds is None else (seconds, 504)
+        #: The headers a budget from upstream is read from (``budget.py``), none by default.
+        self.budget_headers = check_budget_headers(budget_headers)
         self.counters = Counters()
         self.observers: list[RequestObserver] = []
         #: Requests whose handler runs on after their client left (shielded, WebSockets).
@@ -149,7 +163,7 @@ class Installation:
         #: Learned from the app's routes at the first request (:meth:`learn`), None before:
         #: whether any route can have a deadline, and whether other installations are on the
         #: way of some route (sub-apps with aiodelay of their own).
-        self.timed: bool | None = None if seconds is None else True
+        self.timed: bool | None = None if seconds is None and not self.budget_headers else True
         self.nested: bool | None = None
         self._plans: dict[object, RoutePlan] = {}
         self._deadline_queues: dict[tuple[float, int], DeadlineQueue] = {}
@@ -161,7 +175,7 @@ class Installation:
 
         A resource that makes its routes per request (:data:`ROUTES_PER_REQUEST`) may have
         a deadline on any of them: its requests look for one."""
-        timed = self.deadline is not None
+        timed = self.deadline is not None or bool(self.budget_headers)
         nested = False
         apps = [app]
         while apps:
@@ -214,6 +228,7 @@ class Installation:
         outermost = bool(apps) and _first_middleware(apps[0]) is self
         policy = policy_of(handler, innermost.policy)
         limit = deadline_of(handler, innermost.deadline, policy)
+        budgeted = deadline_of(handler, _ANY_BUDGET, policy) if self.budget_headers else None
         return RoutePlan(
             installations=tuple(found),
             policy=policy,
@@ -224,6 +239,8 @@ class Installation:
             outermost=outermost,
             last_to_touch=outermost and not any(app.on_response_prepare for app in apps),
             remotes=remotes_on_the_way(apps),
+            budget_status=None if budgeted is None else budgeted[1],
+            budget_by_default=budgeted is _ANY_BUDGET,
         )
 
     def _deadline_queue(self, limit: tuple[float, int]) -> DeadlineQueue:
@@ -232,6 +249,11 @@ class Installation:
         if queue is None:
             queue = self._deadline_queues[limit] = DeadlineQueue(*limit)
         return queue
+
+
+#: What ``deadline_of`` answers for a route that takes a budget by default (a cancellable
+#: route with no deadline mark): any budget, answered 504.
+_ANY_BUDGET: Limit = (math.inf, 504)
 
 
 def _first_middleware(app: web.Application) -> object:

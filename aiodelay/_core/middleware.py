@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -35,13 +35,14 @@ from .aiohttp_internals import (
     transport_of,
     worth_reading,
 )
+from .budget import budget_of
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .hangups import CAN_HOLD, hangups_of
-from .installation import Installation, app_key, installed_on
+from .installation import Installation, RoutePlan, app_key, installed_on
 from .outcome import EVENTS, WRITES_HERE, end, started, write_failed, written
 from .policy import Policy
-from .state import CANCEL_MESSAGE, WRITING, RequestState, state_for
+from .state import CANCEL_MESSAGE, DEADLINE_MESSAGE, WRITING, RequestState, state_for
 from .stats import Stats
 
 __all__ = ("Middleware", "app_key", "middleware", "setup", "stats")
@@ -169,6 +170,10 @@ class Middleware(Installation):
         have a deadline."""
         # (plan_for's lookup, without its frame: a kept plan of the route, else plan_for)
         plan = state.route_plan = self._plans.get(route_of(request)) or self.plan_for(request)
+        if plan.budget_status is not None:
+            budgeted = self._budget(state, request, plan)
+            if budgeted is not None:
+                return budgeted
         deadlines = plan.deadlines
         if deadlines is None or (
             plan.deadline_by_default and asks_upgrade(request) and not plan.deadline_for(request)
@@ -176,6 +181,31 @@ class Middleware(Installation):
             return None
         deadlines.add(state)
         return deadlines
+
+    def _budget(
+        self, state: RequestState, request: web.Request, plan: RoutePlan
+    ) -> DeadlineQueue | None:
+        """The queue of the request's deadline if a budget from upstream sets it (shorter
+        than its route's), None if it does not; raises the CancelledError that stops it
+        before its handler starts if its budget is spent already (see ``budget.py``)."""
+        found = budget_of(request, self.budget_headers, self.counters)
+        if found is None or (plan.budget_by_default and asks_upgrade(request)):
+            return None
+        seconds, header = found
+        status = plan.budget_status
+        assert status is not None
+        limit = plan.deadline_for(request)
+        if limit is not None and limit[0] <= seconds:
+            return None  # the route's own deadline comes first
+        if seconds <= 0:
+            state.budget_spent(seconds, status, header)
+            raise asyncio.CancelledError(DEADLINE_MESSAGE)
+        budget = DeadlineQueue(seconds, status)  # (a queue of one: its timer is the request's)
+        extras = state.more()
+        extras.budget = budget
+        extras.budget_from = header
+        budget.add(state)
+        return budget
 
     def _shutdown_began(self) -> None:
         self.shutting_down = True
@@ -271,7 +301,10 @@ async def _not_done_yet(request: web.Request, result: object) -> web.StreamRespo
 
 
 def middleware(
-    *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+    *,
+    policy: Policy | str = Policy.CANCEL,
+    deadline: float | None = None,
+    budget_headers: Iterable[str] = (),
 ) -> Middleware:
     """The aiodelay middleware, for ``web.Application(middlewares=[...])``.
 
@@ -279,26 +312,31 @@ def middleware(
     has no app lifecycle hooks: at server shutdown, ``notify_finish`` futures of stopped
     requests are cancelled rather than failed with ``reason="shutdown"``, shielded handlers
     still running after their client left are not cancelled at cleanup, and cleanup does not
-    wait for ``aiodelay.to_thread`` functions still running.
+    wait for ``aiodelay.to_thread`` functions still running. ``policy``, ``deadline`` and
+    ``budget_headers`` are :func:`setup`'s.
     """
-    return _new(policy, deadline)
+    return _new(policy, deadline, budget_headers)
 
 
-def _new(policy: Policy | str, deadline: float | None) -> Middleware:
+def _new(policy: Policy | str, deadline: float | None, budget_headers: Iterable[str]) -> Middleware:
     """A middleware for the aiohttp at hand: degraded (and said so, once) if it lacks an
     internal that aiodelay relies on."""
     if not aiohttp_internals.MISSING:
-        return Middleware(policy=policy, deadline=deadline)
+        return Middleware(policy=policy, deadline=deadline, budget_headers=budget_headers)
     # Imported only then: degraded.py builds on this module.
     from .degraded import DegradedMiddleware, warn_once
 
-    mw = DegradedMiddleware(policy=policy, deadline=deadline)
+    mw = DegradedMiddleware(policy=policy, deadline=deadline, budget_headers=budget_headers)
     warn_once()
     return mw
 
 
 def setup(
-    app: web.Application, *, policy: Policy | str = Policy.CANCEL, deadline: float | None = None
+    app: web.Application,
+    *,
+    policy: Policy | str = Policy.CANCEL,
+    deadline: float | None = None,
+    budget_headers: Iterable[str] = (),
 ) -> None:
     """Install aiodelay on ``app``: the middleware outermost, and its lifecycle hooks.
 
@@ -311,10 +349,19 @@ def setup(
     :func:`aiodelay.deadline` gives one route, answered with 504. Shielded routes and
     WebSocket upgrades are left alone unless they carry their own ``@aiodelay.deadline``;
     ``@aiodelay.deadline(None)`` exempts a route.
+
+    ``budget_headers`` (none by default) are the headers a request's time budget from upstream
+    is read from: ``"grpc-timeout"`` (gRPC's ``<digits><unit>``) and
+    ``"x-envoy-expected-rq-timeout-ms"`` (Envoy's milliseconds). A request's deadline is then
+    the smaller of its route's and its budget (a budget only shortens; the routes a default
+    deadline leaves alone take none); one whose budget is spent on arrival is answered at once
+    with its deadline's status, and counted ``timed_out``. A malformed, negative or absurd
+    value is ignored (``Stats.budgets_ignored``). ``ValueError`` for another header.
+    :func:`aiodelay.budget_trace` sends the budget on to the app's own HTTP calls.
     """
     if not isinstance(app, web.Application):
         raise TypeError(f"aiodelay.setup() takes a web.Application, got {app!r}")
-    mw = _new(policy, deadline)
+    mw = _new(policy, deadline, budget_headers)
     if app_key in app or any(isinstance(m, Installation) for m in app.middlewares):
         raise RuntimeError("aiodelay is already installed on this app")
     if app.frozen:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .errors import ConnectionLost
 
-__all__ = ("Outcome", "OutcomeKind", "RequestObserver", "make_outcome")
+__all__ = ("Outcome", "OutcomeKind", "RequestObserver", "make_outcome", "note_budget")
 
 #: ``completed``: the handler finished and the client did not leave while aiodelay watched.
 #: ``cancelled``: the client left and the handler was cancelled.
@@ -38,7 +38,9 @@ class Outcome:
     middlewares behind a proxy, else ``request.remote``). The times are
     ``time.monotonic()`` values: the request reached aiodelay, aiodelay saw the client leave
     (``None`` if it did not), the outcome was recorded (the handler ended, or aiohttp was done
-    writing its response).
+    writing its response). ``budget_from`` is the header whose budget from upstream set the
+    request's deadline (``"grpc-timeout"``...; ``setup(app, budget_headers=...)``), ``None``
+    if its deadline, if any, was its route's own.
     """
 
     kind: OutcomeKind
@@ -47,6 +49,7 @@ class Outcome:
     lost_at: float | None
     ended_at: float
     client: str | None = None
+    budget_from: str | None = None
 
 
 _new = object.__new__
@@ -72,6 +75,13 @@ def make_outcome(
     fields["ended_at"] = ended_at
     fields["client"] = client
     return outcome
+
+
+def note_budget(outcome: Outcome, header: str | None) -> None:
+    """Say in ``outcome`` that a budget from upstream, in ``header``, set the request's
+    deadline (made by :func:`make_outcome`; the field's default, None, says it did not)."""
+    if header is not None:
+        outcome.__dict__["budget_from"] = header
 
 
 class RequestObserver(Protocol):

@@ -76,7 +76,7 @@ from .aiohttp_internals import (
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, seconds_text
-from .observe import OutcomeKind, make_outcome
+from .observe import OutcomeKind, make_outcome, note_budget
 from .policy import Policy
 from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
 
@@ -241,10 +241,7 @@ def _end(
         assert timed_out is not None
         return web.Response(
             status=timed_out.status,
-            text=(
-                f"{timed_out.status}: the request exceeded its "
-                f"{seconds_text(timed_out.seconds)} deadline\n"
-            ),
+            text=f"{timed_out.status}: {timed_out}\n",  # (says whose budget ran out)
         )
     if answer is _CUT:
         abort_connection(request)  # the response had started: the client sees it cut
@@ -585,11 +582,12 @@ def _record(
         started_at = state.started_at
         if logged and timed_out is not None:
             logger.info(
-                "%s %s from %s exceeded its %s deadline: %s",
+                "%s %s from %s exceeded its %s deadline%s: %s",
                 request.method,
                 request.path,
                 client,
                 seconds_text(timed_out.seconds),
+                "" if timed_out.upstream is None else f" (the budget in {timed_out.upstream})",
                 note,
             )
         elif logged and lost is not None:
@@ -605,6 +603,8 @@ def _record(
         if observed:
             lost_at = state.cause_at if disconnected else None
             outcome = make_outcome(kind, lost, started_at, lost_at, ended_at, client)
+            if state.extras is not None:
+                note_budget(outcome, state.extras.budget_from)
             for each in installations:
                 for observer in each.observers:
                     try:
@@ -632,6 +632,8 @@ def _record_completed(state: RequestState, request: web.BaseRequest) -> None:
                     monotonic(),
                     trusted_remote(request, remotes) if remotes else request.remote,
                 )
+                if state.extras is not None:
+                    note_budget(outcome, state.extras.budget_from)
             for observer in each.observers:
                 try:
                     observer.request_ended(request, outcome)

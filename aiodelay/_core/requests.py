@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from time import monotonic
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -22,6 +23,7 @@ __all__ = (
     "request_policy",
     "request_state",
     "spawn",
+    "time_left",
     "to_thread",
 )
 
@@ -132,3 +134,20 @@ async def to_thread(
     """
     owned = request_state(request).owned("to_thread")
     return await owned.to_thread(func, args, kwargs)
+
+
+def time_left(request: web.BaseRequest) -> float | None:
+    """The seconds the request has left before its deadline (its route's, or the budget it
+    came with from upstream: ``setup(app, budget_headers=...)``), ``0.0`` once it has passed,
+    ``None`` if it has none or has ended.
+
+    For work that is not an HTTP call (:func:`aiodelay.budget_trace` passes the budget on to
+    those): a database's ``statement_timeout``, a queue's visibility timeout.
+    """
+    state = request_state(request)
+    if state.timed_out is not None:
+        return 0.0
+    at = state.deadline_at()
+    if at is None:
+        return None
+    return max(0.0, at - monotonic())

@@ -14,7 +14,7 @@ from .outcome import logger
 from .owned import spawned
 from .state import ENDED, RequestState
 
-__all__ = ("shield",)
+__all__ = ("running_state", "shield")
 
 _T = TypeVar("_T")
 
@@ -47,7 +47,7 @@ async def shield(aw: Awaitable[_T]) -> _T:
     request handled by aiodelay, it raises ``RuntimeError``.
     """
     task = asyncio.current_task()
-    state = _running_state(task)
+    state = running_state(task)
     if state is None:
         if task in spawned:  # started by aiodelay.spawn(): nothing to hold
             return await aw
@@ -79,10 +79,10 @@ async def shield(aw: Awaitable[_T]) -> _T:
     return result
 
 
-def _running_state(task: asyncio.Task[object] | None) -> RequestState | None:
+def running_state(task: asyncio.Task[object] | None) -> RequestState | None:
     """The state of the request whose handler ``task`` runs, found in the middleware's frame
     below the caller's (the caller must run in that task, called from the handler, also
-    through other coroutines it awaits), or None."""
+    through other coroutines it awaits), or None. (Also what ``budget_trace`` asks.)"""
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code is _RUNS_HANDLERS:

@@ -63,6 +63,7 @@ from .policy import Policy
 
 if TYPE_CHECKING:
     from .aiohttp_internals import Watch
+    from .deadlines import DeadlineQueue
     from .installation import Installation, RoutePlan
 
 __all__ = (
@@ -103,6 +104,8 @@ class _Extras:
     """The parts of a request's state that most requests never need."""
 
     __slots__ = (
+        "budget",
+        "budget_from",
         "error",
         "grace_over",
         "grace_timer",
@@ -127,6 +130,10 @@ class _Extras:
         self.error: BaseException | None = None
         #: The client left a WebSocket: aiohttp, not aiodelay, ends the handler.
         self.websocket = False
+        #: Where the request waits for a deadline that a budget from upstream set (shorter
+        #: than its route's), and the header that said so (``budget.py``).
+        self.budget: DeadlineQueue | None = None
+        self.budget_from: str | None = None
 
 
 class RequestState:
@@ -254,7 +261,8 @@ class RequestState:
         it is in, if any)."""
         if self.phase != RUNNING:
             return  # what came first decides
-        exc = DeadlineExceeded(seconds, status)
+        extras = self.extras
+        exc = DeadlineExceeded(seconds, status, None if extras is None else extras.budget_from)
         self.cause = exc
         self.cause_at = monotonic()
         self._fail_waiters(exc)
@@ -263,6 +271,26 @@ class RequestState:
             self._run_on()
         else:
             self._stop(DEADLINE_MESSAGE)
+
+    def budget_spent(self, seconds: float, status: int, header: str) -> None:
+        """The request came with a budget from upstream that is spent already (``seconds``
+        is 0): it is stopped before its handler starts; in its own task, which raises the
+        ``CancelledError`` (DEADLINE_MESSAGE) next."""
+        self.more().budget_from = header
+        self.cause = DeadlineExceeded(seconds, status, header)
+        self.cause_at = monotonic()
+        self.phase = STOPPED
+
+    def deadline_at(self) -> float | None:
+        """When the request's deadline passes (``time.monotonic()``), while it waits for it;
+        None without one, or once it ended."""
+        extras = self.extras
+        if extras is not None and extras.budget is not None:
+            return extras.budget.pending.get(self)
+        plan = self.route_plan
+        if plan is None or plan.deadlines is None:
+            return None
+        return plan.deadlines.pending.get(self)
 
     def _run_on(self) -> bool:
         self.phase = RUNNING_ON

@@ -27,6 +27,8 @@ class Stats:
     by something else (server shutdown, an outer timeout).
     ``timed_out``: requests whose deadline passed first (``@aiodelay.deadline``): the handler
     was cancelled, its client still there; neither ``completed`` nor ``disconnected``.
+    ``budgets_ignored``: budget headers (``setup(app, budget_headers=...)``) that were
+    malformed, negative or absurd, and ignored (not requests: a request may bring several).
 
     A request counts as ``completed`` when its handler returns; if its client then leaves
     before aiohttp has written the whole response, it moves from ``completed`` to
@@ -41,12 +43,14 @@ class Stats:
     truncated: int = 0
     failed: int = 0
     timed_out: int = 0
+    budgets_ignored: int = 0
 
 
 class Counters:
     """The mutable counters behind :class:`Stats`; one per installed middleware."""
 
     __slots__ = (
+        "budgets_ignored",
         "cancelled",
         "completed",
         "disconnected",
@@ -66,6 +70,7 @@ class Counters:
         self.truncated = 0
         self.failed = 0
         self.timed_out = 0
+        self.budgets_ignored = 0
 
     def count(self, kind: str, disconnected: bool) -> None:
         """One request ended as ``kind`` (an ``Outcome`` kind)."""
@@ -95,4 +100,5 @@ class Counters:
             truncated=self.truncated,
             failed=self.failed,
             timed_out=self.timed_out,
+            budgets_ignored=self.budgets_ignored,
         )

@@ -1,0 +1,184 @@
+"""Deadlines that travel: a request's time budget read from upstream, and sent downstream.
+
+gRPC sends the time a call has left in ``grpc-timeout`` (``<digits><unit>``, units ``H M S m u
+n``); Envoy tells its upstreams its own in ``x-envoy-expected-rq-timeout-ms`` (milliseconds).
+An app that opts in (``aiodelay.setup(app, budget_headers=(...))``) reads them: the request's
+deadline becomes the smaller of its route's deadline and the budget (a budget only shortens),
+and a request whose budget is already spent is answered at once with the deadline's status.
+A value that is malformed, negative or absurd (more than :data:`MAX_BUDGET`) is ignored: it
+is counted (``Stats.budgets_ignored``) and logged once per header name at DEBUG, never a 500.
+
+:func:`budget_trace` sends the budget on: an ``aiohttp.TraceConfig`` whose
+``on_request_start`` sets the headers of a ``ClientSession`` call made while a request with a
+deadline is handled to the time it has left (less a margin). The call needs no timeout of its
+own: when the budget runs out, the request's deadline cancels the handler, and with it the
+await of the call.
+
+What is trusted: only the time a header says, and only to shorten. An upstream cannot give a
+request more time than its route has, nor make aiodelay run a shielded route or a WebSocket
+under a deadline (the routes a default deadline leaves alone are left alone by a budget too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Iterable
+from time import monotonic
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .stats import Counters
+
+__all__ = (
+    "ENVOY",
+    "GRPC",
+    "KNOWN",
+    "MAX_BUDGET",
+    "budget_of",
+    "budget_trace",
+    "check_budget_headers",
+    "header_value",
+    "parse_grpc_timeout",
+    "parse_milliseconds",
+)
+
+logger = logging.getLogger("aiodelay")
+
+GRPC = "grpc-timeout"
+ENVOY = "x-envoy-expected-rq-timeout-ms"
+
+#: A budget longer than this is taken for a mistake, and ignored (a day).
+MAX_BUDGET = 86400.0
+
+_GRPC = re.compile(r"(\d{1,8})([HMSmun])")
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_MILLISECONDS = re.compile(r"\d{1,12}")
+
+
+def parse_grpc_timeout(value: str) -> float | None:
+    """Seconds of a ``grpc-timeout`` value (``250m``, ``1S``, ``100u``...), or None if it is
+    not one (gRPC allows at most eight digits)."""
+    match = _GRPC.fullmatch(value.strip())
+    if match is None:
+        return None
+    return int(match[1]) * _GRPC_UNITS[match[2]]
+
+
+def parse_milliseconds(value: str) -> float | None:
+    """Seconds of a whole number of milliseconds (``x-envoy-expected-rq-timeout-ms``), or
+    None if it is not one."""
+    value = value.strip()
+    if _MILLISECONDS.fullmatch(value) is None:
+        return None
+    return int(value) / 1000
+
+
+#: The budget headers aiodelay reads and sends, each with its parser.
+KNOWN: dict[str, Callable[[str], float | None]] = {
+    GRPC: parse_grpc_timeout,
+    ENVOY: parse_milliseconds,
+}
+
+
+def check_budget_headers(names: object) -> tuple[str, ...]:
+    """``names`` (``budget_headers=``) as lower-case header names aiodelay knows; TypeError
+    or ValueError otherwise."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(
+            f"budget_headers takes a tuple of header names, e.g. ({GRPC!r},), got {names!r}"
+        )
+    checked: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or name.lower() not in KNOWN:
+            known = ", ".join(map(repr, KNOWN))
+            raise ValueError(
+                f"budget_headers: {name!r} is not a budget header aiodelay reads ({known})"
+            )
+        if name.lower() not in checked:
+            checked.append(name.lower())
+    return tuple(checked)
+
+
+_said_ignored: set[str] = set()
+
+
+def budget_of(
+    request: web.BaseRequest, names: tuple[str, ...], counters: Counters
+) -> tuple[float, str] | None:
+    """The budget ``request`` came with (seconds, and the header that said so: the smallest,
+    if several do), or None. An ignored value is counted in ``counters``."""
+    headers = request.headers
+    found: tuple[float, str] | None = None
+    for name in names:
+        for value in headers.getall(name, ()):
+            seconds = KNOWN[name](value)
+            if seconds is None or seconds > MAX_BUDGET:
+                counters.budgets_ignored += 1
+                if name not in _said_ignored:
+                    _said_ignored.add(name)
+                    logger.debug(
+                        "ignored the budget %s: %r (malformed, negative or over %gs; said "
+                        "once per header)",
+                        name,
+                        value[:64],
+                        MAX_BUDGET,
+                    )
+                continue
+            if found is None or seconds < found[0]:
+                found = (seconds, name)
+    return found
+
+
+def header_value(name: str, seconds: float) -> str:
+    """``seconds`` left (not under 0), as header ``name`` says it: whole milliseconds, for
+    ``grpc-timeout`` with its unit (seconds past eight digits of milliseconds)."""
+    milliseconds = max(0, int(seconds * 1000))
+    if name == GRPC:
+        if milliseconds <= 99_999_999:
+            return f"{milliseconds}m"
+        return f"{min(milliseconds // 1000, 99_999_999)}S"
+    return str(milliseconds)
+
+
+def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
+    """An ``aiohttp.TraceConfig`` that sends a request's remaining budget downstream:
+    ``aiohttp.ClientSession(trace_configs=[aiodelay.budget_trace()])``.
+
+    A call made while a request with a deadline is handled (in the handler's task, or a
+    coroutine it awaits) carries the time the request has left, less ``margin`` seconds (for
+    the way there and back), in the headers of the app's ``budget_headers``, or in
+    ``grpc-timeout`` if it has none. Calls made outside a request, or for a request without a
+    deadline, are untouched.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ValueError(f"budget_trace(margin=...) takes seconds >= 0, got {margin!r}")
+    # Imported here: the request lookup lives with the middleware, which imports this module.
+    from .shield import running_state
+
+    async def on_request_start(
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestStartParams,
+    ) -> None:
+        state = running_state(asyncio.current_task())
+        if state is None:
+            return
+        at = state.deadline_at()
+        if at is None:
+            return
+        left = at - monotonic() - margin
+        names = state.installation.budget_headers or (GRPC,)
+        headers: Any = params.headers
+        for name in names:
+            headers[name] = header_value(name, left)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    trace.freeze()
+    return trace
