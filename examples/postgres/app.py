@@ -7,6 +7,12 @@ write that commits although its client left.
   PostgreSQL a cancel request: the query stops on the server, and the pool gets its connection
   back. Without aiodelay the handler would wait the query out, and the server would run it to
   its end, for nobody.
+- The report's time budget: the app's routes have a deadline (60 s by default), which a budget
+  from upstream (``grpc-timeout``, ``x-envoy-expected-rq-timeout-ms``) shortens. The report
+  runs its query in a transaction whose ``statement_timeout`` is the time the request has left
+  (``aiodelay.time_left``): PostgreSQL itself stops the query when the budget ends, with no
+  help from the app's process (see :func:`within_budget` for why this rather than asyncpg's
+  ``timeout=``), and the client gets the deadline's 504.
 - ``POST /payments`` (form fields ``reference`` and ``amount``): ``@aiodelay.shielded``, so a
   client that leaves does not cancel it: the transaction (an insert, then a slow step that
   stands for a payment provider's answer) runs on and commits. A client that retries with the
@@ -21,27 +27,43 @@ Run it (a DSN of a PostgreSQL server you may create a ``payments`` table in)::
 What is promised: the query stops when the cancellation reaches the handler while it awaits
 the query (asyncpg's cancel request goes over a new connection, so the server must accept one
 more). What is not: a query run through ``asyncio.shield()`` or in another task is not
-cancelled with the handler.
+cancelled with the handler (its ``statement_timeout`` still stops it when the budget ends).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import decimal
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 from aiohttp import web
 
 import aiodelay
 
-__all__ = ("create_app", "main")
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+__all__ = ("create_app", "main", "within_budget")
+
+#: A connection of its own, or one of a pool's.
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 DSN_ENV = "DATABASE_URL"
+
+#: The headers a budget from upstream is read from: gRPC's and Envoy's.
+BUDGET_HEADERS = ("grpc-timeout", "x-envoy-expected-rq-timeout-ms")
+
+#: A query that PostgreSQL cancelled when the request had this little time left (seconds), or
+#: less, was stopped by the request's budget (``within_budget``), not by someone else.
+DEADLINE_DUE = 0.05
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -89,11 +111,57 @@ def pool(dsn: str, application_name: str) -> Callable[[web.Application], AsyncIt
     return ctx
 
 
+@contextlib.asynccontextmanager
+async def within_budget(request: web.BaseRequest, conn: Conn) -> AsyncIterator[None]:
+    """A transaction on ``conn`` whose statements PostgreSQL stops when ``request``'s deadline
+    passes: ``SET LOCAL statement_timeout`` to the time the request has left
+    (``aiodelay.time_left``; no timeout for a request without a deadline).
+
+    Why the server's timer and not asyncpg's ``timeout=``: asyncpg's is a timer in the app's
+    process that, when it fires, sends PostgreSQL a cancel request over a new connection,
+    which is what the deadline's cancellation of the handler makes asyncpg do already. Both
+    need the app's process to be there, its event loop to run, and a new connection to
+    reach the server; ``statement_timeout`` needs nothing from the client once the statement
+    is sent: a query stops at its budget even if the app was killed, stalled or cut off.
+
+    The timeout (``set_config(..., true)``: ``SET LOCAL`` with a parameter) is set once, at
+    the transaction's start, and counts for each statement in it (PostgreSQL 17's
+    ``transaction_timeout`` would count the whole transaction): a transaction of several
+    statements sets it again before each one. It is rounded up to whole milliseconds and the
+    statement starts after the request's deadline was read, so PostgreSQL's timer goes off
+    after aiodelay's deadline, whose cancellation usually reaches the handler first. Should
+    PostgreSQL's error come first all the same (its server's clock a little fast), this waits
+    for the deadline, which is due, so that the client gets the deadline's answer (504), not a
+    500 for the ``QueryCanceledError``.
+    """
+    left = aiodelay.time_left(request)
+    try:
+        async with conn.transaction():
+            if left is not None:
+                # statement_timeout = 0 would mean "none": at least 1 ms.
+                milliseconds = max(1, math.ceil(left * 1000))
+                await conn.execute(
+                    "SELECT set_config('statement_timeout', $1, true)", f"{milliseconds}ms"
+                )
+            yield
+    except asyncpg.QueryCanceledError:
+        now = aiodelay.time_left(request)
+        if left is None or now is None or now > DEADLINE_DUE:
+            raise  # not the budget's timeout: someone cancelled it (pg_cancel_backend)
+        # Stopped here, within DEADLINE_DUE, by the deadline that is due.
+        await aiodelay.notify_finish(request)
+        raise
+
+
 async def report(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    async with request.app[POOL].acquire() as conn:
-        # Cancelled here when the client leaves: asyncpg then cancels the query on the server.
-        row = await conn.fetchrow(REPORT, settings.report_seconds)
+    async with request.app[POOL].acquire() as conn, within_budget(request, conn):
+        return await compute_report(request.app, conn)
+
+
+async def compute_report(app: web.Application, conn: Conn) -> web.Response:
+    """The report's query and response (``report`` runs it within the request's budget)."""
+    # Cancelled here when the client leaves: asyncpg then cancels the query on the server.
+    row = await conn.fetchrow(REPORT, app[SETTINGS].report_seconds)
     assert row is not None  # an aggregate without GROUP BY returns one row
     return web.json_response({"payments": row["payments"], "total": str(row["total"])})
 
@@ -123,13 +191,16 @@ async def create_app(
     *,
     report_seconds: float = 30,
     settle_seconds: float = 2,
+    deadline: float | None = 60,
     application_name: str = "aiodelay-example-postgres",
 ) -> web.Application:
     """The app, with aiodelay set up and an asyncpg pool opened at startup (closed at cleanup).
 
     ``dsn`` defaults to ``$DATABASE_URL``. ``report_seconds`` and ``settle_seconds`` are how
-    long the report query and the payment's slow step take; ``application_name`` is what
-    PostgreSQL shows for the pool's connections in ``pg_stat_activity``.
+    long the report query and the payment's slow step take; ``deadline`` is the app's
+    routes' (None for none; the shielded payment has none), which a budget from upstream in
+    :data:`BUDGET_HEADERS` shortens; ``application_name`` is what PostgreSQL shows for the
+    pool's connections in ``pg_stat_activity``.
     """
     dsn = dsn if dsn is not None else os.environ.get(DSN_ENV)
     if not dsn:
@@ -139,7 +210,7 @@ async def create_app(
             raise ValueError(f"{name} must be a finite number >= 0, got {seconds!r}")
 
     app = web.Application()
-    aiodelay.setup(app)
+    aiodelay.setup(app, deadline=deadline, budget_headers=BUDGET_HEADERS)
     app[SETTINGS] = Settings(report_seconds, settle_seconds)
     app.cleanup_ctx.append(pool(dsn, application_name))
     app.add_routes([web.get("/report", report), web.post("/payments", pay)])
