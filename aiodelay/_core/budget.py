@@ -57,7 +57,10 @@ ENVOY = "x-envoy-expected-rq-timeout-ms"
 MAX_BUDGET = 86400.0
 
 _GRPC = re.compile(r"(\d{1,8})([HMSmun])")
-_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+#: Seconds per unit (H, M, S), or units per second (m, u, n): divided, as the milliseconds
+#: header is, so that the same time in both headers is the same float (239 * 1e-3 is not 0.239).
+_GRPC_PER_SECOND = {"m": 1_000, "u": 1_000_000, "n": 1_000_000_000}
+_GRPC_SECONDS = {"H": 3600, "M": 60, "S": 1}
 _MILLISECONDS = re.compile(r"\d{1,12}")
 
 
@@ -67,7 +70,10 @@ def parse_grpc_timeout(value: str) -> float | None:
     match = _GRPC.fullmatch(value.strip())
     if match is None:
         return None
-    return int(match[1]) * _GRPC_UNITS[match[2]]
+    count, unit = int(match[1]), match[2]
+    if unit in _GRPC_SECONDS:
+        return float(count * _GRPC_SECONDS[unit])
+    return count / _GRPC_PER_SECOND[unit]
 
 
 def parse_milliseconds(value: str) -> float | None:
