@@ -121,6 +121,8 @@ GRPC_INVALID = [
     "000000001S",  # nine digits, even leading zeros
     "5m5m",
     "5mm",
+    "\u0665m",  # an Arabic-Indic five: a Unicode digit, not an ASCII one
+    "\uff15m",  # a fullwidth five
 ]
 
 ENVOY_VALID = [("250", 0.25), ("0", 0.0), ("1", 0.001), ("999999999999", 999999999.999)]
@@ -132,6 +134,7 @@ ENVOY_INVALID = [
     "2.5",
     "1e3",
     "1234567890123",
+    "\u0662\u0665\u0660",  # Arabic-Indic digits: Unicode, not ASCII
     " ",
 ]
 
@@ -379,6 +382,21 @@ async def test_a_budget_spent_on_arrival_is_answered_at_once_without_the_handler
         f"GET / from 127.0.0.1 exceeded its 0s deadline (the budget in {header}): "
         "cancelled, answered 504"
     )
+
+
+async def test_a_budget_in_unicode_digits_is_ignored(serve: Serve) -> None:
+    """An Arabic-Indic zero is a digit to Python (re's \\d, int()), not to gRPC or Envoy."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ran")
+
+    served = await serve(_app(web.get("/", handler), budget_headers=BOTH))
+    client = await served.connect()
+    zero = "\u0660".encode()
+    for header, value in [(GRPC, zero + b"m"), (ENVOY, zero)]:
+        await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n%s: %s\r\n\r\n" % (header.encode(), value))
+        assert await client.read_response() == (200, b"ran")
+    assert aiodelay.stats(served.app).budgets_ignored == 2
 
 
 @pytest.mark.both_loops

@@ -56,9 +56,10 @@ ENVOY = "x-envoy-expected-rq-timeout-ms"
 #: A budget longer than this is taken for a mistake, and ignored (a day).
 MAX_BUDGET = 86400.0
 
-_GRPC = re.compile(r"(\d{1,8})([HMSmun])")
+# ASCII digits only: re's \d (and int()) take any Unicode digit (an Arabic-Indic 5 too).
+_GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_MILLISECONDS = re.compile(r"\d{1,12}")
+_MILLISECONDS = re.compile(r"[0-9]{1,12}")
 
 
 def parse_grpc_timeout(value: str) -> float | None:
