@@ -165,6 +165,8 @@ def test_parse_milliseconds_refuses_what_is_not_one(value: str) -> None:
         (GRPC, 0.25, "250m"),
         (GRPC, 0.0004, "0m"),  # under a millisecond: spent
         (GRPC, -1.0, "0m"),  # never negative
+        (GRPC, -1e306, "0m"),  # (a margin that large made int() of -inf ms, which raised)
+        (GRPC, -math.inf, "0m"),
         (GRPC, 99_999.999, "99999999m"),  # eight digits of milliseconds
         (GRPC, 100_000.0, "100000S"),  # then seconds
         (GRPC, 1e12, "99999999S"),  # and never more than eight digits
@@ -830,7 +832,7 @@ async def test_the_downstream_call_ends_with_the_budget(serve: Serve) -> None:
     assert aiodelay.stats(upstream.app).timed_out == 0
 
 
-@pytest.mark.parametrize("margin", [-0.01, math.nan, True, "0.1", None])
+@pytest.mark.parametrize("margin", [-0.01, math.nan, math.inf, True, "0.1", None])
 def test_budget_trace_refuses_a_margin_that_is_not_seconds(margin: Any) -> None:
     with pytest.raises(ValueError, match=r"budget_trace\(margin=\.\.\.\) takes seconds >= 0"):
         aiodelay.budget_trace(margin=margin)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from time import monotonic
@@ -139,7 +140,7 @@ def budget_of(
 def header_value(name: str, seconds: float) -> str:
     """``seconds`` left (not under 0), as header ``name`` says it: whole milliseconds, for
     ``grpc-timeout`` with its unit (seconds past eight digits of milliseconds)."""
-    milliseconds = max(0, int(seconds * 1000))
+    milliseconds = int(max(0.0, seconds) * 1000)  # (int() of -inf would raise)
     if name == GRPC:
         if milliseconds <= 99_999_999:
             return f"{milliseconds}m"
@@ -157,7 +158,11 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
     ``grpc-timeout`` if it has none. Calls made outside a request, or for a request without a
     deadline, are untouched.
     """
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not 0 <= margin < math.inf  # (an infinite margin failed every call it traced)
+    ):
         raise ValueError(f"budget_trace(margin=...) takes seconds >= 0, got {margin!r}")
     # Imported here: the request lookup lives with the middleware, which imports this module.
     from .shield import running_state
