@@ -803,6 +803,66 @@ async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) 
 
 
 @pytest.mark.both_loops
+async def test_a_sub_app_with_its_own_setup_reads_and_sends_its_own_budget_headers(
+    serve: Serve,
+) -> None:
+    """The innermost setup decides for its routes, as its default deadline does: the sub-app
+    reads and sends Envoy's header, the app grpc-timeout."""
+    down, url = await _downstream(serve)
+    trace = aiodelay.budget_trace(margin=0)
+
+    async def calls(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
+            await r.read()
+        return web.Response(text="called")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    sub = _app(web.get("/calls", calls), web.get("/slow", slow), budget_headers=(ENVOY,))
+    app = _app(web.get("/calls", calls), budget_headers=(GRPC,))
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/sub/calls", (ENVOY, "1500")))[:2] == (200, b"called")
+    assert (await _get(client, "/calls", (GRPC, "1500m")))[:2] == (200, b"called")
+    assert (await _get(client, "/calls", (ENVOY, "1500")))[:2] == (200, b"called")
+    sub_sent, app_sent, not_read = down.headers
+    assert list(sub_sent) == [ENVOY]
+    assert 1000 < int(sub_sent[ENVOY]) <= 1500
+    assert list(app_sent) == [GRPC]
+    assert 1000 < _ms(GRPC, app_sent[GRPC]) <= 1500
+    assert not_read == {}  # the app does not read Envoy's header
+    _, body, took = await _get(client, "/sub/slow", (ENVOY, "100"), (GRPC, "50m"))
+    assert (
+        body == f"504: the request exceeded its 0.100s deadline (the budget in {ENVOY})\n".encode()
+    )
+    assert took < 1.0
+
+
+@pytest.mark.both_loops
+async def test_a_sub_app_reads_a_budget_where_the_app_reads_none(serve: Serve) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    async def quick(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(text="done")
+
+    sub = _app(web.get("/slow", slow), budget_headers=(GRPC,))
+    app = _app(web.get("/quick", quick))
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.connect()
+    status, _, took = await _get(client, "/sub/slow", (GRPC, "100m"))
+    assert status == 504
+    assert took < 1.0
+    assert (await _get(client, "/quick", (GRPC, "100m")))[:2] == (200, b"done")
+
+
+@pytest.mark.both_loops
 async def test_the_downstream_call_ends_with_the_budget(serve: Serve) -> None:
     """A downstream with aiodelay takes the budget, less the margin: it stops first, answers
     504, and the upstream passes that on before its own 0.3 s deadline."""

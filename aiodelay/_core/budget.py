@@ -179,7 +179,8 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
         if at is None:
             return
         left = at - monotonic() - margin
-        names = state.installation.budget_headers or (GRPC,)
+        plan = state.route_plan  # (set: the request waits for a deadline)
+        names = (plan.budget_headers if plan is not None else ()) or (GRPC,)
         headers: Any = params.headers
         for name in names:
             headers[name] = header_value(name, left)
