@@ -803,6 +803,29 @@ async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) 
 
 
 @pytest.mark.both_loops
+async def test_budget_trace_lets_a_smaller_budget_the_caller_set_stand(serve: Serve) -> None:
+    """A header the call sets itself, smaller than the request's budget, is kept: a budget
+    only shortens, also on the way out."""
+    down, url = await _downstream(serve)
+    trace = aiodelay.budget_trace()
+
+    async def calls(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as s:
+            for headers in ({GRPC: "100m"}, {GRPC: "1H"}, {GRPC: "junk"}):
+                async with s.get(url, headers=headers) as r:
+                    await r.read()
+        return web.Response(text="up")
+
+    served = await serve(_app(web.get("/", calls), deadline=3))
+    client = await served.connect()
+    assert (await _get(client, "/"))[0] == 200
+    small, large, junk = (d[GRPC] for d in down.headers)
+    assert small == "100m"
+    assert 2500 < _ms(GRPC, large) <= 3000
+    assert 2500 < _ms(GRPC, junk) <= 3000
+
+
+@pytest.mark.both_loops
 async def test_a_sub_app_with_its_own_setup_reads_and_sends_its_own_budget_headers(
     serve: Serve,
 ) -> None:

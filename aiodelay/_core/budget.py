@@ -155,8 +155,9 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
     A call made while a request with a deadline is handled (in the handler's task, or a
     coroutine it awaits) carries the time the request has left, less ``margin`` seconds (for
     the way there and back), in the headers of the app's ``budget_headers``, or in
-    ``grpc-timeout`` if it has none. Calls made outside a request, or for a request without a
-    deadline, are untouched.
+    ``grpc-timeout`` if it has none. A value the call sets itself in one of those headers
+    stands if it gives less time (else it is replaced). Calls made outside a request, or for a
+    request without a deadline, are untouched.
     """
     if (
         isinstance(margin, bool)
@@ -183,6 +184,9 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
         names = (plan.budget_headers if plan is not None else ()) or (GRPC,)
         headers: Any = params.headers
         for name in names:
+            own = headers.get(name)
+            if own is not None and (seconds := KNOWN[name](own)) is not None and seconds <= left:
+                continue  # the call's own budget is shorter: it stands (a budget only shortens)
             headers[name] = header_value(name, left)
 
     trace = aiohttp.TraceConfig()
