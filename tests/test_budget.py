@@ -402,6 +402,29 @@ async def test_a_budget_in_unicode_digits_is_ignored(serve: Serve) -> None:
 
 
 @pytest.mark.both_loops
+async def test_a_spent_budget_with_a_body_leaves_the_connection_good(serve: Serve) -> None:
+    """The body of a request answered at once is not read by a handler; the next request on
+    the connection (pipelined behind it) is served as usual."""
+    bodies: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response(text="ran")
+
+    served = await serve(_app(web.post("/", handler), budget_headers=BOTH))
+    client = await served.connect()
+    await client.send(
+        b"POST / HTTP/1.1\r\nHost: t\r\ngrpc-timeout: 0m\r\nContent-Length: 5\r\n\r\nhello"
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    assert (await client.read_response())[0] == 504
+    assert await client.read_response() == (200, b"ran")
+    assert bodies == [b"abc"]
+    stats = aiodelay.stats(served.app)
+    assert (stats.timed_out, stats.completed) == (1, 1)
+
+
+@pytest.mark.both_loops
 async def test_a_budget_only_shortens(serve: Serve) -> None:
     """Route deadline 0.3 s, budget 10 s: 0.3 s, and the deadline is the route's own."""
 
