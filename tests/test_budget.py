@@ -273,7 +273,19 @@ async def test_a_request_without_a_budget_runs_as_its_route_says(serve: Serve) -
 @pytest.mark.both_loops
 @pytest.mark.parametrize(
     "value",
-    ["", "abc", "-5m", "5", "5x", "1.5S", "123456789m", "99999999H", "99999999M", "25H"],
+    [
+        "",
+        "abc",
+        "-5m",
+        "5",
+        "5x",
+        "1.5S",
+        "123456789m",
+        "99999999H",
+        "99999999M",
+        "25H",
+        "250m, 100m",  # one line of several values
+    ],
 )
 async def test_an_ignored_grpc_timeout_leaves_the_routes_deadline(
     serve: Serve, caplog: pytest.LogCaptureFixture, said_once: None, value: str
@@ -629,6 +641,7 @@ async def test_time_left(serve: Serve) -> None:
 
     @aiodelay.deadline(0.1)
     async def passes(request: web.Request) -> web.Response:
+        kept.append(request)
         seen["before"] = aiodelay.time_left(request)
         try:
             await aiodelay.shield(asyncio.sleep(0.3))  # the deadline passes in here
@@ -667,6 +680,7 @@ async def test_time_left(serve: Serve) -> None:
     await asyncio.wait_for(done.wait(), 5)
     assert 0 < seen["before"] <= 0.1
     assert seen["in shield, after"] == 0.0
+    assert aiodelay.time_left(kept[-1]) == 0.0  # ended because its deadline passed
     assert (await _get(client, "/inside"))[0] == 504
     assert seen["inside"] == 0.0  # passed while the section ran
 
@@ -787,6 +801,26 @@ async def test_budget_trace_sends_grpc_timeout_for_a_route_deadline_by_default(
 
 
 @pytest.mark.both_loops
+async def test_budget_trace_sends_the_budget_from_a_shield_section(serve: Serve) -> None:
+    down, url = await _downstream(serve)
+    trace = aiodelay.budget_trace()
+
+    async def call() -> None:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
+            await r.read()
+
+    async def shielded_call(request: web.Request) -> web.Response:
+        await aiodelay.shield(call())
+        return web.Response(text="up")
+
+    served = await serve(_app(web.get("/", shielded_call), budget_headers=(ENVOY,)))
+    client = await served.connect()
+    assert (await _get(client, "/", (ENVOY, "2000")))[0] == 200
+    [sent] = down.headers
+    assert 1500 < int(sent[ENVOY]) <= 1990
+
+
+@pytest.mark.both_loops
 async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) -> None:
     down, url = await _downstream(serve)
     trace = aiodelay.budget_trace()
@@ -806,6 +840,7 @@ async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) 
 
     async def in_a_task(request: web.Request) -> web.Response:
         await asyncio.create_task(call())  # not the handler's task: no header (documented)
+        await aiodelay.spawn(request, call())  # nor one of aiodelay's
         return web.Response(text="up")
 
     served = await serve(
@@ -822,7 +857,7 @@ async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) 
     client = await timed.connect()
     assert (await _get(client, "/task"))[0] == 200
     await call()  # outside any request
-    assert down.headers == [{}, {}, {}, {}]
+    assert down.headers == [{}, {}, {}, {}, {}]
 
 
 @pytest.mark.both_loops
