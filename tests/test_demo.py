@@ -127,6 +127,7 @@ async def test_status_page_shows_the_counters(aiodelay_server: AiodelayServer) -
         "truncated": 0,
         "failed": 0,
         "timed_out": 0,
+        "budgets_ignored": 0,
     }
 
 

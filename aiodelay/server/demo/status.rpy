@@ -59,6 +59,7 @@ table.rows td.none { color: #555; font-style: italic; }
 <tr><td class="n" id="truncated">-</td><td>truncated: of those, left mid-response</td></tr>
 <tr><td class="n" id="failed">-</td><td>failed: of those, error or shutdown</td></tr>
 <tr><td class="n" id="timed_out">-</td><td>timed out: the deadline passed first</td></tr>
+<tr><td class="n" id="budgets_ignored">-</td><td>budgets ignored: malformed budget headers</td></tr>
 </table>
 <h2>Interruptions per second, last 5 minutes
 <small>(<span id="total"><!--total--></span> in all)</small></h2>
@@ -75,7 +76,7 @@ table.rows td.none { color: #555; font-style: italic; }
 <a href="./">Back to the demos</a></p>
 <script>
 const COUNTERS = ["in_flight", "completed", "disconnected", "cancelled", "shielded_ran_on",
-                  "truncated", "failed", "timed_out", "left_out"];
+                  "truncated", "failed", "timed_out", "budgets_ignored", "left_out"];
 const COLUMNS = ["time", "method", "path", "reason", "after", "outcome", "client"];
 // Text only (textContent), never markup: a path is whatever the client sent.
 function row(item) {
