@@ -662,6 +662,7 @@ async def test_status_demo_leaves_out_its_own_requests(aiodelay_server: Aiodelay
             "truncated": 0,
             "failed": 0,
             "timed_out": 0,
+            "budgets_ignored": 0,
             "left_out": 5,
         }
 
