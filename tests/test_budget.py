@@ -17,8 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 import aiodelay
+import aiodelay.prometheus
 from aiodelay._core import budget, middleware
 from aiodelay._core.budget import (
     ENVOY,
@@ -552,6 +554,51 @@ async def test_an_app_without_budget_headers_reads_no_budget(
     served2 = await serve(_app(web.get("/plain", plain), deadline=2))
     client2 = await served2.connect()
     assert (await _get(client2, "/plain", (ENVOY, "10")))[:2] == (200, b"plain")
+
+
+@pytest.mark.both_loops
+async def test_a_completed_request_says_its_deadline_was_the_budgets(serve: Serve) -> None:
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    app = _app(web.get("/", quick), budget_headers=BOTH)
+    outcomes = _Outcomes()
+    aiodelay.add_observer(app, outcomes)
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/", (ENVOY, "5000")))[:2] == (200, b"done")
+    [outcome] = await outcomes.wait(1)
+    assert (outcome.kind, outcome.budget_from) == ("completed", ENVOY)
+
+
+async def test_prometheus_counts_budgets_under_the_same_labels(serve: Serve) -> None:
+    """No header value becomes a label: a budget's time-out is a time-out of its route."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    app = _app(web.get("/items/{id}", slow), budget_headers=BOTH)
+    registry = CollectorRegistry()
+    aiodelay.prometheus.setup(app, registry=registry)
+    outcomes = _Outcomes()
+    aiodelay.add_observer(app, outcomes)
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/items/1", (GRPC, "50m")))[0] == 504
+    assert (await _get(client, "/items/2", (ENVOY, "0")))[0] == 504
+    assert (await _get(client, "/items/3", (GRPC, "junk"), (ENVOY, "30")))[0] == 504
+    await outcomes.wait(3)
+    samples = [
+        (sample.name, sample.labels, sample.value)
+        for family in registry.collect()
+        if family.name == "aiodelay_requests"
+        for sample in family.samples
+        if sample.name == "aiodelay_requests_total"
+    ]
+    assert samples == [
+        ("aiodelay_requests_total", {"route": "/items/{id}", "outcome": "timed_out"}, 3.0)
+    ]
 
 
 # -- the routes that take no budget ------------------------------------------------------------
