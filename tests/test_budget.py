@@ -9,6 +9,7 @@ not after the handler's 5 s), with room for a loaded machine."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from aiodelay._core.budget import (
     parse_grpc_timeout,
     parse_milliseconds,
 )
+from aiodelay._core.deadlines import DeadlineQueue
 from aiodelay.testing import RawClient
 from tests.conftest import HandlerRun, Serve
 
@@ -599,6 +601,24 @@ async def test_prometheus_counts_budgets_under_the_same_labels(serve: Serve) -> 
     assert samples == [
         ("aiodelay_requests_total", {"route": "/items/{id}", "outcome": "timed_out"}, 3.0)
     ]
+
+
+@pytest.mark.both_loops
+async def test_a_budget_timer_goes_with_its_request(serve: Serve) -> None:
+    """A request that ends long before its budget (an hour) leaves no timer behind: one left
+    per request would hold the loop's timers and their queues for up to a day each."""
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    served = await serve(_app(web.get("/", quick), budget_headers=BOTH))
+    client = await served.connect()
+    for _ in range(50):
+        assert (await _get(client, "/", (GRPC, "1H")))[:2] == (200, b"done")
+    gc.collect()
+    left = [o for o in gc.get_objects() if isinstance(o, DeadlineQueue) and o.seconds == 3600]
+    # (The connection holds its last request's state, and its budget, until its next one.)
+    assert len(left) <= 1
 
 
 # -- the routes that take no budget ------------------------------------------------------------

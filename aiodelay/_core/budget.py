@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from .deadlines import DeadlineQueue
+
 if TYPE_CHECKING:
     from .stats import Counters
 
@@ -41,6 +43,7 @@ __all__ = (
     "GRPC",
     "KNOWN",
     "MAX_BUDGET",
+    "BudgetDeadline",
     "budget_of",
     "budget_trace",
     "check_budget_headers",
@@ -105,6 +108,22 @@ def check_budget_headers(names: object) -> tuple[str, ...]:
         if name.lower() not in checked:
             checked.append(name.lower())
     return tuple(checked)
+
+
+class BudgetDeadline(DeadlineQueue):
+    """The deadline a budget from upstream sets for one request: a queue of one (budgets
+    differ from request to request, so requests cannot share one), whose timer goes when the
+    request ends (:meth:`close`). A shared queue keeps its timer for the requests still in it;
+    this one's would wait, up to :data:`MAX_BUDGET`, for nobody."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """The request ended: cancel the timer (asyncio and uvloop then let go of it)."""
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
 
 
 _said_ignored: set[str] = set()

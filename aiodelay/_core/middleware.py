@@ -35,7 +35,7 @@ from .aiohttp_internals import (
     transport_of,
     worth_reading,
 )
-from .budget import budget_of
+from .budget import BudgetDeadline, budget_of
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .hangups import CAN_HOLD, hangups_of
@@ -200,7 +200,7 @@ class Middleware(Installation):
         if seconds <= 0:
             state.budget_spent(seconds, status, header)
             raise asyncio.CancelledError(DEADLINE_MESSAGE)
-        budget = DeadlineQueue(seconds, status)  # (a queue of one: its timer is the request's)
+        budget = BudgetDeadline(seconds, status)
         extras = state.more()
         extras.budget = budget
         extras.budget_from = header
