@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from time import monotonic
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from .deadlines import DeadlineQueue
+
 if TYPE_CHECKING:
     from .stats import Counters
 
@@ -40,6 +43,7 @@ __all__ = (
     "GRPC",
     "KNOWN",
     "MAX_BUDGET",
+    "BudgetDeadline",
     "budget_of",
     "budget_trace",
     "check_budget_headers",
@@ -56,12 +60,13 @@ ENVOY = "x-envoy-expected-rq-timeout-ms"
 #: A budget longer than this is taken for a mistake, and ignored (a day).
 MAX_BUDGET = 86400.0
 
-_GRPC = re.compile(r"(\d{1,8})([HMSmun])")
+# ASCII digits only: re's \d (and int()) take any Unicode digit (an Arabic-Indic 5 too).
+_GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
 #: Seconds per unit (H, M, S), or units per second (m, u, n): divided, as the milliseconds
 #: header is, so that the same time in both headers is the same float (239 * 1e-3 is not 0.239).
 _GRPC_PER_SECOND = {"m": 1_000, "u": 1_000_000, "n": 1_000_000_000}
 _GRPC_SECONDS = {"H": 3600, "M": 60, "S": 1}
-_MILLISECONDS = re.compile(r"\d{1,12}")
+_MILLISECONDS = re.compile(r"[0-9]{1,12}")
 
 
 def parse_grpc_timeout(value: str) -> float | None:
@@ -111,6 +116,22 @@ def check_budget_headers(names: object) -> tuple[str, ...]:
     return tuple(checked)
 
 
+class BudgetDeadline(DeadlineQueue):
+    """The deadline a budget from upstream sets for one request: a queue of one (budgets
+    differ from request to request, so requests cannot share one), whose timer goes when the
+    request ends (:meth:`close`). A shared queue keeps its timer for the requests still in it;
+    this one's would wait, up to :data:`MAX_BUDGET`, for nobody."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """The request ended: cancel the timer (asyncio and uvloop then let go of it)."""
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+
+
 _said_ignored: set[str] = set()
 
 
@@ -144,7 +165,7 @@ def budget_of(
 def header_value(name: str, seconds: float) -> str:
     """``seconds`` left (not under 0), as header ``name`` says it: whole milliseconds, for
     ``grpc-timeout`` with its unit (seconds past eight digits of milliseconds)."""
-    milliseconds = max(0, int(seconds * 1000))
+    milliseconds = int(max(0.0, seconds) * 1000)  # (int() of -inf would raise)
     if name == GRPC:
         if milliseconds <= 99_999_999:
             return f"{milliseconds}m"
@@ -159,10 +180,15 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
     A call made while a request with a deadline is handled (in the handler's task, or a
     coroutine it awaits) carries the time the request has left, less ``margin`` seconds (for
     the way there and back), in the headers of the app's ``budget_headers``, or in
-    ``grpc-timeout`` if it has none. Calls made outside a request, or for a request without a
-    deadline, are untouched.
+    ``grpc-timeout`` if it has none. A value the call sets itself in one of those headers
+    stands if it gives less time (else it is replaced). Calls made outside a request, or for a
+    request without a deadline, are untouched.
     """
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float))
+        or not 0 <= margin < math.inf  # (an infinite margin failed every call it traced)
+    ):
         raise ValueError(f"budget_trace(margin=...) takes seconds >= 0, got {margin!r}")
     # Imported here: the request lookup lives with the middleware, which imports this module.
     from .shield import running_state
@@ -179,9 +205,13 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
         if at is None:
             return
         left = at - monotonic() - margin
-        names = state.installation.budget_headers or (GRPC,)
+        plan = state.route_plan  # (set: the request waits for a deadline)
+        names = (plan.budget_headers if plan is not None else ()) or (GRPC,)
         headers: Any = params.headers
         for name in names:
+            own = headers.get(name)
+            if own is not None and (seconds := KNOWN[name](own)) is not None and seconds <= left:
+                continue  # the call's own budget is shorter: it stands (a budget only shortens)
             headers[name] = header_value(name, left)
 
     trace = aiohttp.TraceConfig()

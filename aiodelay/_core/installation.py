@@ -97,6 +97,10 @@ class RoutePlan:
     last_to_touch: bool
     #: aiohttp-remotes' middlewares on the way (see ``client.trusted_remote``).
     remotes: tuple[Any, ...]
+    #: The headers the route's budget from upstream is read from, and sent in by
+    #: ``budget_trace``: the ``budget_headers`` of the innermost installation on its way (a
+    #: sub-app's own setup decides for its routes, as its default deadline does).
+    budget_headers: tuple[str, ...] = ()
     #: The status a budget from upstream is answered with when it runs out, or None: the
     #: route takes no budget (no ``budget_headers``; shielded, or ``@aiodelay.deadline(None)``).
     budget_status: int | None = None
@@ -183,7 +187,7 @@ class Installation:
             installed = installation_of(current)
             if installed is not None and installed is not self:
                 nested = True
-                timed = timed or installed.deadline is not None
+                timed = timed or installed.deadline is not None or bool(installed.budget_headers)
             for resource in current.router.resources():
                 sub_app = resource.get_info().get("app")
                 if isinstance(sub_app, web.Application):
@@ -228,7 +232,8 @@ class Installation:
         outermost = bool(apps) and _first_middleware(apps[0]) is self
         policy = policy_of(handler, innermost.policy)
         limit = deadline_of(handler, innermost.deadline, policy)
-        budgeted = deadline_of(handler, _ANY_BUDGET, policy) if self.budget_headers else None
+        budget_headers = innermost.budget_headers
+        budgeted = deadline_of(handler, _ANY_BUDGET, policy) if budget_headers else None
         return RoutePlan(
             installations=tuple(found),
             policy=policy,
@@ -239,6 +244,7 @@ class Installation:
             outermost=outermost,
             last_to_touch=outermost and not any(app.on_response_prepare for app in apps),
             remotes=remotes_on_the_way(apps),
+            budget_headers=budget_headers,
             budget_status=None if budgeted is None else budgeted[1],
             budget_by_default=budgeted is _ANY_BUDGET,
         )

@@ -35,7 +35,7 @@ from .aiohttp_internals import (
     transport_of,
     worth_reading,
 )
-from .budget import budget_of
+from .budget import BudgetDeadline, budget_of
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .hangups import CAN_HOLD, hangups_of
@@ -188,7 +188,7 @@ class Middleware(Installation):
         """The queue of the request's deadline if a budget from upstream sets it (shorter
         than its route's), None if it does not; raises the CancelledError that stops it
         before its handler starts if its budget is spent already (see ``budget.py``)."""
-        found = budget_of(request, self.budget_headers, self.counters)
+        found = budget_of(request, plan.budget_headers, self.counters)
         if found is None or (plan.budget_by_default and asks_upgrade(request)):
             return None
         seconds, header = found
@@ -200,7 +200,7 @@ class Middleware(Installation):
         if seconds <= 0:
             state.budget_spent(seconds, status, header)
             raise asyncio.CancelledError(DEADLINE_MESSAGE)
-        budget = DeadlineQueue(seconds, status)  # (a queue of one: its timer is the request's)
+        budget = BudgetDeadline(seconds, status)
         extras = state.more()
         extras.budget = budget
         extras.budget_from = header

@@ -63,7 +63,7 @@ from .policy import Policy
 
 if TYPE_CHECKING:
     from .aiohttp_internals import Watch
-    from .deadlines import DeadlineQueue
+    from .budget import BudgetDeadline
     from .installation import Installation, RoutePlan
 
 __all__ = (
@@ -132,7 +132,7 @@ class _Extras:
         self.websocket = False
         #: Where the request waits for a deadline that a budget from upstream set (shorter
         #: than its route's), and the header that said so (``budget.py``).
-        self.budget: DeadlineQueue | None = None
+        self.budget: BudgetDeadline | None = None
         self.budget_from: str | None = None
 
 
@@ -382,6 +382,8 @@ class RequestState:
             if extras.grace_timer is not None:
                 extras.grace_timer.cancel()
                 extras.grace_timer = None
+            if extras.budget is not None:
+                extras.budget.close()
             self._release(CANCEL_MESSAGE)
         if self.cause is not None:
             self.installation.running_on.discard(self)

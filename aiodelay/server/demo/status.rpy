@@ -59,7 +59,7 @@ table.rows td.none { color: #555; font-style: italic; }
 <tr><td class="n" id="truncated">-</td><td>truncated: of those, left mid-response</td></tr>
 <tr><td class="n" id="failed">-</td><td>failed: of those, error or shutdown</td></tr>
 <tr><td class="n" id="timed_out">-</td><td>timed out: the deadline passed first</td></tr>
-<tr><td class="n" id="budgets_ignored">-</td><td>budgets ignored: malformed, from upstream</td></tr>
+<tr><td class="n" id="budgets_ignored">-</td><td>budgets ignored: malformed budget headers</td></tr>
 </table>
 <h2>Interruptions per second, last 5 minutes
 <small>(<span id="total"><!--total--></span> in all)</small></h2>
