@@ -189,6 +189,14 @@ def test_header_value_says_the_time_as_the_header_does(
 # -- setup(budget_headers=...) -----------------------------------------------------------------
 
 
+def test_the_same_time_in_both_headers_is_the_same_number() -> None:
+    """A request with both headers names its budget's header by the smaller number: a time
+    written in both must not differ in its last bit (239 * 1e-3 is not 239 / 1000)."""
+    for milliseconds in range(1, 5000):
+        assert parse_grpc_timeout(f"{milliseconds}m") == parse_milliseconds(str(milliseconds))
+    assert parse_grpc_timeout("250000u") == parse_grpc_timeout("250m") == 0.25
+
+
 def test_setup_refuses_a_bare_string_with_one_line() -> None:
     with pytest.raises(TypeError, match=r"^budget_headers takes a tuple of header names") as info:
         aiodelay.setup(web.Application(), budget_headers="grpc-timeout")
