@@ -1063,3 +1063,104 @@ def test_budget_trace_is_a_frozen_trace_config() -> None:
 
 def test_max_budget_is_a_day() -> None:
     assert MAX_BUDGET == 86400.0
+
+
+@pytest.mark.both_loops
+async def test_budget_trace_in_an_app_that_reads_budgets_reaches_the_handlers_tasks(
+    serve: Serve,
+) -> None:
+    """Fanning out with asyncio.gather (which runs each call in a task of its own), a task the
+    handler starts, one aiodelay.spawn() starts: in an app that reads budgets, their calls
+    carry the budget too (they copy the handler's context); once the request has ended, a
+    call of a task that outlived it carries none."""
+    down, url = await _downstream(serve)
+    trace = aiodelay.budget_trace()
+    later = asyncio.Event()
+    after_the_end: list[asyncio.Task[None]] = []
+
+    async def call() -> None:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
+            await r.read()
+
+    async def late_call() -> None:
+        await later.wait()
+        await call()
+
+    async def fan_out(request: web.Request) -> web.Response:
+        await asyncio.gather(call(), call())
+        await asyncio.create_task(call())
+        await aiodelay.spawn(request, call())
+        after_the_end.append(asyncio.create_task(late_call()))
+        return web.Response(text="up")
+
+    served = await serve(_app(web.get("/", fan_out), budget_headers=(GRPC,)))
+    client = await served.connect()
+    assert (await _get(client, "/", (GRPC, "2S")))[0] == 200
+    assert len(down.headers) == 4
+    for sent in down.headers:
+        assert 1500 <= int(sent[GRPC].rstrip("m")) <= 1990, down.headers
+    later.set()
+    await asyncio.wait_for(after_the_end[0], 5)
+    assert down.headers[4] == {}
+
+
+@pytest.mark.both_loops
+async def test_a_grace_route_without_a_deadline_of_its_own_takes_no_budget(
+    serve: Serve,
+) -> None:
+    """A client that hangs up lets a grace route's work finish its grace: a budget it sends
+    does not cut that work sooner. With a deadline of the route's own, it shortens that."""
+
+    @aiodelay.grace(1.5)
+    async def fill(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # its work: five times the budget the client sends
+        return web.Response(text="filled")
+
+    @aiodelay.grace(1.5)
+    @aiodelay.deadline(5)
+    async def bounded(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    app = _app(web.get("/fill", fill), web.get("/bounded", bounded), budget_headers=BOTH)
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/fill", (GRPC, "10m")))[:2] == (200, b"filled")
+    status, _, took = await _get(client, "/bounded", (GRPC, "100m"))
+    assert status == 504
+    assert took < 2
+    assert aiodelay.stats(app).timed_out == 1
+
+
+async def test_time_left_answers_none_where_aiodelay_runs_degraded(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiodelay._core import aiohttp_internals, degraded
+
+    monkeypatch.setattr(aiohttp_internals, "MISSING", ("RequestHandler._messages",))
+    monkeypatch.setattr(degraded, "_warned", False)
+    seen: list[float | None] = []
+
+    @aiodelay.deadline(2)
+    async def report(request: web.Request) -> web.Response:
+        seen.append(aiodelay.time_left(request))
+        return web.Response(text="up")
+
+    served = await serve(_app(web.get("/", report), budget_headers=BOTH))
+    client = await served.connect()
+    assert (await _get(client, "/", (GRPC, "1S")))[:2] == (200, b"up")
+    assert seen == [None]
+
+
+async def test_ignored_budgets_are_counted_in_each_app_on_the_way(serve: Serve) -> None:
+    async def report(request: web.Request) -> web.Response:
+        return web.Response(text="up")
+
+    sub = _app(web.get("/report", report), budget_headers=BOTH)
+    app = web.Application()
+    aiodelay.setup(app)
+    app.add_subapp("/sub", sub)
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/sub/report", (GRPC, "soon")))[:2] == (200, b"up")
+    assert (aiodelay.stats(app).budgets_ignored, aiodelay.stats(sub).budgets_ignored) == (1, 1)

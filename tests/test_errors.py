@@ -1,5 +1,5 @@
 """Why a request ended before its response was complete (``aiodelay/_core/errors.py``):
-ConnectionLost and its reason, through copies and pickles."""
+ConnectionLost and its reason, DeadlineExceeded and its deadline, through copies and pickles."""
 
 from __future__ import annotations
 
@@ -36,3 +36,14 @@ def test_exception_notes_and_attributes_survive_a_copy() -> None:
         assert again.reason == "RST"
         assert again.where == "upstream"  # type: ignore[union-attr]
         assert getattr(again, "__notes__", None) == getattr(lost, "__notes__", None)
+
+
+@pytest.mark.parametrize("upstream", [None, "grpc-timeout"])
+def test_deadline_exceeded_copies_and_pickles_with_its_deadline(upstream: str | None) -> None:
+    """Its args hold the message alone, which its __init__ cannot take: copies and pickles
+    go by its deadline, status and upstream instead."""
+    exceeded = aiodelay.DeadlineExceeded(0.25, 503, upstream)
+    for again in (copy.copy(exceeded), pickle.loads(pickle.dumps(exceeded))):
+        assert type(again) is aiodelay.DeadlineExceeded
+        assert (again.seconds, again.status, again.upstream) == (0.25, 503, upstream)
+        assert str(again) == str(exceeded)

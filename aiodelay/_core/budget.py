@@ -22,6 +22,7 @@ under a deadline (the routes a default deadline leaves alone are left alone by a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import re
@@ -36,11 +37,13 @@ from aiohttp import web
 from .deadlines import DeadlineQueue
 
 if TYPE_CHECKING:
+    from .state import RequestState
     from .stats import Counters
 
 __all__ = (
     "ENVOY",
     "GRPC",
+    "HANDLED",
     "KNOWN",
     "MAX_BUDGET",
     "BudgetDeadline",
@@ -67,12 +70,15 @@ _GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_PER_SECOND = {"m": 1_000, "u": 1_000_000, "n": 1_000_000_000}
 _GRPC_SECONDS = {"H": 3600, "M": 60, "S": 1}
 _MILLISECONDS = re.compile(r"[0-9]{1,12}")
+#: What HTTP takes for whitespace around a header's value (str.strip() would take any Unicode
+#: space too).
+_HTTP_WHITESPACE = " \t"
 
 
 def parse_grpc_timeout(value: str) -> float | None:
     """Seconds of a ``grpc-timeout`` value (``250m``, ``1S``, ``100u``...), or None if it is
     not one (gRPC allows at most eight digits)."""
-    match = _GRPC.fullmatch(value.strip())
+    match = _GRPC.fullmatch(value.strip(_HTTP_WHITESPACE))
     if match is None:
         return None
     count, unit = int(match[1]), match[2]
@@ -84,7 +90,7 @@ def parse_grpc_timeout(value: str) -> float | None:
 def parse_milliseconds(value: str) -> float | None:
     """Seconds of a whole number of milliseconds (``x-envoy-expected-rq-timeout-ms``), or
     None if it is not one."""
-    value = value.strip()
+    value = value.strip(_HTTP_WHITESPACE)
     if _MILLISECONDS.fullmatch(value) is None:
         return None
     return int(value) / 1000
@@ -134,19 +140,29 @@ class BudgetDeadline(DeadlineQueue):
 
 _said_ignored: set[str] = set()
 
+#: The request with a deadline whose handler runs in this context, in an app that reads
+#: budgets (set by the middleware): the tasks the handler starts (``asyncio.gather``,
+#: ``wait_for`` before Python 3.12, ``create_task``) copy it, so that their calls find it too.
+#: With the request: a state may serve a connection's next request, which this one is not.
+HANDLED: contextvars.ContextVar[tuple[RequestState, web.BaseRequest] | None] = (
+    contextvars.ContextVar("aiodelay_budget_request", default=None)
+)
+
 
 def budget_of(
-    request: web.BaseRequest, names: tuple[str, ...], counters: Counters
+    request: web.BaseRequest, names: tuple[str, ...], counted_in: Iterable[Counters]
 ) -> tuple[float, str] | None:
     """The budget ``request`` came with (seconds, and the header that said so: the smallest,
-    if several do), or None. An ignored value is counted in ``counters``."""
+    if several do), or None. An ignored value is counted in each of ``counted_in`` (the
+    installations on the request's way, as its other counts are)."""
     headers = request.headers
     found: tuple[float, str] | None = None
     for name in names:
         for value in headers.getall(name, ()):
             seconds = KNOWN[name](value)
             if seconds is None or seconds > MAX_BUDGET:
-                counters.budgets_ignored += 1
+                for counters in counted_in:
+                    counters.budgets_ignored += 1
                 if name not in _said_ignored:
                     _said_ignored.add(name)
                     logger.debug(
@@ -200,7 +216,10 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
     ) -> None:
         state = running_state(asyncio.current_task())
         if state is None:
-            return
+            handled = HANDLED.get()
+            if handled is None or handled[0].request is not handled[1]:
+                return
+            state = handled[0]
         at = state.deadline_at()
         if at is None:
             return

@@ -102,7 +102,8 @@ class RoutePlan:
     #: sub-app's own setup decides for its routes, as its default deadline does).
     budget_headers: tuple[str, ...] = ()
     #: The status a budget from upstream is answered with when it runs out, or None: the
-    #: route takes no budget (no ``budget_headers``; shielded, or ``@aiodelay.deadline(None)``).
+    #: route takes no budget (no ``budget_headers``; shielded, ``@aiodelay.deadline(None)``, or
+    #: a ``@aiodelay.grace`` without a deadline of its own).
     budget_status: int | None = None
     #: The route takes a budget by default, not by a deadline of its own (WebSockets do not).
     budget_by_default: bool = False
@@ -234,10 +235,15 @@ class Installation:
         limit = deadline_of(handler, innermost.deadline, policy)
         budget_headers = innermost.budget_headers
         budgeted = deadline_of(handler, _ANY_BUDGET, policy) if budget_headers else None
+        grace = grace_of(handler)
+        if budgeted is _ANY_BUDGET and grace is not None:
+            # A client that hangs up lets a grace route's work finish its grace; a budget it
+            # sends must not cut that work sooner: only a deadline of the route's own does.
+            budgeted = None
         return RoutePlan(
             installations=tuple(found),
             policy=policy,
-            grace=grace_of(handler),
+            grace=grace,
             deadline=limit,
             deadline_by_default=limit is not None and limit is innermost.deadline,
             deadlines=None if limit is None else self._deadline_queue(limit),

@@ -35,7 +35,7 @@ from .aiohttp_internals import (
     transport_of,
     worth_reading,
 )
-from .budget import BudgetDeadline, budget_of
+from .budget import HANDLED, BudgetDeadline, budget_of
 from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .hangups import CAN_HOLD, hangups_of
@@ -173,6 +173,7 @@ class Middleware(Installation):
         if plan.budget_status is not None:
             budgeted = self._budget(state, request, plan)
             if budgeted is not None:
+                HANDLED.set((state, request))  # (for budget_trace in the handler's child tasks)
                 return budgeted
         deadlines = plan.deadlines
         if deadlines is None or (
@@ -180,6 +181,8 @@ class Middleware(Installation):
         ):
             return None
         deadlines.add(state)
+        if plan.budget_headers:
+            HANDLED.set((state, request))  # (an app that reads budgets; others pay nothing)
         return deadlines
 
     def _budget(
@@ -188,7 +191,9 @@ class Middleware(Installation):
         """The queue of the request's deadline if a budget from upstream sets it (shorter
         than its route's), None if it does not; raises the CancelledError that stops it
         before its handler starts if its budget is spent already (see ``budget.py``)."""
-        found = budget_of(request, plan.budget_headers, self.counters)
+        found = budget_of(
+            request, plan.budget_headers, [each.counters for each in plan.installations]
+        )
         if found is None or (plan.budget_by_default and asks_upgrade(request)):
             return None
         seconds, header = found

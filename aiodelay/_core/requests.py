@@ -139,12 +139,15 @@ async def to_thread(
 def time_left(request: web.BaseRequest) -> float | None:
     """The seconds the request has left before its deadline (its route's, or the budget it
     came with from upstream: ``setup(app, budget_headers=...)``), ``0.0`` once it has passed,
-    ``None`` if it has none or has ended; ``RuntimeError``, as the functions above, for a
-    request that aiodelay does not handle.
+    ``None`` if it has none or has ended (and where aiodelay runs degraded: it has no
+    deadlines there); ``RuntimeError``, as the functions above, for a request that aiodelay
+    does not handle.
 
     For work that is not an HTTP call (:func:`aiodelay.budget_trace` passes the budget on to
     those): a database's ``statement_timeout``, a queue's visibility timeout.
     """
+    if aiohttp_internals.MISSING and state_of(request) is None:
+        return None  # degraded: no deadlines there (what is_disconnected does: an answer)
     state = request_state(request)
     if state.timed_out is not None:
         return 0.0
