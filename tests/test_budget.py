@@ -1164,3 +1164,47 @@ async def test_ignored_budgets_are_counted_in_each_app_on_the_way(serve: Serve) 
     client = await served.connect()
     assert (await _get(client, "/sub/report", (GRPC, "soon")))[:2] == (200, b"up")
     assert (aiodelay.stats(app).budgets_ignored, aiodelay.stats(sub).budgets_ignored) == (1, 1)
+
+
+@pytest.mark.both_loops
+async def test_a_call_in_a_task_the_handler_started_ends_with_the_budget(serve: Serve) -> None:
+    """A task the handler starts and does not await: its call carries the budget, and ends
+    when the budget does (its task is cancelled then), as the handler's own call would, also
+    where the downstream does not read budgets (here: plain aiohttp, answering after 5 s)."""
+    ended: asyncio.Future[tuple[bool, float]] = asyncio.get_running_loop().create_future()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    down = web.Application()
+    down.router.add_get("/", slow)
+    url = f"http://127.0.0.1:{(await serve(down)).port}/"
+    trace = aiodelay.budget_trace()
+
+    async def call() -> None:
+        started = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
+                await r.read()
+        except asyncio.CancelledError:
+            ended.set_result((True, time.monotonic() - started))
+            raise
+        ended.set_result((False, time.monotonic() - started))
+
+    async def handler(request: web.Request) -> web.Response:
+        request.app[TASKS].append(asyncio.create_task(call()))  # not awaited
+        await asyncio.Event().wait()  # until the deadline
+        return web.Response()
+
+    app = _app(web.get("/", handler), budget_headers=(GRPC,))
+    app[TASKS] = []
+    served = await serve(app)
+    client = await served.connect()
+    assert (await _get(client, "/", (GRPC, "300m")))[0] == 504
+    cancelled, took = await asyncio.wait_for(ended, 5)
+    assert cancelled
+    assert took < 1.5, took  # at the budget's end (0.3 s), not the downstream's 5 s
+
+
+TASKS = web.AppKey("tasks", list)

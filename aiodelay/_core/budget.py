@@ -199,6 +199,11 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
     ``grpc-timeout`` if it has none. A value the call sets itself in one of those headers
     stands if it gives less time (else it is replaced). Calls made outside a request, or for a
     request without a deadline, are untouched.
+
+    The call ends when the request's deadline passes: a call the handler awaits, as the
+    deadline cancels the handler; a call in a task the handler started (in an app that reads
+    budgets), as that task is cancelled then if the call has not been answered (its response
+    head); a call in an ``aiodelay.shield()`` section runs on, as the section does.
     """
     if (
         isinstance(margin, bool)
@@ -214,7 +219,8 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
         context: SimpleNamespace,
         params: aiohttp.TraceRequestStartParams,
     ) -> None:
-        state = running_state(asyncio.current_task())
+        task = asyncio.current_task()
+        state = running_state(task)
         if state is None:
             handled = HANDLED.get()
             if handled is None or handled[0].request is not handled[1]:
@@ -224,6 +230,12 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
         if at is None:
             return
         left = at - monotonic() - margin
+        if task is not None and task is not state.task:
+            # A task the handler started: its call ends when the budget does, as a call the
+            # handler awaits itself does (the deadline cancels the handler, and its await).
+            context.aiodelay_budget = asyncio.get_running_loop().call_later(
+                max(0.0, left + margin), task.cancel, _OUT_OF_BUDGET
+            )
         plan = state.route_plan  # (set: the request waits for a deadline)
         names = (plan.budget_headers if plan is not None else ()) or (GRPC,)
         headers: Any = params.headers
@@ -233,7 +245,19 @@ def budget_trace(*, margin: float = 0.01) -> aiohttp.TraceConfig:
                 continue  # the call's own budget is shorter: it stands (a budget only shortens)
             headers[name] = header_value(name, left)
 
+    async def on_request_done(
+        session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+    ) -> None:
+        timer: asyncio.TimerHandle | None = getattr(context, "aiodelay_budget", None)
+        if timer is not None:
+            timer.cancel()
+
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_request_start)
+    trace.on_request_end.append(on_request_done)
+    trace.on_request_exception.append(on_request_done)
     trace.freeze()
     return trace
+
+
+_OUT_OF_BUDGET = "aiodelay: the request's budget ran out during this call"
