@@ -634,9 +634,9 @@ def take_over_pre_shutdown(
     read and dropped, and so is the first request of a connection accepted just before (a
     proxy connects to send a request). Then it answers each request in flight as on a
     connection that stays open, and closes that connection (it declined to change this:
-    aiohttp#2298): a keep-alive client, such as nginx's pool of upstream connections, sends
-    its next request on it and gets a reset. nginx answers such a POST with 502 (it retries
-    only idempotent requests on another connection).
+    https://github.com/aio-libs/aiohttp/issues/2298): a keep-alive client, such as nginx's
+    pool of upstream connections, sends its next request on it and gets a reset. nginx
+    answers such a POST with 502 (it retries only idempotent requests on another connection).
     """
 
     def pre_shutdown() -> None:
