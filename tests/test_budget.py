@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -33,7 +34,7 @@ from aiodelay._core.budget import (
 )
 from aiodelay._core.deadlines import DeadlineQueue
 from aiodelay.testing import RawClient
-from tests.conftest import HandlerRun, Serve
+from tests.conftest import HandlerRun, Serve, until
 
 BOTH = (GRPC, ENVOY)
 
@@ -72,12 +73,11 @@ class _Outcomes:
         self.ended.set()
 
     async def wait(self, count: int) -> list[aiodelay.Outcome]:
-        async def enough() -> None:
-            while len(self.outcomes) < count:
-                self.ended.clear()
-                await self.ended.wait()
-
-        await asyncio.wait_for(enough(), 5)
+        await until(
+            self.ended,
+            lambda: len(self.outcomes) >= count,
+            lambda: f"{len(self.outcomes)} outcomes, not {count}: {self.outcomes}",
+        )
         return self.outcomes
 
 
@@ -816,6 +816,16 @@ async def _downstream(serve: Serve) -> tuple[_Downstream, str]:
     return down, f"http://127.0.0.1:{served.port}/"
 
 
+def _caller(url: str, trace: aiohttp.TraceConfig) -> Callable[[], Coroutine[Any, Any, None]]:
+    """A call of ``url`` through a session with ``trace``, its body read."""
+
+    async def call() -> None:
+        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
+            await r.read()
+
+    return call
+
+
 def _ms(header: str, value: str) -> int:
     seconds = (parse_grpc_timeout if header == GRPC else parse_milliseconds)(value)
     assert seconds is not None
@@ -859,12 +869,7 @@ async def test_budget_trace_sends_grpc_timeout_for_a_route_deadline_by_default(
     trace = aiodelay.budget_trace()
 
     async def via(request: web.Request) -> web.Response:
-        # From a coroutine the handler awaits, not the handler itself.
-        async def call() -> None:
-            async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-                await r.read()
-
-        await call()
+        await _caller(url, trace)()  # from a coroutine the handler awaits, not itself
         return web.Response(text="up")
 
     served = await serve(_app(web.get("/", via), deadline=3))
@@ -880,9 +885,7 @@ async def test_budget_trace_sends_the_budget_from_a_shield_section(serve: Serve)
     down, url = await _downstream(serve)
     trace = aiodelay.budget_trace()
 
-    async def call() -> None:
-        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-            await r.read()
+    call = _caller(url, trace)
 
     async def shielded_call(request: web.Request) -> web.Response:
         await aiodelay.shield(call())
@@ -900,9 +903,7 @@ async def test_budget_trace_leaves_calls_without_a_deadline_alone(serve: Serve) 
     down, url = await _downstream(serve)
     trace = aiodelay.budget_trace()
 
-    async def call() -> None:
-        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-            await r.read()
+    call = _caller(url, trace)
 
     async def plain(request: web.Request) -> web.Response:
         await call()
@@ -968,8 +969,7 @@ async def test_a_sub_app_with_its_own_setup_reads_and_sends_its_own_budget_heade
     trace = aiodelay.budget_trace(margin=0)
 
     async def calls(request: web.Request) -> web.Response:
-        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-            await r.read()
+        await _caller(url, trace)()
         return web.Response(text="called")
 
     async def slow(request: web.Request) -> web.Response:
@@ -1078,9 +1078,7 @@ async def test_budget_trace_in_an_app_that_reads_budgets_reaches_the_handlers_ta
     later = asyncio.Event()
     after_the_end: list[asyncio.Task[None]] = []
 
-    async def call() -> None:
-        async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-            await r.read()
+    call = _caller(url, trace)
 
     async def late_call() -> None:
         await later.wait()
@@ -1185,8 +1183,7 @@ async def test_a_call_in_a_task_the_handler_started_ends_with_the_budget(serve: 
     async def call() -> None:
         started = time.monotonic()
         try:
-            async with aiohttp.ClientSession(trace_configs=[trace]) as s, s.get(url) as r:
-                await r.read()
+            await _caller(url, trace)()
         except asyncio.CancelledError:
             ended.set_result((True, time.monotonic() - started))
             raise

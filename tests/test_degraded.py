@@ -15,7 +15,7 @@ from aiohttp import http_writer, web, web_protocol, web_server
 import aiodelay
 from aiodelay._core import aiohttp_internals, degraded, middleware
 from aiodelay.pytest_plugin import AiodelayServer
-from tests.conftest import Drop, HandlerRun, Lines, Serve
+from tests.conftest import Drop, HandlerRun, Lines, Serve, recorded
 
 #: What the simulated aiohttp lacks: the queue of pipelined requests of a connection.
 LACKING = ("RequestHandler._messages",)
@@ -148,18 +148,10 @@ async def test_a_degraded_server_answers_and_stops_a_handler_whose_client_left(
     assert kept.completed
     assert not kept.cancelled
 
-    await until_counted(app)
+    await recorded(app)  # (by the shielded task's done callback)
     counted = aiodelay.stats(app)
     assert (counted.completed, counted.cancelled, counted.shielded_ran_on) == (3, 1, 1)
     assert (counted.disconnected, counted.in_flight) == (2, 0)
-
-
-async def until_counted(app: web.Application) -> None:
-    """The shielded handler is counted by its task's done callback, one turn after it ends."""
-    for _ in range(10):
-        if aiodelay.stats(app).in_flight == 0:
-            return
-        await asyncio.sleep(0)
 
 
 def _protocols(runner: web.AppRunner) -> list[object]:
@@ -194,7 +186,7 @@ async def test_degraded_with_aiodelay_on_a_sub_app_too_handles_a_request_once(
     release.set()
     await kept.wait_ended()
     assert kept.completed
-    await until_counted(app)
+    await recorded(app)  # (by the shielded task's done callback)
     for each in (app, sub):
         counted = aiodelay.stats(each)
         assert (counted.cancelled, counted.shielded_ran_on, counted.in_flight) == (0, 1, 0)

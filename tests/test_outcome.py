@@ -28,7 +28,7 @@ from aiohttp.typedefs import Handler
 
 import aiodelay
 from aiodelay.testing import RawClient
-from tests.conftest import HandlerRun, Lines, Serve, ServeLogged, until
+from tests.conftest import HandlerRun, Lines, Serve, ServeLogged, connection_gone, until
 
 
 def _adds_up(stats: aiodelay.Stats) -> bool:
@@ -602,11 +602,7 @@ class _InAShieldSection:
         with pytest.raises(aiodelay.DeadlineExceeded):
             await asyncio.wait_for(aiodelay.notify_finish(self.request), 5)  # it passed
         client.drop("FIN")
-        for _ in range(1000):  # aiohttp lets go of the closed transport a few turns later
-            if self.request.transport is None:
-                break
-            await asyncio.sleep(0)
-        assert self.request.transport is None
+        await connection_gone(self.request)  # aiohttp lets go of the closed transport
         self.release.set()
 
 
@@ -847,11 +843,7 @@ async def test_a_request_into_a_sub_app_whose_connection_closed_is_recorded_once
     @web.middleware
     async def hold(request: web.Request, handler: Handler) -> web.StreamResponse:
         await main_observer.left.wait()
-        for _ in range(1000):  # aiohttp lets go of the transport a turn or two later
-            if request.transport is None:
-                break
-            await asyncio.sleep(0)
-        assert request.transport is None
+        await connection_gone(request)  # aiohttp lets go of the transport a turn or two later
         return await handler(request)
 
     ran: list[str] = []
