@@ -42,7 +42,7 @@ from aiohttp.typedefs import Handler
 from . import aiohttp_internals
 from .aiohttp_internals import AIOHTTP_VERSION, turn_on_handler_cancellation
 from .errors import seconds_text
-from .installation import Installation, installation_of
+from .installation import Installation
 from .middleware import Middleware
 from .policy import Policy, policy_of
 
@@ -155,12 +155,7 @@ class DegradedMiddleware(Middleware):
     def _installations(self, request: web.Request) -> list[Installation]:
         """This installation, then those of the apps on the request's way into sub-apps (from
         the request's public ``match_info``: no plan, which reads internals)."""
-        found: list[Installation] = [self]
-        for app in getattr(request.match_info, "apps", ()):
-            installed = installation_of(app)
-            if installed is not None and installed not in found:
-                found.append(installed)
-        return found
+        return self.on_the_way(getattr(request.match_info, "apps", ()))
 
     def _run_on(self, task: asyncio.Task[web.StreamResponse], mine: list[Installation]) -> None:
         running = _RunningOn(task)

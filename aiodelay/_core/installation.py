@@ -224,11 +224,7 @@ class Installation:
     def _plan(
         self, request: web.BaseRequest, handler: object, apps: tuple[web.Application, ...]
     ) -> RoutePlan:
-        found = [self]
-        for app in apps:
-            installed = installation_of(app)
-            if installed is not None and installed not in found:
-                found.append(installed)
+        found = self.on_the_way(apps)
         innermost = found[-1]
         outermost = bool(apps) and _first_middleware(apps[0]) is self
         policy = policy_of(handler, innermost.policy)
@@ -254,6 +250,16 @@ class Installation:
             budget_status=None if budgeted is None else budgeted[1],
             budget_by_default=budgeted is _ANY_BUDGET,
         )
+
+    def on_the_way(self, apps: Iterable[web.Application]) -> list[Installation]:
+        """This installation, then those of ``apps`` (a route's way into sub-apps, the
+        outermost first) that are not this one: the installations that handle its requests."""
+        found = [self]
+        for app in apps:
+            installed = installation_of(app)
+            if installed is not None and installed not in found:
+                found.append(installed)
+        return found
 
     def _deadline_queue(self, limit: tuple[float, int]) -> DeadlineQueue:
         """The queue of this installation's requests whose deadline is ``limit``."""
