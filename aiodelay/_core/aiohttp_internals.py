@@ -88,6 +88,7 @@ __all__ = (
     "install_watch",
     "log_bytes_sent",
     "missing_internals",
+    "note_departures",
     "payload_of",
     "peer_gone",
     "response_written",
@@ -495,14 +496,14 @@ _BEFORE = "the connection was closed before the handler started"
 _LEFT = "aiodelay_left"
 
 
-def _note_departures(manager: Any) -> None:
+def note_departures(manager: web.Server) -> None:
     """From now on, when a connection of aiohttp's server ``manager`` closes before aiodelay
     watched it, note on its RequestHandler how its peer left (aiohttp tells its server first,
     while the socket is still open): a request read on it may still be on its way to aiodelay
     (a middleware before aiodelay's holds it, or its task has not started yet), and once the
-    connection is gone neither the kernel nor aiohttp can say. Once per server, from the first
-    connection aiodelay watches on it."""
-    if manager is None or "connection_lost" in vars(manager):
+    connection is gone neither the kernel nor aiohttp can say. Called once a server is known
+    (the first connection an installation watches on it); a second call does nothing."""
+    if "connection_lost" in vars(manager):
         return
     aiohttps = manager.connection_lost
 
@@ -517,7 +518,7 @@ def _note_departures(manager: Any) -> None:
             cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
         aiohttps(handler, exc)
 
-    manager.connection_lost = connection_lost
+    manager.connection_lost = connection_lost  # type: ignore[method-assign]
 
 
 def gone_before_watched(request: web.BaseRequest) -> ConnectionLost:
@@ -541,7 +542,6 @@ def install_watch(
     aiohttp's ``handler_cancellation``. Its ``lost`` is then already set.
     """
     proto = request.protocol
-    _note_departures(proto._manager)
     installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
         installed.lost = ConnectionLost(_how_peer_left(transport) or "closed", _BEFORE)

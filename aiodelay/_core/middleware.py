@@ -28,6 +28,7 @@ from .aiohttp_internals import (
     close_waiting,
     gone_before_watched,
     install_watch,
+    note_departures,
     payload_of,
     route_of,
     server_of,
@@ -94,6 +95,7 @@ class Middleware(Installation):
                 server = server_of(request)
                 if server is not None and server not in self.servers:
                     self.servers.add(server)
+                    note_departures(server)
                     take_over_pre_shutdown(
                         server, self._shutdown_began, self._shutdown_ended, drain=self.drains
                     )
