@@ -37,8 +37,8 @@ from aiohttp import web
 from .deadlines import DeadlineQueue
 
 if TYPE_CHECKING:
+    from .installation import Installation
     from .state import RequestState
-    from .stats import Counters
 
 __all__ = (
     "ENVOY",
@@ -150,7 +150,7 @@ HANDLED: contextvars.ContextVar[tuple[RequestState, web.BaseRequest] | None] = (
 
 
 def budget_of(
-    request: web.BaseRequest, names: tuple[str, ...], counted_in: Iterable[Counters]
+    request: web.BaseRequest, names: tuple[str, ...], counted_in: Iterable[Installation]
 ) -> tuple[float, str] | None:
     """The budget ``request`` came with (seconds, and the header that said so: the smallest,
     if several do), or None. An ignored value is counted in each of ``counted_in`` (the
@@ -161,8 +161,8 @@ def budget_of(
         for value in headers.getall(name, ()):
             seconds = KNOWN[name](value)
             if seconds is None or seconds > MAX_BUDGET:
-                for counters in counted_in:
-                    counters.budgets_ignored += 1
+                for each in counted_in:
+                    each.counters.budgets_ignored += 1
                 if name not in _said_ignored:
                     _said_ignored.add(name)
                     logger.debug(

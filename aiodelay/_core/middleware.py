@@ -193,9 +193,7 @@ class Middleware(Installation):
         """The queue of the request's deadline if a budget from upstream sets it (shorter
         than its route's), None if it does not; raises the CancelledError that stops it
         before its handler starts if its budget is spent already (see ``budget.py``)."""
-        found = budget_of(
-            request, plan.budget_headers, [each.counters for each in plan.installations]
-        )
+        found = budget_of(request, plan.budget_headers, plan.installations)
         if found is None or (plan.budget_by_default and asks_upgrade(request)):
             return None
         seconds, header = found

@@ -146,9 +146,12 @@ def time_left(request: web.BaseRequest) -> float | None:
     For work that is not an HTTP call (:func:`aiodelay.budget_trace` passes the budget on to
     those): a database's ``statement_timeout``, a queue's visibility timeout.
     """
-    if aiohttp_internals.MISSING and state_of(request) is None:
-        return None  # degraded: no deadlines there (what is_disconnected does: an answer)
-    state = request_state(request)
+    try:
+        state = request_state(request)
+    except RuntimeError:
+        if aiohttp_internals.MISSING:
+            return None  # degraded: no deadlines there (an answer, as is_disconnected gives)
+        raise
     if state.timed_out is not None:
         return 0.0
     at = state.deadline_at()
