@@ -28,7 +28,7 @@ _NO_CONTEXT = contextvars.Context()
 
 class _Batch:
     """The calls deferred in the current turn of one loop. Only the loop's scheduled callbacks
-    refer to it (the dict below holds a weak reference): a loop closed before the calls ran
+    refer to it (``_last``, below, holds a weak reference): a loop closed before the calls ran
     drops them with its ready queue, and the calls, which refer to the loop's transports, do
     not keep the loop alive."""
 
@@ -73,19 +73,24 @@ class _Batch:
                 raise
 
 
-_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[_Batch]] = (
-    weakref.WeakKeyDictionary()
-)
+#: The loop whose batch was last added to, and that batch, both weakly (neither is kept alive
+#: by it). A loop runs in one thread at a time, and a storm's drops come in one loop: each drop
+#: finds its batch here with two weak references called, no dictionary lookup (a Python
+#: frame, that of ``WeakKeyDictionary.get``). A call from another loop makes a batch of its
+#: own, which takes this place; one loop with two batches in one turn (threads that take
+#: turns) runs each batch two turns after its first call, as promised.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None
 
 
 def after_cancelled(call: Callable[..., object], *args: Any) -> None:
     """Run ``call(*args)`` two turns of the running loop from now, once the handlers cancelled
     in this turn have seen their ``CancelledError``. An exception it raises is logged on the
     ``aiodelay`` logger; the other calls of the batch still run."""
+    global _last
     loop = asyncio.get_running_loop()
-    ref = _batches.get(loop)
-    batch = None if ref is None else ref()
+    last = _last
+    batch = last[1]() if last is not None and last[0]() is loop else None
     if batch is None:
         batch = _Batch()
-        _batches[loop] = weakref.ref(batch)
+        _last = (weakref.ref(loop), weakref.ref(batch))
     batch.add(loop, call, args)
