@@ -433,8 +433,9 @@ def _close_read(transport: asyncio.Transport) -> None:
     selector transports: the same FIN, the same ``connection_lost(None)`` a turn later) but
     does not ask the selector to stop watching a reader and a writer that are not watched any
     more: each of those asks raises and catches two KeyErrors whose messages are formatted
-    (some 2 us per ask). With bytes still to send, or closing already, ``close()``."""
-    if transport.get_write_buffer_size() or transport.is_closing():
+    (some 2 us per ask). With bytes still to send, ``close()``, which sends them first. (A
+    transport closing already ignores either.)"""
+    if transport.get_write_buffer_size():
         transport.close()
     else:
         transport.abort()
@@ -512,7 +513,8 @@ class _AccessLog(AbstractAccessLogger):
 
 _BEFORE = "the connection was closed before the handler started"
 #: The key, in a RequestHandler's dict of cached values (``_cache``; aiohttp 3.10 has none), of
-#: how the peer left a connection that closed before aiodelay watched it.
+#: how the peer left a connection that closed before aiodelay watched it; None from the moment
+#: it is watched (:func:`install_watch`): then its Watch sees how the peer leaves.
 _LEFT = "aiodelay_left"
 
 
@@ -529,13 +531,10 @@ def note_departures(manager: web.Server) -> None:
 
     def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
         cache: dict[str, Any] | None = getattr(handler, "_cache", None)
-        transport = handler.transport
-        if (
-            cache is not None
-            and transport is not None
-            and type(transport.get_protocol()) is not Watch
-        ):
-            cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
+        if cache is not None and _LEFT not in cache:  # (not watched: no question of its Watch)
+            transport = handler.transport
+            if transport is not None:
+                cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
         aiohttps(handler, exc)
 
     manager.connection_lost = connection_lost  # type: ignore[method-assign]
@@ -565,6 +564,11 @@ def install_watch(
     installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
         installed.lost = ConnectionLost(_how_peer_left(transport) or "closed", _BEFORE)
+    cache: dict[str, Any] | None = getattr(proto, "_cache", None)
+    if cache is not None:
+        # Watched: note_departures's wrapper, at the close, needs to ask nothing (a dict set
+        # once per connection, where asking the transport for its protocol is a frame).
+        cache[_LEFT] = None
     access_log = getattr(proto, "access_logger", None)
     if access_log is not None and getattr(proto, "_logging_enabled", True):
         proto.access_logger = _AccessLog(access_log)
