@@ -13,7 +13,7 @@ import logging
 import select
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web, web_protocol
@@ -307,3 +307,62 @@ async def test_a_fin_stuck_behind_a_full_receive_window_is_no_worse_than_plain_a
     await _ping(served)
     assert aiodelay.stats(served.app).in_flight == 0
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class _KeepsOpenAfterEof(asyncio.Protocol):
+    """A server protocol that stays open after its peer's FIN, as the Watch has asyncio do."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.made: asyncio.Future[asyncio.Transport] = loop.create_future()
+        self.eof = asyncio.Event()
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.set_result(cast(asyncio.Transport, transport))  # (uvloop's is not registered)
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("buffered", [False, True], ids=["nothing-buffered", "buffered"])
+async def test_the_close_after_a_fin_sends_what_is_buffered_then_a_fin(buffered: bool) -> None:
+    """The teardown after a FIN (``_close_read``): with nothing left to send, it closes at
+    once as ``close()`` would (the client reads the end of the stream, not a reset; the
+    protocol hears ``connection_lost(None)``); with bytes still waiting in the transport,
+    they all reach the client before the end of the stream."""
+    from aiodelay._core.aiohttp_internals import _close_read
+
+    loop = asyncio.get_running_loop()
+    proto = _KeepsOpenAfterEof()
+    server = await loop.create_server(lambda: proto, "127.0.0.1", 0)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server's writes back up
+        client.setblocking(False)
+        await loop.sock_connect(client, server.sockets[0].getsockname())
+        transport = await asyncio.wait_for(proto.made, 5)
+        client.shutdown(socket.SHUT_WR)  # a FIN, and the client reads on
+        await asyncio.wait_for(proto.eof.wait(), 5)
+        payload = b"x" * (8 << 20) if buffered else b""
+        transport.write(payload)
+        assert (transport.get_write_buffer_size() > 0) is buffered
+        _close_read(transport)
+
+        async def read_to_the_end() -> bytes:
+            received = bytearray()
+            while chunk := await loop.sock_recv(client, 1 << 16):  # ends at the FIN
+                received += chunk
+            return bytes(received)
+
+        assert await asyncio.wait_for(read_to_the_end(), 10) == payload
+        assert await asyncio.wait_for(proto.lost, 5) is None
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()

@@ -186,7 +186,7 @@ async def test_over_tls_a_fin_closes_at_once(
 
 @pytest.mark.parametrize("pending", [False, True])
 def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
-    """Each loop's batch of teardowns is found through a WeakKeyDictionary keyed by the loop;
+    """Each loop's batch of teardowns is found through weak references to the loop and to it;
     the batch refers to the loop's transports (and so to the loop): neither a batch that ran
     nor one still pending when the loop is closed may keep the loop alive."""
     from aiodelay._core.teardown import after_cancelled

@@ -296,7 +296,7 @@ class Watch(asyncio.Protocol):
             # now. Not over TLS, whose transport cannot stay open after EOF.
             transport = self._proto.transport
             if transport is not None and transport.get_extra_info("sslcontext") is None:
-                after_cancelled(transport.close)
+                after_cancelled(_close_read, transport)
                 return True
         return keep_open
 
@@ -332,13 +332,20 @@ class Watch(asyncio.Protocol):
             and self.listener.running(state)
             and not self.is_websocket()  # there aiodelay leaves the ending to aiohttp
         )
+        # aiohttp's own teardown of the connection: with its handler_cancellation off for the
+        # call if aiodelay decided (_aiohttp_lost), else aiohttp's connection_lost itself.
         if stopping:
-            # The handler is being cancelled for an RST: aiohttp's own teardown of the
-            # connection waits two turns of the loop, by when the handler has seen its
-            # cancellation (in a storm of resets, every handler has), as after a FIN.
-            after_cancelled(_aiohttp_lost, proto, exc, decided)
+            # The handler is being cancelled for an RST: aiohttp's teardown waits two turns of
+            # the loop, by when the handler has seen its cancellation (in a storm of resets,
+            # every handler has), as after a FIN.
+            if decided:
+                after_cancelled(_aiohttp_lost, proto, exc)
+            else:
+                after_cancelled(proto.connection_lost, exc)
+        elif decided:
+            _aiohttp_lost(proto, exc)
         else:
-            _aiohttp_lost(proto, exc, decided)
+            proto.connection_lost(exc)
         if state is not None:
             self.state = None  # the state refers to this Watch: no cycle left behind
             self.listener.closed(state)
@@ -406,11 +413,11 @@ class Watch(asyncio.Protocol):
         return self.listener.client_left(state, lost, websocket)
 
 
-def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: bool) -> None:
-    """aiohttp's ``connection_lost``; ``decided``: aiodelay decides what becomes of the
-    request in flight, so aiohttp's ``handler_cancellation`` is off for the call."""
+def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None) -> None:
+    """aiohttp's ``connection_lost`` where aiodelay decides what becomes of the request in
+    flight: aiohttp's ``handler_cancellation`` is off for the call."""
     manager = proto._manager
-    if not (decided and manager is not None and manager.handler_cancellation):
+    if manager is None or not manager.handler_cancellation:
         proto.connection_lost(exc)
         return
     manager.handler_cancellation = False
@@ -418,6 +425,20 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None, decided: boo
         proto.connection_lost(exc)
     finally:
         manager.handler_cancellation = True
+
+
+def _close_read(transport: asyncio.Transport) -> None:
+    """Close a transport whose peer's FIN was read (asyncio has stopped reading it): with
+    nothing left to send, an abort, which closes it as ``close()`` would then (asyncio's
+    selector transports: the same FIN, the same ``connection_lost(None)`` a turn later) but
+    does not ask the selector to stop watching a reader and a writer that are not watched any
+    more: each of those asks raises and catches two KeyErrors whose messages are formatted
+    (some 2 us per ask). With bytes still to send, ``close()``, which sends them first. (A
+    transport closing already ignores either.)"""
+    if transport.get_write_buffer_size():
+        transport.close()
+    else:
+        transport.abort()
 
 
 # Linux's TCP states (include/net/tcp_states.h), the first byte of TCP_INFO.
@@ -492,7 +513,8 @@ class _AccessLog(AbstractAccessLogger):
 
 _BEFORE = "the connection was closed before the handler started"
 #: The key, in a RequestHandler's dict of cached values (``_cache``; aiohttp 3.10 has none), of
-#: how the peer left a connection that closed before aiodelay watched it.
+#: how the peer left a connection that closed before aiodelay watched it; None from the moment
+#: it is watched (:func:`install_watch`): then its Watch sees how the peer leaves.
 _LEFT = "aiodelay_left"
 
 
@@ -509,13 +531,10 @@ def note_departures(manager: web.Server) -> None:
 
     def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
         cache: dict[str, Any] | None = getattr(handler, "_cache", None)
-        transport = handler.transport
-        if (
-            cache is not None
-            and transport is not None
-            and type(transport.get_protocol()) is not Watch
-        ):
-            cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
+        if cache is not None and _LEFT not in cache:  # (not watched: no question of its Watch)
+            transport = handler.transport
+            if transport is not None:
+                cache[_LEFT] = "RST" if exc is not None else _how_peer_left(transport) or "closed"
         aiohttps(handler, exc)
 
     manager.connection_lost = connection_lost  # type: ignore[method-assign]
@@ -545,6 +564,11 @@ def install_watch(
     installed = Watch(proto, transport, listener)  # type: ignore[arg-type]
     if transport.is_closing():
         installed.lost = ConnectionLost(_how_peer_left(transport) or "closed", _BEFORE)
+    cache: dict[str, Any] | None = getattr(proto, "_cache", None)
+    if cache is not None:
+        # Watched: note_departures's wrapper, at the close, needs to ask nothing (a dict set
+        # once per connection, where asking the transport for its protocol is a frame).
+        cache[_LEFT] = None
     access_log = getattr(proto, "access_logger", None)
     if access_log is not None and getattr(proto, "_logging_enabled", True):
         proto.access_logger = _AccessLog(access_log)
@@ -750,7 +774,8 @@ def close_unread(request: web.BaseRequest) -> None:
     still runs): the connection's task would wait out the whole lingering time. An abort,
     not a close: nothing more is to be sent, and a socket closed with unread data sends an
     RST anyway (TCP's rule); over TLS, a close would first wait for the peer's close_notify."""
-    if not request._payload.is_eof():
+    payload = request._payload
+    if payload is not EMPTY_PAYLOAD and not payload.is_eof():  # (a drop asks no method)
         abort_connection(request)
         request.protocol.force_close()  # (marks it closed for aiohttp: no lingering)
 

@@ -75,7 +75,7 @@ from .aiohttp_internals import (
     status_line_sent,
 )
 from .client import trusted_remote
-from .errors import ConnectionLost, seconds_text
+from .errors import ConnectionLost, DeadlineExceeded, seconds_text
 from .observe import OutcomeKind, make_outcome, note_budget
 from .policy import Policy
 from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
@@ -133,7 +133,9 @@ class _ConnectionEvents:
         in the request's own task). True if the handler is (to be) stopped now."""
         if state.phase == RUNNING:
             stopping = state.client_left(lost, websocket=websocket, in_task=in_task)
-            _tell_lost(state)
+            installation = state.installation
+            if installation.nested or installation.observers:  # (most drops: nobody to tell)
+                _tell_lost(state)
             return stopping
         if state.phase in (ENDED, WRITING) and state.cause is None and state.response is not None:
             # Its response is being written: what was handed over so far is what aiohttp's
@@ -207,7 +209,7 @@ def _end(
     state.ended()
     # Whether the client is gone now matters only where its leaving did not stop the request
     # (the table above): not asked on the drop path, where an RST's socket is closed already.
-    gone = None if state.lost is not None else _gone(state, request)
+    gone = None if isinstance(state.cause, ConnectionLost) else _gone(state, request)
     if state.cause is None:
         if gone is not None and not _websocket(state) and _answered_or_tripped(exc):
             # Gone at the very end (on asyncio's loop an RST is reported a turn after it was
@@ -228,7 +230,7 @@ def _end(
         return response  # (None for an HTTPException, which aiohttp sends)
     if answer is _GO_ON:
         return None
-    outermost = state.plan.outermost
+    outermost = (state.route_plan or state.plan).outermost  # (asked for already, on a drop)
     if answer is _QUIET and not outermost and _HAND_ON and not access_logged(request):
         # A middleware outside aiodelay's sees the cancellation, as without aiodelay, where
         # aiohttp logs nothing. Where aiodelay is outermost, the response goes to aiohttp
@@ -277,8 +279,12 @@ def _classify(
 ) -> tuple[OutcomeKind, str, str, BaseException | None]:
     """The table above: the outcome, the INFO line's note, what aiohttp gets, and the error
     the request ended with (for ``notify_finish``), from what the state and the wire say."""
-    timed_out, lost = state.timed_out, state.lost
-    if exc is None or isinstance(exc, web.HTTPException):
+    cause = state.cause
+    timed_out = cause if isinstance(cause, DeadlineExceeded) else None
+    lost = cause if isinstance(cause, ConnectionLost) else None
+    # (Exception first: isinstance() on HTTPException, a StreamResponse, is ABCMeta's Python
+    # __instancecheck__, which a CancelledError need not pay.)
+    if exc is None or (isinstance(exc, Exception) and isinstance(exc, web.HTTPException)):
         if timed_out is not None:
             if gone is None:
                 return (
@@ -297,7 +303,6 @@ def _classify(
         if lost is not None:
             return "ran_on", _ran_on_note(state), _LOGGED, None
         return "completed", "", _SEND, None
-    raised = f"the handler raised {type(exc).__name__}"
     if isinstance(exc, asyncio.CancelledError):
         if ours and timed_out is not None:
             if gone is not None:
@@ -315,7 +320,7 @@ def _classify(
                 # A connection that aiohttp closes at shutdown stops the request as the
                 # shutdown's cancellation would: counted the same way, whichever came first.
                 return "failed", "stopped by the server's shutdown", _QUIET, None
-            grace = state.plan.grace
+            grace = (state.route_plan or state.plan).grace  # (asked for when the client left)
             note = "" if grace is None else f"after its {seconds_text(grace)} grace"
             return "cancelled", note, _QUIET, None
         kind: OutcomeKind = "timed_out" if timed_out is not None else "failed"
@@ -337,12 +342,17 @@ def _classify(
             return "cancelled", "", _LOGGED, None
         if isinstance(exc, ConnectionLost):
             return "ran_on", _ran_on_note(state), _LOGGED, None
-        return "failed", raised, _LOGGED, None
+        return "failed", _raised(exc), _LOGGED, None
     # The handler's own error (an upstream refused, a bug): it goes on to aiohttp, which logs
     # it and answers 500 if it can.
     if timed_out is not None:
-        return "timed_out", raised, _GO_ON, None
-    return "failed", raised if lost is not None else "", _GO_ON, _without_traceback(exc)
+        return "timed_out", _raised(exc), _GO_ON, None
+    return "failed", _raised(exc) if lost is not None else "", _GO_ON, _without_traceback(exc)
+
+
+def _raised(exc: BaseException) -> str:
+    """The INFO line's note on a handler that raised ``exc`` (made only where it is said)."""
+    return f"the handler raised {type(exc).__name__}"
 
 
 def _completed(
@@ -562,8 +572,10 @@ def _record(
     assert request is not None
     state.settle(error)
     installation = state.installation
-    installations = installation.installations(request)
-    lost = state.lost
+    plan = state.route_plan  # (asked for already on a drop: its installations at hand)
+    installations = installation.installations(request) if plan is None else plan.installations
+    cause = state.cause
+    lost = cause if isinstance(cause, ConnectionLost) else None
     disconnected = lost is not None
     observed = False
     for each in installations:
@@ -573,25 +585,25 @@ def _record(
         counters.count(kind, disconnected)
         if each.observers:
             observed = True
-    timed_out = state.timed_out
-    logged = (disconnected or timed_out is not None) and logger.isEnabledFor(logging.INFO)
+    # (a cause is the client leaving or the deadline passing: both are logged)
+    logged = cause is not None and logger.isEnabledFor(logging.INFO)
     if observed or logged:
-        remotes = (state.route_plan or installation.plan_for(request)).remotes
+        remotes = (plan or installation.plan_for(request)).remotes
         client = trusted_remote(request, remotes) if remotes else request.remote
         ended_at = monotonic()
         started_at = state.started_at
-        if logged and timed_out is not None:
-            logger.info(
+        if logged and isinstance(cause, DeadlineExceeded):
+            _info(
                 "%s %s from %s exceeded its %s deadline%s: %s",
                 request.method,
                 request.path,
                 client,
-                seconds_text(timed_out.seconds),
-                "" if timed_out.upstream is None else f" (the budget in {timed_out.upstream})",
+                seconds_text(cause.seconds),
+                "" if cause.upstream is None else f" (the budget in {cause.upstream})",
                 note,
             )
         elif logged and lost is not None:
-            logger.info(
+            _info(
                 "%s %s from %s interrupted by %s after %.3fs: %s",
                 request.method,
                 request.path,
@@ -650,6 +662,14 @@ def _what(kind: OutcomeKind, note: str, total: float) -> str:
     if kind == "truncated":
         return f"the handler had returned; its response was cut short ({note})"
     return note or "failed"
+
+
+def _info(message: str, *args: object) -> None:
+    """An INFO line on the ``aiodelay`` logger, from a function of its own, and a short one:
+    the logging module finds the line number of the call by walking the calling function's
+    code from its start to the call (about 5,000 instructions per line from the end of
+    ``_record``, a few hundred from here)."""
+    logger.info(message, *args)
 
 
 def _without_traceback(exc: BaseException) -> BaseException:

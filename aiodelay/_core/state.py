@@ -235,9 +235,11 @@ class RequestState:
             # aiohttp ends a WebSocket's receive loop itself; cancelling the handler instead
             # would change how WebSocket handlers end.
             self.more().websocket = True
-        if not self.cancels_for_client():
-            return self._run_on()  # shielded, or a WebSocket: it runs to its end
+            return self._run_on()
         plan = self.plan
+        if plan.policy is not Policy.CANCEL:
+            return self._run_on()  # shielded: it runs to its end
+        # (That is cancels_for_client(), asked without its two calls: this is every drop.)
         extras = self.extras
         if plan.grace is not None:
             # It may run on this much longer (counted from now, also in a shield() section):

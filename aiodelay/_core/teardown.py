@@ -28,7 +28,7 @@ _NO_CONTEXT = contextvars.Context()
 
 class _Batch:
     """The calls deferred in the current turn of one loop. Only the loop's scheduled callbacks
-    refer to it (the dict below holds a weak reference): a loop closed before the calls ran
+    refer to it (``_last``, below, holds a weak reference): a loop closed before the calls ran
     drops them with its ready queue, and the calls, which refer to the loop's transports, do
     not keep the loop alive."""
 
@@ -39,15 +39,6 @@ class _Batch:
         #: container object per drop made before the drops before it are freed makes the
         #: garbage collector run more often).
         self._calls: list[Any] = []
-
-    def add(
-        self, loop: asyncio.AbstractEventLoop, call: Callable[..., object], args: tuple[Any, ...]
-    ) -> None:
-        calls = self._calls
-        if not calls:
-            loop.call_soon(self._turn, loop, context=_NO_CONTEXT)
-        calls.append(call)
-        calls.append(args)
 
     def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         # The handlers cancelled in the turn before see their CancelledError in this one: the
@@ -73,19 +64,28 @@ class _Batch:
                 raise
 
 
-_batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[_Batch]] = (
-    weakref.WeakKeyDictionary()
-)
+#: The loop whose batch was last added to, and that batch, both weakly (neither is kept alive
+#: by it). A loop runs in one thread at a time, and a storm's drops come in one loop: each drop
+#: finds its batch here with two weak references called, no dictionary lookup (a Python
+#: frame, that of ``WeakKeyDictionary.get``). A call from another loop makes a batch of its
+#: own, which takes this place; one loop with two batches in one turn (threads that take
+#: turns) runs each batch two turns after its first call, as promised.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None
 
 
 def after_cancelled(call: Callable[..., object], *args: Any) -> None:
     """Run ``call(*args)`` two turns of the running loop from now, once the handlers cancelled
     in this turn have seen their ``CancelledError``. An exception it raises is logged on the
     ``aiodelay`` logger; the other calls of the batch still run."""
+    global _last
     loop = asyncio.get_running_loop()
-    ref = _batches.get(loop)
-    batch = None if ref is None else ref()
+    last = _last
+    batch = last[1]() if last is not None and last[0]() is loop else None
     if batch is None:
         batch = _Batch()
-        _batches[loop] = weakref.ref(batch)
-    batch.add(loop, call, args)
+        _last = (weakref.ref(loop), weakref.ref(batch))
+    calls = batch._calls  # (the batch's add, here: one frame less per drop)
+    if not calls:
+        loop.call_soon(batch._turn, loop, context=_NO_CONTEXT)
+    calls.append(call)
+    calls.append(args)
