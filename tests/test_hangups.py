@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import inspect
 import select
 import socket
 import struct
 import sys
+import termios
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp.web_protocol import RequestHandler
 
 pytestmark = pytest.mark.skipif(
     not hasattr(select, "EPOLLRDHUP"), reason="the epoll watch is Linux's"
@@ -153,15 +157,39 @@ def _drop(sock: socket.socket, how: str) -> None:
     sock.close()
 
 
-async def _send(sock: socket.socket, data: bytes) -> None:
-    await asyncio.get_running_loop().sock_sendall(sock, data)
+# A body just larger than aiohttp's buffer for it (twice its read size, 64 or 256 KiB by version):
+# once it has all arrived, aiohttp has stopped reading, so asyncio cannot see a FIN behind it,
+# only the epoll watch can. At most 64 KiB of it stays in the server's kernel, which takes it
+# whatever its buffer sizes: a FIN queued behind bytes the server never makes room for would
+# never arrive, and no one could see it.
+_BODY = b"x" * (
+    2 * inspect.signature(RequestHandler.__init__).parameters["read_bufsize"].default + (64 << 10)
+)
+
+
+async def _upload(sock: socket.socket) -> None:
+    """Send the upload's head and :data:`_BODY`, and return once the server's kernel has
+    acknowledged every byte (the socket's unacknowledged count, ``TIOCOUTQ``, is 0): from then
+    on a FIN is not held behind data. The kernel has no event for that: it is asked every 10
+    ms, for up to 10 s."""
+    await asyncio.get_running_loop().sock_sendall(sock, _upload_head() + _BODY)
+    for _ in range(1000):
+        if not _unacknowledged(sock):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server's kernel left {_unacknowledged(sock)} bytes unacknowledged")
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    count: int = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+    return count
 
 
 async def test_drops_behind_unread_bodies_are_seen_when_descriptors_ran_out() -> None:
     """The case as it was found: under a limit of 64 descriptors, 80 idle connections use them all
-    up; then two of the accepted ones upload (1 MiB of 20 MB sent, unread) and leave, one by
-    FIN, one by RST. Both are seen, each with its reason, while the server is still out of
-    descriptors."""
+    up; then two of the accepted ones upload (of 20 MB, a little more than aiohttp buffers is
+    sent, unread) and leave, one by FIN, one by RST. Both are seen, each with its reason, while
+    the server is still out of descriptors."""
     async with starved_server(64, "plain") as server:
         socks: list[socket.socket] = []
         try:
@@ -173,7 +201,7 @@ async def test_drops_behind_unread_bodies_are_seen_when_descriptors_ran_out() ->
             await server.line("log asyncio ERROR socket.accept() out of system resource")
             uploading = socks[:2]  # connected first: accepted first
             for sock in uploading:
-                await _send(sock, _upload_head() + b"x" * (1 << 20))
+                await _upload(sock)
                 await server.line("started /upload")
             _drop(uploading[0], "FIN")
             _drop(uploading[1], "RST")
@@ -197,7 +225,7 @@ async def test_no_descriptor_at_startup_is_logged_once_and_retried() -> None:
         sock = socket.create_connection(("127.0.0.1", server.port))
         try:
             sock.setblocking(False)
-            await _send(sock, _upload_head() + b"x" * (1 << 20))
+            await _upload(sock)
             await server.line("started /upload")
             await server.line("log aiodelay INFO aiodelay sees clients leave")
             _drop(sock, "FIN")
