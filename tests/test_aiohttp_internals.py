@@ -20,6 +20,7 @@ from aiohttp import web, web_protocol
 from aiohttp.typedefs import Handler
 
 import aiodelay
+from aiodelay._core.aiohttp_internals import _close_read
 from aiodelay.testing import RawClient
 from tests.conftest import Drop, HandlerRun, Serve, Served
 
@@ -336,7 +337,6 @@ async def test_the_close_after_a_fin_sends_what_is_buffered_then_a_fin(buffered:
     once as ``close()`` would (the client reads the end of the stream, not a reset; the
     protocol hears ``connection_lost(None)``); with bytes still waiting in the transport,
     they all reach the client before the end of the stream."""
-    from aiodelay._core.aiohttp_internals import _close_read
 
     loop = asyncio.get_running_loop()
     proto = _KeepsOpenAfterEof()
@@ -362,6 +362,34 @@ async def test_the_close_after_a_fin_sends_what_is_buffered_then_a_fin(buffered:
 
         assert await asyncio.wait_for(read_to_the_end(), 10) == payload
         assert await asyncio.wait_for(proto.lost, 5) is None
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_close_after_a_fin_ignores_a_transport_that_closed_meanwhile() -> None:
+    """The close after a FIN leaves alone a transport closed meanwhile: on asyncio's selector
+    transport, one closed with bytes still buffered that then drained (``connection_lost``
+    called by ``_write_ready``) would raise AttributeError from ``abort()`` (logged by the
+    teardown as an ERROR)."""
+    loop = asyncio.get_running_loop()
+    proto = _KeepsOpenAfterEof()
+    server = await loop.create_server(lambda: proto, "127.0.0.1", 0)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        client.setblocking(False)
+        await loop.sock_connect(client, server.sockets[0].getsockname())
+        transport = await asyncio.wait_for(proto.made, 5)
+        client.shutdown(socket.SHUT_WR)  # the client's FIN; it reads on
+        await asyncio.wait_for(proto.eof.wait(), 5)
+        transport.write(b"x" * (8 << 20))
+        assert transport.get_write_buffer_size() > 0
+        transport.close()  # (aiohttp's force_close(), a handler's own close...)
+        while await loop.sock_recv(client, 1 << 16):
+            pass
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        _close_read(transport)  # the deferred teardown, two turns after the FIN
     finally:
         client.close()
         server.close()

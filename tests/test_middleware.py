@@ -24,7 +24,7 @@ import aiodelay._core.middleware
 from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
 from aiodelay.testing import RawClient
-from tests.conftest import Drop, HandlerRun, Serve
+from tests.conftest import Drop, HandlerRun, Serve, recorded
 
 
 def _app(*routes: web.RouteDef, policy: str = "cancel") -> web.Application:
@@ -1167,3 +1167,59 @@ async def test_a_middleware_served_again_after_a_shutdown_keeps_connections_aliv
     assert not [head for head in heads if b"Connection: close" in head], heads
     assert not mw.shutting_down
     assert not mw.servers  # the first runner's server is not kept
+
+
+class _SeenInSub:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        self.events.append(("started", request.path))
+
+    def request_lost(self, request: web.BaseRequest, lost: object) -> None:
+        self.events.append(("lost", request.path))
+
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+        self.events.append((outcome.kind, request.path))
+
+
+async def test_a_middleware_shared_by_two_apps_counts_a_drop_where_it_counted_its_start(
+    serve: Serve,
+) -> None:
+    """One ``aiodelay.middleware()`` object in two apps (an app factory's apps): it learns its
+    first app's shape. A drop in the second app's sub-app, which has aiodelay of its own, is
+    counted and told in the sub-app's installation only if its start was too."""
+    shared = aiodelay.middleware()
+    probe = HandlerRun()
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def slow(request: web.Request) -> web.Response:
+        await probe.run(request, probe.gate)
+        return web.Response()
+
+    first = web.Application(middlewares=[shared])
+    first.router.add_get("/", ok)
+    second = web.Application(middlewares=[shared])
+    sub = web.Application()
+    aiodelay.setup(sub)
+    seen = _SeenInSub()
+    aiodelay.add_observer(sub, seen)
+    sub.router.add_get("/slow", slow)
+    second.add_subapp("/sub", sub)
+
+    one = await serve(first)
+    client = await one.get("/")
+    await client.read_response()
+    two = await serve(second)
+    dropped = await two.get("/sub/slow")
+    await probe.wait_started()
+    dropped.drop("RST")
+    await probe.wait_ended()
+    await recorded(second)
+    stats = aiodelay.stats(sub)
+    assert stats.in_flight >= 0, (stats, seen.events)
+    assert [kind for kind, _ in seen.events].count("started") >= sum(
+        kind not in ("started", "lost") for kind, _ in seen.events
+    ), seen.events

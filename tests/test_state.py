@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from aiohttp_remotes import XForwardedRelaxed
 
 import aiodelay
+from aiodelay._core import middleware as middleware_module
 from aiodelay._core import state as state_module
 from aiodelay._core.aiohttp_internals import state_of
 from aiodelay._core.policy import Policy
@@ -87,7 +88,7 @@ def measured_untraced(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         sys.settrace(tracer)
     assert measured > 0
-    monkeypatch.setattr(state_module, "_ONLY_THE_WATCH", measured)
+    monkeypatch.setattr(middleware_module, "ONLY_THE_WATCH", measured)
 
 
 @pytest.mark.usefixtures("measured_untraced")
@@ -454,3 +455,17 @@ async def test_a_deadline_after_a_quick_stop_changes_nothing(serve: Serve) -> No
     assert outcome == ["ran on"]
     stats = aiodelay.stats(served.app)
     assert (stats.disconnected, stats.shielded_ran_on, stats.timed_out) == (1, 1, 0)
+
+
+def test_without_sys_getrefcount_no_state_serves_again() -> None:
+    """Where ``sys.getrefcount`` is missing (PyPy), nothing can tell whether something still
+    reaches a state: none serves a connection's next request (a held request keeps its own)."""
+    code = (
+        "import sys; del sys.getrefcount; "
+        "from aiodelay._core import middleware, state; "
+        "print(state.ONLY_THE_WATCH, middleware.ONLY_THE_WATCH)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["0", "0"]

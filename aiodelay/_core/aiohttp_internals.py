@@ -89,7 +89,6 @@ __all__ = (
     "log_bytes_sent",
     "missing_internals",
     "note_departures",
-    "payload_of",
     "peer_gone",
     "response_written",
     "route_of",
@@ -98,7 +97,6 @@ __all__ = (
     "state_of",
     "status_line_sent",
     "take_over_pre_shutdown",
-    "transport_of",
     "turn_on_handler_cancellation",
     "worth_reading",
     "writer_of",
@@ -253,6 +251,7 @@ class Watch(asyncio.Protocol):
         "listener",
         "lost",
         "queued",
+        "remote",
         "state",
         "transport",
     )
@@ -277,6 +276,10 @@ class Watch(asyncio.Protocol):
         self.state: Any = None
         #: Set once the peer is known to be gone.
         self.lost: ConnectionLost | None = None
+        #: ``request.remote`` of the connection's requests as aiohttp makes them (its peer's
+        #: address), once per connection: what ``Outcome.client`` says where nothing else
+        #: could have changed it.
+        self.remote = _remote(transport.get_extra_info("peername"))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._proto.connection_made(transport)  # pragma: no cover - installed after this
@@ -413,6 +416,15 @@ class Watch(asyncio.Protocol):
         return self.listener.client_left(state, lost, websocket)
 
 
+def _remote(peername: Any) -> str | None:
+    """``BaseRequest.remote`` of a request whose transport's peer is ``peername``."""
+    if peername is None:
+        return None
+    if isinstance(peername, (list, tuple)):
+        return str(peername[0])
+    return str(peername)
+
+
 def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None) -> None:
     """aiohttp's ``connection_lost`` where aiodelay decides what becomes of the request in
     flight: aiohttp's ``handler_cancellation`` is off for the call."""
@@ -433,8 +445,11 @@ def _close_read(transport: asyncio.Transport) -> None:
     selector transports: the same FIN, the same ``connection_lost(None)`` a turn later) but
     does not ask the selector to stop watching a reader and a writer that are not watched any
     more: each of those asks raises and catches two KeyErrors whose messages are formatted
-    (some 2 us per ask). With bytes still to send, ``close()``, which sends them first. (A
-    transport closing already ignores either.)"""
+    (some 2 us per ask). With bytes still to send, ``close()``, which sends them first. Nothing
+    for a transport closing already (a handler or a middleware closed it meanwhile): asyncio's
+    ``abort()`` of one whose buffer drained since raises."""
+    if transport.is_closing():
+        return
     if transport.get_write_buffer_size():
         transport.close()
     else:
@@ -579,8 +594,8 @@ def install_watch(
 # A request's state is kept on aiohttp's writer of its HTTP message, which ``request.clone()``
 # hands to every clone: one home, whichever request object asks. (The request's own mapping
 # would do too, but its first key costs a dict table of 160 bytes per request.)
-#: ``setattr(writer_of(request), STATE, state)`` keeps ``state`` for the request and every
-#: clone of it (C calls only: no Python frame on the hot path).
+#: An attribute named so on the writer keeps ``state`` for the request and every clone of it
+#: (the middleware sets it by name, ``request._payload_writer._aiodelay_state``, for its cost).
 STATE = "_aiodelay_state"
 writer_of = operator.attrgetter("_payload_writer")
 
@@ -590,13 +605,8 @@ def state_of(request: web.BaseRequest) -> Any:
     return getattr(writer_of(request), STATE, None)
 
 
-#: ``transport_of(request)``: ``request.transport`` (a C attribute getter: no Python frame on
-#: the hot path).
-transport_of = operator.attrgetter("_protocol.transport")
-
-#: ``payload_of(request)``: the request's body stream (a C attribute getter: no Python frame on
-#: the hot path), which is ``EMPTY_PAYLOAD`` for a request without a body.
-payload_of = operator.attrgetter("_payload")
+#: The request's body stream (``request._payload``, which the middleware reads) of a request
+#: without a body.
 EMPTY_PAYLOAD = getattr(streams, "EMPTY_PAYLOAD", None)  # (None: MISSING names it)
 
 #: ``route_of(request)``: ``request.match_info.route`` of a ``web.Request`` (a C attribute

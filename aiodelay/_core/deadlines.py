@@ -61,13 +61,14 @@ class DeadlineQueue:
     def __repr__(self) -> str:
         return f"<DeadlineQueue {self.seconds}s -> {self.status}, {len(self.pending)} pending>"
 
-    def add(self, state: RequestState) -> None:
-        """``state``'s request starts now: its deadline runs from now. The request must leave
-        the queue when it ends (``pending.pop(state, None)``)."""
+    def add(self, state: RequestState, now: float) -> None:
+        """``state``'s request starts now (``now``, its ``time.monotonic()``): its deadline runs
+        from then. The request must leave the queue when it ends (``pending.pop(state,
+        None)``)."""
         loop = _get_running_loop()
         if loop is not self._loop:
             self._use(loop)
-        self.pending[state] = monotonic() + self.seconds
+        self.pending[state] = now + self.seconds
         if self._timer is None:
             self._arm(loop)
 

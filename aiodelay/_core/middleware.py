@@ -1,9 +1,12 @@
 """``setup(app)``, ``middleware()`` and ``stats(app)``: where a request enters aiodelay.
 
-The middleware gives each request its state (``state.state_for``), runs the handler (or awaits
-the "not done yet" awaitable it returned) with the request's deadline armed, and hands the end
-to ``outcome.end``: everything else a request meets happens below it, in ``state`` and
-``outcome``.
+The middleware starts each request (a new state from ``state.new_state``, or its connection's
+previous one when nothing can reach that any more), runs the handler (or awaits the "not done
+yet" awaitable it returned) with the request's deadline armed, and ends it: itself when
+nothing stopped it, nothing waits for it and nobody observes it (the common case, kept free of
+calls for its cost), else through ``outcome.end``; an observed request's plain response it
+then writes itself, as aiohttp would next, and hands the result to ``outcome.written``.
+Everything else a request meets happens below it, in ``state`` and ``outcome``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import inspect
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterable
+from time import monotonic
 from typing import Any
 
 from aiohttp import web
@@ -29,11 +33,8 @@ from .aiohttp_internals import (
     gone_before_watched,
     install_watch,
     note_departures,
-    payload_of,
-    route_of,
     server_of,
     take_over_pre_shutdown,
-    transport_of,
     worth_reading,
 )
 from .budget import HANDLED, BudgetDeadline, budget_of
@@ -41,9 +42,20 @@ from .deadlines import DeadlineQueue
 from .errors import ConnectionLost
 from .hangups import CAN_HOLD, hangups_of
 from .installation import Installation, RoutePlan, app_key, installed_on
-from .outcome import EVENTS, WRITES_HERE, end, started, write_failed, written
+from .outcome import EVENTS, WRITES_HERE, end, record_completed, started, write_failed, written
 from .policy import Policy
-from .state import CANCEL_MESSAGE, DEADLINE_MESSAGE, WRITING, RequestState, state_for
+from .state import (
+    CANCEL_MESSAGE,
+    DEADLINE_MESSAGE,
+    ENDED,
+    ONLY_THE_WATCH,
+    RUNNING,
+    SETTLED,
+    WRITING,
+    RequestState,
+    getrefcount,
+    new_state,
+)
 from .stats import Stats
 
 __all__ = ("Middleware", "app_key", "middleware", "setup", "stats")
@@ -57,6 +69,8 @@ _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
 )
 _current_task = asyncio.current_task
 _get_running_loop = asyncio.get_running_loop
+#: The phases in which a request's state may serve the next request on its connection.
+_DONE = (ENDED, SETTLED)
 
 #: How long the app's cleanup waits for functions that ``aiodelay.to_thread`` still runs.
 THREAD_CLEANUP_TIMEOUT = 5.0
@@ -82,31 +96,45 @@ class Middleware(Installation):
         return f"<aiodelay middleware policy={self.policy.value!r}>"
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = transport_of(request)
-        watch = None if transport is None else transport.get_protocol()
-        if type(watch) is not Watch:
+        # Every request's way, so written for its cost (each Python call here is a tenth of
+        # what aiodelay costs a request): aiohttp's request is read directly (its _protocol,
+        # _payload and _payload_writer, which aiohttp_internals.missing_internals() checks),
+        # and a request's start, and its end when nothing stopped it and nobody waits for it,
+        # are made here, not in calls.
+        try:
+            watch = request._protocol.transport.get_protocol()  # type: ignore[union-attr]
+        except AttributeError:  # (no transport: the connection is gone)
+            watch = None
+        if type(watch) is not Watch and watch is not None:
             # The first request on this connection (on the next ones the Watch is there);
             # also when the transport is already closing, so that aiohttp's connection_lost
-            # still goes through the Watch. None once it is gone.
-            if transport is None:
-                watch = None
-            else:
-                watch = install_watch(request, transport, EVENTS)
-                server = server_of(request)
-                if server is not None and server not in self.servers:
-                    self.servers.add(server)
-                    note_departures(server)
-                    take_over_pre_shutdown(
-                        server, self._shutdown_began, self._shutdown_ended, drain=self.drains
-                    )
-        if self.nested is None:
-            self.learn(request.app)
+            # still goes through the Watch.
+            watch = self._watch(request, request._protocol.transport)  # type: ignore[arg-type]
         if _current_tasks is None:
             task = _current_task()
         else:
             task = _current_tasks.get(_get_running_loop())
         assert task is not None  # aiohttp runs each request in a task of its own
-        state = state_for(request, task, self, watch)
+        state = None if watch is None else watch.state
+        if (
+            state is not None
+            and state.phase in _DONE
+            and state.cause is None
+            and state.extras is None
+            and state.installation is self
+        ):
+            # The connection's previous request ended plainly (nothing stopped it, it owned
+            # nothing, nothing waited for it): if nothing can reach its state any more (no one
+            # holds that request, a clone of it, or the state), the state object serves this
+            # request. No allocation on a keep-alive connection's every request, and nothing
+            # can tell the two apart, since the old one cannot be asked any more.
+            state.request = None  # the connection moved on: the previous request goes
+            if getrefcount(state) > ONLY_THE_WATCH:
+                state = new_state(request, self, watch)
+        else:
+            if self.nested is None:
+                self.learn(request.app)
+            state = new_state(request, self, watch)
         if self.shutting_down:
             # Read once the shutdown began, or before it but not started then: its connection
             # closes after it, and its response says so (take_over_pre_shutdown).
@@ -115,17 +143,37 @@ class Middleware(Installation):
             # aiodelay is installed on an app and on a sub-app: the outer one watches, counts
             # and tells for both, under the sub-app's policy.
             return await handler(request)
+        # RUNNING (state.py), and counted as started by every installation on its way.
+        state.request = request
+        state.task = task
+        state.watch = watch
+        state.started_at = monotonic()
+        state.phase = RUNNING
+        state.response = state.route_plan = None
+        # (aiohttp_internals.STATE: kept for the request and its clones, on their writer)
+        request._payload_writer._aiodelay_state = state  # type: ignore[attr-defined]
+        self.counters.started += 1
+        if self.nested:
+            for other in self.installations(request)[1:]:
+                other.counters.started += 1
         if watch is None:
             gone: ConnectionLost | None = gone_before_watched(request)
         else:
             gone = watch.lost  # a pipelined request read before the peer left
         held = deadlines = None
         try:
-            if self.nested or self.observers:
+            if self.nested:
                 started(state)
+            elif self.observers:
+                # (outcome.started, inlined: the observers of this installation alone)
+                for observer in self.observers:
+                    try:
+                        observer.request_started(request)
+                    except Exception:  # one broken observer must not break the request
+                        logger.exception("observer %r failed", observer)
             # aiohttp may pause reading for this request (an upload not all here yet, a full
             # pipelining queue): then only the kernel can tell that the client left.
-            if watch is not None and (payload_of(request) is not EMPTY_PAYLOAD or watch.queued):
+            if watch is not None and (request._payload is not EMPTY_PAYLOAD or watch.queued):
                 held = watch
                 held.hold(request)
             if self.timed:
@@ -145,13 +193,44 @@ class Middleware(Installation):
                 deadlines.pending.pop(state, None)  # (gone already if it passed)
             if held is not None:
                 held.release()
-        response = end(state, response, None)  # type: ignore[assignment]
         if (
-            state.phase == WRITING
-            and response.__class__ in WRITES_HERE
-            and (plan := state.route_plan) is not None
-            and plan.last_to_touch
+            state.phase == RUNNING
+            and state.extras is None
+            and watch is not None
+            and watch.lost is None
+            and not watch.transport.is_closing()
         ):
+            # Nothing stopped it, it owns nothing, nothing waits for it, its client is there.
+            if not (self.nested or self.observers):
+                # Most requests, nobody observing them: ENDED, counted completed now (the
+                # "otherwise" row of outcome.py's table); recounted as truncated if the client
+                # leaves before aiohttp has written the response (EVENTS.closed).
+                state.phase = ENDED
+                state.response = response
+                self.counters.completed += 1
+                return response
+            if (
+                not self.nested
+                and response.__class__ in WRITES_HERE
+                and (
+                    plan := state.route_plan
+                    or self._plans.get(request._match_info._route)  # type: ignore[union-attr]
+                    or self.plan_for(request)
+                ).last_to_touch
+            ):
+                # Observed (all but the first request of a response class): its outcome
+                # waits for the write, which the middleware makes (below).
+                state.route_plan = plan
+                state.response = response
+                state.phase = WRITING
+                writes = True
+            else:
+                response = end(state, response, None)  # type: ignore[assignment]
+                writes = state.phase == WRITING and response.__class__ in WRITES_HERE
+        else:
+            response = end(state, response, None)  # type: ignore[assignment]
+            writes = state.phase == WRITING and response.__class__ in WRITES_HERE
+        if writes and (kept := state.route_plan) is not None and kept.last_to_touch:
             # Observed, or awaited with notify_finish: its outcome waits for the write, done
             # here as aiohttp would do it next (see outcome.written).
             watch = state.watch
@@ -163,15 +242,33 @@ class Middleware(Installation):
             except Exception as exc:
                 write_failed(state, request, exc)  # as aiohttp would have: logged, closed
             finally:
-                written(state, request, watch)
+                if state.phase == WRITING:
+                    if request._payload_writer._eof:  # type: ignore[attr-defined]
+                        record_completed(state, request)  # all of it went out
+                    else:
+                        written(state, request, watch)
         return response
+
+    def _watch(self, request: web.Request, transport: asyncio.BaseTransport) -> Watch:
+        """Watch the connection of ``request``, its first; and, at the first request of each
+        server, learn how its peers leave and take over its graceful shutdown."""
+        watch = install_watch(request, transport, EVENTS)
+        server = server_of(request)
+        if server is not None and server not in self.servers:
+            self.servers.add(server)
+            note_departures(server)
+            take_over_pre_shutdown(
+                server, self._shutdown_began, self._shutdown_ended, drain=self.drains
+            )
+        return watch
 
     def _arm(self, state: RequestState, request: web.Request) -> DeadlineQueue | None:
         """Put the request in the queue of its deadline, if it has one (and return the
         queue, which it leaves when it ends); nothing at all in an app where no route can
         have a deadline."""
         # (plan_for's lookup, without its frame: a kept plan of the route, else plan_for)
-        plan = state.route_plan = self._plans.get(route_of(request)) or self.plan_for(request)
+        route = request._match_info._route  # type: ignore[union-attr]
+        plan = state.route_plan = self._plans.get(route) or self.plan_for(request)
         if plan.budget_status is not None:
             budgeted = self._budget(state, request, plan)
             if budgeted is not None:
@@ -182,7 +279,7 @@ class Middleware(Installation):
             plan.deadline_by_default and asks_upgrade(request) and not plan.deadline_for(request)
         ):
             return None
-        deadlines.add(state)
+        deadlines.add(state, state.started_at)
         if plan.budget_headers:
             HANDLED.set((state, request))  # (an app that reads budgets; others pay nothing)
         return deadlines
@@ -209,7 +306,7 @@ class Middleware(Installation):
         extras = state.more()
         extras.budget = budget
         extras.budget_from = header
-        budget.add(state)
+        budget.add(state, state.started_at)
         return budget
 
     def _shutdown_began(self) -> None:

@@ -1,10 +1,14 @@
-"""How a request ends: the one place that decides it, counts it, writes its INFO line, makes
-aiohttp's access log say what went on the wire, and tells the observers.
+"""How a request ends: the place that decides it, counts it, writes its INFO line, makes
+aiohttp's access log say what went on the wire, and tells the observers. (One end is not
+decided here, for its cost: a request that nothing stopped, that nothing waits for and that
+nobody observes, the middleware counts completed itself; see :func:`end`.)
 
-A request meets this module three times: :func:`started` (observers told; only where there
-are observers, or sub-apps with aiodelay of their own), the connection's events while it runs
-or while aiohttp writes its response (:data:`EVENTS`, the listener of every connection's
-Watch), and :func:`end`, the middleware's one call when the handler returned or raised. How an
+A request meets this module three times: :func:`started` (observers told, where there are
+sub-apps with aiodelay of their own; the middleware tells an installation's own observers),
+the connection's events while it runs or while aiohttp writes its response (:data:`EVENTS`,
+the listener of every connection's Watch), and :func:`end`, the middleware's one call when
+the handler returned or raised (:func:`written` or :func:`record_completed` for a response
+the middleware wrote). How an
 end is classified (``cause`` is what stopped the request first, see ``state.py``; *gone* means
 that the client is gone now, so nothing more reaches it; :func:`_classify` is this table):
 
@@ -42,9 +46,9 @@ raised anything else       the deadline passed first       ``timed_out``; the ex
 A request that failed without its client leaving is counted ``completed`` (``aiodelay.Stats``):
 its client got the server's answer (aiohttp's 500).
 
-(The module is longer than the others: every way a request can end is decided, counted,
-logged and told here, and only here, so that the counters, the log lines, the access log and
-the observers cannot disagree.)
+(The module is longer than the others: every way a request can end but the plain completion
+is decided, counted, logged and told here, so that the counters, the log lines, the access log
+and the observers cannot disagree.)
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ __all__ = (
     "end",
     "logger",
     "notify_finish",
+    "record_completed",
     "started",
     "write_failed",
     "writes_here",
@@ -171,30 +176,18 @@ def end(
 ) -> web.StreamResponse | None:
     """The handler returned ``response`` or raised ``exc``: decide how the request ended (the
     table above), count and record it, and say what aiohttp gets: a response (to send, or
-    only to log), or None to let ``exc`` go on unchanged."""
+    only to log), or None to let ``exc`` go on unchanged.
+
+    (A request that nothing stopped, that owns nothing and that nothing waits for, whose client
+    is there, the middleware ends itself, without this call: ENDED and counted completed if
+    nobody observes it, else WRITING, written by the middleware; the "otherwise" row of the
+    table.)"""
     if exc is None and state.phase == RUNNING and state.extras is None:
         watch = state.watch
         if watch is not None and watch.lost is None and not watch.transport.is_closing():
-            # Most requests: nothing stopped them, they own nothing, nothing waits for them,
-            # their client is there. ENDED (see state.py)...
+            # Nothing stopped it, it owns nothing, nothing waits for it, its client is there.
             state.phase = ENDED
-            installation = state.installation
-            if installation.nested or installation.observers:
-                if not installation.nested and response.__class__ in WRITES_HERE:
-                    plan = state.route_plan or installation.plan_for(state.request)  # type: ignore[arg-type]
-                    if plan.last_to_touch:
-                        # Observed (all but the first request of a response class): the
-                        # middleware writes it and settles it (written()).
-                        state.route_plan = plan
-                        state.response = response
-                        state.phase = WRITING
-                        return response
-                return _completed(state, state.request, response)  # type: ignore[arg-type]
-            # ...and, nobody observing them, counted completed now; recounted as truncated if
-            # the client leaves before aiohttp has written the response (EVENTS.closed).
-            state.response = response
-            installation.counters.completed += 1
-            return response
+            return _completed(state, state.request, response)  # type: ignore[arg-type]
     return _end(state, response, exc)
 
 
@@ -484,7 +477,7 @@ def written(state: RequestState, request: web.BaseRequest, watch: Watch | None) 
     if state.phase != WRITING:
         return
     if response_written(request):
-        _record_completed(state, request)
+        record_completed(state, request)
     else:
         _response_done(state, request, watch, False, None)
 
@@ -521,7 +514,7 @@ def _response_done(
         if counted:
             state.settle()
         else:
-            _record_completed(state, request)
+            record_completed(state, request)
         return
     lost = (watch.lost if watch is not None else None) or how_peer_left(request)
     state.cause, state.cause_at = lost, monotonic()
@@ -573,7 +566,13 @@ def _record(
     state.settle(error)
     installation = state.installation
     plan = state.route_plan  # (asked for already on a drop: its installations at hand)
-    installations = installation.installations(request) if plan is None else plan.installations
+    # (a plan asked for already, on a drop, has its installations at hand; only a nested
+    # installation counts in more than itself: one shared by two apps learned its first's)
+    installations = (
+        plan.installations
+        if plan is not None and installation.nested
+        else installation.installations(request)
+    )
     cause = state.cause
     lost = cause if isinstance(cause, ConnectionLost) else None
     disconnected = lost is not None
@@ -625,27 +624,34 @@ def _record(
                         logger.exception("observer %r failed", observer)
 
 
-def _record_completed(state: RequestState, request: web.BaseRequest) -> None:
+def record_completed(state: RequestState, request: web.BaseRequest) -> None:
     """:func:`_record` of an observed request that completed (its response written, nothing
     stopped it), the observers' every request: counted, and the observers told."""
     plan = state.route_plan or state.installation.plan_for(request)
-    state.settle()
+    watch, extras = state.watch, state.extras
+    if extras is None:
+        # (settle(), inlined: nothing waits for it, it owns nothing)
+        state.phase = SETTLED
+        state.request = state.task = state.response = state.watch = None
+    else:
+        state.settle()
     outcome = None
-    for each in plan.installations:
+    for each in plan.installations if state.installation.nested else (state.installation,):
         each.counters.completed += 1
         if each.observers:
             if outcome is None:
                 remotes = plan.remotes
+                if remotes:
+                    client = trusted_remote(request, remotes)
+                elif watch is not None and plan.outermost:
+                    client = watch.remote  # (aiohttp's own request: its connection's peer)
+                else:
+                    client = request.remote
                 outcome = make_outcome(
-                    "completed",
-                    None,
-                    state.started_at,
-                    None,
-                    monotonic(),
-                    trusted_remote(request, remotes) if remotes else request.remote,
+                    "completed", None, state.started_at, None, monotonic(), client
                 )
-                if state.extras is not None:
-                    note_budget(outcome, state.extras.budget_from)
+                if extras is not None:
+                    note_budget(outcome, extras.budget_from)
             for observer in each.observers:
                 try:
                     observer.request_ended(request, outcome)

@@ -21,7 +21,8 @@ STOPPING      aiodelay cancelled the handler's task; its ``CancelledError`` is o
               (STOPPED once the handler's end takes the cancellation back).
 STOPPED       aiodelay raised ``CancelledError`` in the handler's own task (the end of a
               ``shield()`` section; a client gone before the handler started).
-ENDED         The handler returned or raised, and ``outcome`` classified its end; aiohttp
+ENDED         The handler returned or raised, and its end was classified (by ``outcome``;
+              a plain completion by the middleware, see ``outcome.end``); aiohttp
               writes the response. A request that completed, that nothing waits for, is
               counted here, and stays ENDED: if its client leaves before aiohttp has
               written the whole response, it is counted again, as truncated. Asked about
@@ -56,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .aiohttp_internals import STATE, state_of, writer_of
+from .aiohttp_internals import state_of
 from .errors import ConnectionLost, DeadlineExceeded
 from .owned import Owned
 from .policy import Policy
@@ -70,6 +71,7 @@ __all__ = (
     "CANCEL_MESSAGE",
     "DEADLINE_MESSAGE",
     "ENDED",
+    "ONLY_THE_WATCH",
     "RUNNING",
     "RUNNING_ON",
     "SETTLED",
@@ -78,7 +80,8 @@ __all__ = (
     "WRITING",
     "RequestState",
     "fail",
-    "state_for",
+    "getrefcount",
+    "new_state",
 )
 
 RUNNING, RUNNING_ON, STOPPING, STOPPED, ENDED, WRITING, SETTLED = range(7)
@@ -139,9 +142,10 @@ class _Extras:
 class RequestState:
     """What aiodelay knows about one request and what it owns; see the module's table.
 
-    Made (:func:`state_for`) by the middleware of the installation that watches the request's
-    connection, which counts it as started; kept on the request, and as its connection's
-    request in flight (the previous request on the connection lets go of its request then).
+    Made (:func:`new_state`) for the middleware of the installation that watches the request's
+    connection, which starts it (RUNNING) and counts it as started; kept on the request, and as
+    its connection's request in flight (the previous request on the connection lets go of its
+    request then). The middleware may start it again for the connection's next request.
     """
 
     __slots__ = (
@@ -159,7 +163,8 @@ class RequestState:
     )
 
     def __init__(self, installation: Installation, watch: Watch | None) -> None:
-        # (state_for fills in the request; a state object may serve a connection's next request)
+        # (the middleware fills in the request; a state object may serve a connection's next
+        # request)
         self.request: web.BaseRequest | None = None
         #: aiohttp's task of the request, which runs the handler.
         self.task: asyncio.Task[Any] | None = None
@@ -454,64 +459,38 @@ class RequestState:
                 fail(future, exc)
 
 
-def state_for(
-    request: web.BaseRequest,
-    task: asyncio.Task[Any],
-    installation: Installation,
-    watch: Watch | None,
+def new_state(
+    request: web.BaseRequest, installation: Installation, watch: Watch | None
 ) -> RequestState | None:
-    """The state of ``request``, which starts now on ``watch``'s connection (None: it is
-    closed already), counted as started by ``installation`` (the watching one) and the other
-    installations on its way; None if the request has its state already (aiodelay is
-    installed on an app and on a sub-app, and this is the sub-app's: the outer installation's
-    middleware made it).
+    """A new state for ``request``, which starts now on ``watch``'s connection (None: it is
+    closed already), to be started by ``installation``'s middleware (the watching one); None
+    if the request has its state already (aiodelay is installed on an app and on a sub-app,
+    and this is the sub-app's: the outer installation's middleware made it).
 
     The connection's previous request lets go of its request now (its response went out), so
-    that no reference cycle is left. If that previous request ended plainly (nothing stopped
-    it, it owned nothing, nothing waited for it) and nothing can reach its state any more (no
-    one holds that request, a clone of it, or the state), its state object serves this
-    request: no allocation on a keep-alive connection's every request, and nothing can tell
-    the two apart, since the old one cannot be asked any more.
+    that no reference cycle is left. (Where that previous request ended plainly and nothing
+    can reach its state any more, the middleware has its state serve this request instead:
+    see ``Middleware.__call__``.)
     """
-    state: RequestState | None
     if watch is None:
         if state_of(request) is not None:
             return None
-        state = RequestState(installation, None)
-    else:
-        state = watch.state
-        if state is not None:
-            if state.phase < ENDED:
-                if state_of(request) is state:
-                    return None  # its request in flight is this one, in the outer installation
-                state = None  # (aiohttp runs a connection's requests one at a time)
-            else:
-                state.request = None  # the connection moved on: the previous request goes
-                if not (
-                    state.cause is None
-                    and state.extras is None
-                    and state.installation is installation
-                    and _getrefcount(state) <= _ONLY_THE_WATCH
-                ):
-                    state.let_go()
-                    state = None
-        if state is None:
-            state = watch.state = RequestState(installation, watch)
-    state.request = request
-    state.task = task
-    state.watch = watch
-    state.started_at = monotonic()
-    state.phase = RUNNING
-    state.response = state.route_plan = None
-    setattr(writer_of(request), STATE, state)  # (kept for the request and its clones)
-    installation.counters.started += 1
-    if installation.nested:
-        for other in installation.installations(request)[1:]:
-            other.counters.started += 1
+        return RequestState(installation, None)
+    previous = watch.state
+    if previous is not None:
+        if previous.phase < ENDED:
+            if state_of(request) is previous:
+                return None  # its request in flight is this one, in the outer installation
+            # (aiohttp runs a connection's requests one at a time)
+        else:
+            previous.let_go()
+    state = watch.state = RequestState(installation, watch)
     return state
 
 
-_getrefcount = getattr(sys, "getrefcount", None) or (lambda _: 1 << 30)  # (CPython has it)
+#: ``sys.getrefcount`` (CPython has it; elsewhere no state ever serves again: see below).
+getrefcount = getattr(sys, "getrefcount", None) or (lambda _: 1 << 30)
+_NO_REFCOUNT = not hasattr(sys, "getrefcount")
 
 
 class _Holder:
@@ -521,19 +500,22 @@ class _Holder:
 
 def _only_the_watch() -> int:
     """What ``getrefcount`` says of an object that only one attribute holds, as a Watch holds
-    a state, asked the way :func:`state_for` asks (how many references the interpreter
+    a state, asked the way ``Middleware.__call__`` asks (how many references the interpreter
     itself holds then differs between Python versions). 0 (never make a state serve again)
-    if a trace or profile function runs now: one that reads a frame's variables holds one
-    more reference to them, so the count would be too high for the code that runs untraced."""
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    without ``sys.getrefcount`` (PyPy), or if a trace or profile function runs now: one that
+    reads a frame's variables holds one more reference to them, so the count would be too
+    high for the code that runs untraced."""
+    if sys.gettrace() is not None or sys.getprofile() is not None or _NO_REFCOUNT:
         return 0
     holder = _Holder()
     holder.state = object()
     state = holder.state
-    return _getrefcount(state)
+    return getrefcount(state)
 
 
-_ONLY_THE_WATCH = _only_the_watch()
+#: What ``sys.getrefcount`` says of a state that only its connection's Watch holds, asked
+#: as ``Middleware.__call__`` asks it (0: never).
+ONLY_THE_WATCH = _only_the_watch()
 
 
 def _resolve(future: asyncio.Future[None], result: BaseException | None) -> None:
