@@ -408,6 +408,43 @@ async def test_requests_of_one_deadline_each_pass_it_on_their_own_time(serve: Se
     assert (stats.completed, stats.timed_out, stats.in_flight) == (1, 2, 0)
 
 
+def test_a_deadline_passes_on_a_second_loop_after_the_first_kept_its_timer() -> None:
+    """One middleware() object serves on one event loop, then on another (an app run again,
+    a test suite's next loop). The first loop ends with its deadline's timer still set (its
+    one request ended quickly: the timer waits for the 0.2 s it was set for); on the second
+    loop a request must not join the queue as if that timer would stop it: its deadline
+    passes at 0.2 s, not after the handler's 5 s."""
+    shared = aiodelay.middleware(deadline=0.2)
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="quick")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="too late")
+
+    async def serve_once(path: str) -> int:
+        app = web.Application(middlewares=[shared])
+        app.add_routes([web.get("/quick", quick), web.get("/slow", slow)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            timeout = aiohttp.ClientTimeout(total=3)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(f"http://127.0.0.1:{port}{path}") as response,
+            ):
+                return response.status
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(serve_once("/quick")) == 200
+    assert asyncio.run(serve_once("/slow")) == 504
+
+
 class _Waiting:
     """A request in a DeadlineQueue: what its deadline passing did, and when."""
 

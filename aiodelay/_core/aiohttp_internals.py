@@ -76,7 +76,6 @@ __all__ = (
     "abort_connection",
     "access_logged",
     "as_sent",
-    "asks_upgrade",
     "busy",
     "bytes_written",
     "close_after",
@@ -612,12 +611,6 @@ EMPTY_PAYLOAD = getattr(streams, "EMPTY_PAYLOAD", None)  # (None: MISSING names 
 #: ``route_of(request)``: ``request.match_info.route`` of a ``web.Request`` (a C attribute
 #: getter: those are two Python properties, paid by every request whose plan is asked for).
 route_of = operator.attrgetter("_match_info._route")
-
-#: ``asks_upgrade(request)``: whether the request asked to switch protocols (``Connection:
-#: upgrade`` with an ``Upgrade`` header, as aiohttp's parser saw it; a WebSocket handshake is
-#: one), from the parsed message (a C attribute getter: no Python frame on the hot path).
-asks_upgrade = operator.attrgetter("_message.upgrade")
-
 
 #: ``response_written(request)``: True once aiohttp has handed the whole response of
 #: ``request`` to the transport (whichever response object it was: the message's writer

@@ -132,9 +132,9 @@ class BudgetDeadline(DeadlineQueue):
 
     def close(self) -> None:
         """The request ended: cancel the timer (asyncio and uvloop then let go of it)."""
-        timer = self._timer
+        timer = self.timer
         if timer is not None:
-            self._timer = None
+            self.timer = None
             timer.cancel()
 
 

@@ -47,7 +47,7 @@ _MIN_WAIT = 0.001
 class DeadlineQueue:
     """The requests in flight whose deadline is ``seconds`` (answered ``status``)."""
 
-    __slots__ = ("_loop", "_timer", "pending", "seconds", "status")
+    __slots__ = ("loop", "pending", "seconds", "status", "timer")
 
     def __init__(self, seconds: float, status: int) -> None:
         self.seconds = seconds
@@ -55,8 +55,12 @@ class DeadlineQueue:
         #: The requests in flight, each with the moment its deadline passes
         #: (``time.monotonic()``), oldest first.
         self.pending: dict[RequestState, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The loop the queue serves (its requests' and its timer's), and the timer, set for
+        #: the oldest request whenever the queue is not empty. While the timer is set on the
+        #: running loop, :meth:`add` only puts the request in ``pending``, and the middleware
+        #: does that itself, without the call.
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<DeadlineQueue {self.seconds}s -> {self.status}, {len(self.pending)} pending>"
@@ -66,32 +70,32 @@ class DeadlineQueue:
         from then. The request must leave the queue when it ends (``pending.pop(state,
         None)``)."""
         loop = _get_running_loop()
-        if loop is not self._loop:
+        if loop is not self.loop:
             self._use(loop)
         self.pending[state] = now + self.seconds
-        if self._timer is None:
+        if self.timer is None:
             self._arm(loop)
 
     def _use(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve ``loop`` from now on (the first, or another loop than before: a
         middleware() object used again, and what waited on the old loop went with it)."""
-        self._loop = loop
-        self._timer = None
+        self.loop = loop
+        self.timer = None
         self.pending = {}
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Set the timer for the oldest request waiting (the queue is not empty)."""
         at = next(iter(self.pending.values()))
         # The callback needs none of the request's context variables: no copy of them.
-        self._timer = loop.call_later(
+        self.timer = loop.call_later(
             max(at - monotonic(), _MIN_WAIT), self._expired, context=_NO_CONTEXT
         )
 
     def _expired(self) -> None:
         """The timer fired: stop the requests whose deadline has passed; set the timer for
         the oldest one left."""
-        self._timer = None
-        loop = self._loop
+        self.timer = None
+        loop = self.loop
         assert loop is not None
         pending = self.pending
         now = monotonic()

@@ -26,7 +26,6 @@ from . import aiohttp_internals
 from .aiohttp_internals import (
     EMPTY_PAYLOAD,
     Watch,
-    asks_upgrade,
     busy,
     close_after,
     close_waiting,
@@ -276,10 +275,16 @@ class Middleware(Installation):
                 return budgeted
         deadlines = plan.deadlines
         if deadlines is None or (
-            plan.deadline_by_default and asks_upgrade(request) and not plan.deadline_for(request)
+            plan.deadline_by_default
+            and request._message.upgrade  # (a WebSocket handshake, say)
+            and not plan.deadline_for(request)
         ):
             return None
-        deadlines.add(state, state.started_at)
+        if deadlines.timer is not None and deadlines.loop is _get_running_loop():
+            # (DeadlineQueue.add, without its frame: its timer is set on this loop already)
+            deadlines.pending[state] = state.started_at + deadlines.seconds
+        else:
+            deadlines.add(state, state.started_at)
         if plan.budget_headers:
             HANDLED.set((state, request))  # (an app that reads budgets; others pay nothing)
         return deadlines
@@ -291,7 +296,7 @@ class Middleware(Installation):
         than its route's), None if it does not; raises the CancelledError that stops it
         before its handler starts if its budget is spent already (see ``budget.py``)."""
         found = budget_of(request, plan.budget_headers, plan.installations)
-        if found is None or (plan.budget_by_default and asks_upgrade(request)):
+        if found is None or (plan.budget_by_default and request._message.upgrade):
             return None
         seconds, header = found
         status = plan.budget_status
