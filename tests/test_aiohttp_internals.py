@@ -9,6 +9,7 @@ test waits for the handler to end. Without aiodelay the handler would wait forev
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import select
 import socket
@@ -136,7 +137,13 @@ async def test_handler_cancelled_when_client_leaves(
 # While aiohttp has paused reading, the FIN or RST waits in the kernel behind unread bytes:
 # only the kernel's own report (epoll's EPOLLRDHUP, Linux) shows it. How the client gets
 # aiohttp to pause: (name, client steps)
-_UNREAD = 800 * 1024  # far more than aiohttp buffers before it pauses reading
+# Just over what aiohttp buffers before it pauses reading (twice its read_bufsize): more would
+# stay in the client's send queue, with the FIN behind it, if the server's receive buffer does
+# not grow (it grows only while read).
+_UNREAD = (
+    2 * inspect.signature(web_protocol.RequestHandler.__init__).parameters["read_bufsize"].default
+    + 1024
+)
 
 
 async def _unread_upload(client: RawClient) -> None:
@@ -275,8 +282,8 @@ async def test_a_fin_stuck_behind_a_full_receive_window_is_no_worse_than_plain_a
     stops reading, the server's receive window fills up, and the client's FIN cannot even reach
     the server's kernel (the client's kernel holds it behind the unsent data). Nobody on the
     server can see it; the handler runs on and its response is dropped quietly, as without
-    aiodelay. (An 800 kB upload fits the window, and that FIN is seen: see
-    ``test_handler_cancelled_when_client_leaves_while_reading_is_paused``.)"""
+    aiodelay. (An upload just over what aiohttp buffers fits the window, and that FIN is seen:
+    see ``test_handler_cancelled_when_client_leaves_while_reading_is_paused``.)"""
     caplog.set_level(logging.WARNING)
     probe = HandlerRun()
 

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 # The server: an upload handler that never reads its body (it waits until it is cancelled),
-# an observer that prints each start and end, aiodelay's and asyncio's log on stdout (each of
-# asyncio's lines once: a flood of them would fill the pipe and stall the server).
+# an observer that prints each start and end, and each client that left with whether reading
+# was paused then (the tests check that asyncio could not have seen it), aiodelay's and
+# asyncio's log on stdout (each of asyncio's lines once: a flood of them would fill the pipe
+# and stall the server).
 # argv: the descriptor limit, then "starve" to start the app with no descriptor left (they
 # are given back before the server listens).
 SERVER = textwrap.dedent(
@@ -61,7 +63,8 @@ SERVER = textwrap.dedent(
             print("started", request.path)
 
         def request_lost(self, request, lost):
-            pass
+            reading = request.transport is not None and request.transport.is_reading()
+            print("lost", lost.reason, "reading" if reading else "paused")
 
         def request_ended(self, request, outcome):
             print("ended", outcome.kind, outcome.lost and outcome.lost.reason)
@@ -157,27 +160,31 @@ def _drop(sock: socket.socket, how: str) -> None:
     sock.close()
 
 
-# A body just larger than aiohttp's buffer for it (twice its read size, 64 or 256 KiB by version):
-# once it has all arrived, aiohttp has stopped reading, so asyncio cannot see a FIN behind it,
-# only the epoll watch can. At most 64 KiB of it stays in the server's kernel, which takes it
-# whatever its buffer sizes: a FIN queued behind bytes the server never makes room for would
-# never arrive, and no one could see it.
+# A body 1 KiB larger than what aiohttp buffers before it pauses reading (twice its
+# read_bufsize: 128 KiB, or 512 KiB on aiohttp 3.14; the server runs on this same aiohttp).
+# Once it has arrived, reading is paused, so asyncio cannot see a FIN behind it: only the epoll
+# watch can (the servers say "paused" when they see the client leave). Not more: what aiohttp
+# does not take must fit in the server's kernel, whose receive buffer grows only while it is
+# read; what does not fit stays in the client's send queue with the FIN behind it, and that
+# FIN never reaches the server. 1 KiB fits the smallest receive buffer Linux allows.
 _BODY = b"x" * (
-    2 * inspect.signature(RequestHandler.__init__).parameters["read_bufsize"].default + (64 << 10)
+    2 * inspect.signature(RequestHandler.__init__).parameters["read_bufsize"].default + 1024
 )
 
 
 async def _upload(sock: socket.socket) -> None:
     """Send the upload's head and :data:`_BODY`, and return once the server's kernel has
-    acknowledged every byte (the socket's unacknowledged count, ``TIOCOUTQ``, is 0): from then
-    on a FIN is not held behind data. The kernel has no event for that: it is asked every 10
-    ms, for up to 10 s."""
-    await asyncio.get_running_loop().sock_sendall(sock, _upload_head() + _BODY)
-    for _ in range(1000):
-        if not _unacknowledged(sock):
-            return
+    acknowledged every byte (the socket's count of bytes not sent or not acknowledged,
+    ``TIOCOUTQ``, is 0): from then on a FIN is not held behind data. asyncio has no wait for
+    that (the kernel's only report of it, an acknowledgement timestamp on the socket's error
+    queue, is far more machinery than this): it is asked every 10 ms, for up to 10 s."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, _upload_head() + _BODY)
+    deadline = loop.time() + 10
+    while left := _unacknowledged(sock):
+        if loop.time() > deadline:
+            raise AssertionError(f"the server's kernel left {left} bytes unacknowledged")
         await asyncio.sleep(0.01)
-    raise AssertionError(f"the server's kernel left {_unacknowledged(sock)} bytes unacknowledged")
 
 
 def _unacknowledged(sock: socket.socket) -> int:
@@ -187,9 +194,9 @@ def _unacknowledged(sock: socket.socket) -> int:
 
 async def test_drops_behind_unread_bodies_are_seen_when_descriptors_ran_out() -> None:
     """The case as it was found: under a limit of 64 descriptors, 80 idle connections use them all
-    up; then two of the accepted ones upload (of 20 MB, a little more than aiohttp buffers is
-    sent, unread) and leave, one by FIN, one by RST. Both are seen, each with its reason, while
-    the server is still out of descriptors."""
+    up; then two of the accepted ones start a 20 MB upload, send a little more of it than
+    aiohttp buffers (the handler reads none of it), and leave, one by FIN, one by RST. Both
+    are seen, each with its reason, while the server is still out of descriptors."""
     async with starved_server(64, "plain") as server:
         socks: list[socket.socket] = []
         try:
@@ -210,6 +217,8 @@ async def test_drops_behind_unread_bodies_are_seen_when_descriptors_ran_out() ->
             for sock in socks:
                 sock.close()
     assert ends == {"ended cancelled FIN", "ended cancelled RST"}, server.tail()
+    lost = sorted(line for line in server.lines if line.startswith("lost"))
+    assert lost == ["lost FIN paused", "lost RST paused"], server.tail()
     assert not [line for line in server.lines if line.startswith("log aiodelay WARNING")]
 
 
@@ -230,6 +239,9 @@ async def test_no_descriptor_at_startup_is_logged_once_and_retried() -> None:
             await server.line("log aiodelay INFO aiodelay sees clients leave")
             _drop(sock, "FIN")
             assert await server.line("ended") == "ended cancelled FIN"
+            assert [line for line in server.lines if line.startswith("lost")] == [
+                "lost FIN paused"
+            ], server.tail()
         finally:
             sock.close()
     assert len([line for line in server.lines if line.startswith("log aiodelay WARNING")]) == 1
