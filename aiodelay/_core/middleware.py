@@ -192,6 +192,7 @@ class Middleware(Installation):
                 deadlines.pending.pop(state, None)  # (gone already if it passed)
             if held is not None:
                 held.release()
+        writes = False
         if (
             state.phase == RUNNING
             and state.extras is None
@@ -223,13 +224,15 @@ class Middleware(Installation):
                 state.response = response
                 state.phase = WRITING
                 writes = True
-            else:
-                response = end(state, response, None)  # type: ignore[assignment]
-                writes = state.phase == WRITING and response.__class__ in WRITES_HERE
-        else:
+        if not writes:
             response = end(state, response, None)  # type: ignore[assignment]
-            writes = state.phase == WRITING and response.__class__ in WRITES_HERE
-        if writes and (kept := state.route_plan) is not None and kept.last_to_touch:
+            writes = (
+                state.phase == WRITING
+                and response.__class__ in WRITES_HERE
+                and (kept := state.route_plan) is not None
+                and kept.last_to_touch
+            )
+        if writes:
             # Observed, or awaited with notify_finish: its outcome waits for the write, done
             # here as aiohttp would do it next (see outcome.written).
             watch = state.watch
