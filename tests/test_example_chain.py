@@ -333,12 +333,22 @@ async def test_the_readme_commands_with_budgets_answer_504_after_a_second() -> N
             async with session.get(url["A"] + "/work") as response:
                 body = await response.text()
             answered_in = time.monotonic() - asked_at
-        print(f"\nthe README's chain, budgets: answered {response.status} in {answered_in:.3f} s")
+        print(
+            f"\nthe README's chain, budgets: answered {response.status} in {answered_in:.3f} s:"
+            f" {body.strip()}"
+        )
         assert response.status == 504, body
-        assert body.startswith("A <- B <- 504: "), body
-        assert "budget" in body, body  # C says its deadline was the budget from upstream
         assert abs(answered_in - A_DEADLINE) < NEAR, answered_in
-        await logs["C"].wait(lambda line: "C: out of time, work cancelled" in line, "C's end")
+        # C's deadline, the budget it was given, passes first and its 504 comes back up; but
+        # three fresh processes on a loaded machine may take longer than the margins to pass
+        # it on, and then B's or A's own deadline answers the same 504 first.
+        assert body.startswith(("A <- B <- 504: ", "A <- 504: ", "504: ")), body
+        if body.startswith("A <- B <- "):
+            assert "budget" in body, body  # C says its deadline was the budget from upstream
+        # Either way C stopped at the budget's end, not because B left (without a budget it
+        # would log "the client left") nor at its own 10 s.
+        await logs["C"].wait(lambda line: "C: " in line and "work cancelled" in line, "C's end")
+        assert "C: out of time, work cancelled" in logs["C"].text(), logs["C"].text()
 
 
 @contextlib.asynccontextmanager
