@@ -401,3 +401,36 @@ async def test_the_close_after_a_fin_ignores_a_transport_that_closed_meanwhile()
         client.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_socket_transport_the_middleware_reads_directly_says_what_its_methods_say() -> (
+    None
+):
+    """asyncio's socket transport, whose ``_protocol`` and ``_closing`` the middleware reads
+    for ``get_protocol()`` and ``is_closing()``: the same answers, open and closing."""
+    from aiodelay._core.aiohttp_internals import SOCKET_TRANSPORT
+
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.set_result(cast(asyncio.Transport, transport))
+
+    server = await loop.create_server(Accept, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport = await made
+        if type(loop).__module__.startswith("uvloop"):
+            assert transport.__class__ is not SOCKET_TRANSPORT  # (asked, not read)
+        else:
+            assert transport.__class__ is SOCKET_TRANSPORT
+            assert transport._protocol is transport.get_protocol()  # type: ignore[attr-defined]
+            assert transport._closing is transport.is_closing() is False  # type: ignore[attr-defined]
+            transport.close()
+            assert transport._closing is transport.is_closing() is True  # type: ignore[attr-defined]
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -70,6 +70,7 @@ __all__ = (
     "AIOHTTP_VERSION",
     "EMPTY_PAYLOAD",
     "MISSING",
+    "SOCKET_TRANSPORT",
     "STATE",
     "Listener",
     "Watch",
@@ -603,6 +604,14 @@ def state_of(request: web.BaseRequest) -> Any:
     """What was kept for the request (or a clone of it) as above, or None."""
     return getattr(writer_of(request), STATE, None)
 
+
+#: asyncio's TCP (and Unix socket) transport, whose ``get_protocol()`` and ``is_closing()``
+#: return its ``_protocol`` and ``_closing``: where a transport is of this very class, the
+#: middleware reads those two directly (a Python frame each saved on every request); any
+#: other (TLS, uvloop's) is asked. None if a Python release has no such class.
+SOCKET_TRANSPORT: type | None = getattr(
+    getattr(asyncio, "selector_events", None), "_SelectorSocketTransport", None
+)
 
 #: The request's body stream (``request._payload``, which the middleware reads) of a request
 #: without a body.

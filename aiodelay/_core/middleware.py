@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler
 from . import aiohttp_internals
 from .aiohttp_internals import (
     EMPTY_PAYLOAD,
+    SOCKET_TRANSPORT,
     Watch,
     busy,
     close_after,
@@ -100,15 +101,18 @@ class Middleware(Installation):
         # _payload and _payload_writer, which aiohttp_internals.missing_internals() checks),
         # and a request's start, and its end when nothing stopped it and nobody waits for it,
         # are made here, not in calls.
-        try:
-            watch = request._protocol.transport.get_protocol()  # type: ignore[union-attr]
-        except AttributeError:  # (no transport: the connection is gone)
-            watch = None
+        transport = request._protocol.transport
+        if transport.__class__ is SOCKET_TRANSPORT:
+            watch = transport._protocol  # type: ignore[union-attr]  # (get_protocol())
+        elif transport is None:
+            watch = None  # the connection is gone
+        else:
+            watch = transport.get_protocol()
         if type(watch) is not Watch and watch is not None:
             # The first request on this connection (on the next ones the Watch is there);
             # also when the transport is already closing, so that aiohttp's connection_lost
             # still goes through the Watch.
-            watch = self._watch(request, request._protocol.transport)  # type: ignore[arg-type]
+            watch = self._watch(request, transport)  # type: ignore[arg-type]
         if _current_tasks is None:
             task = _current_task()
         else:
@@ -198,7 +202,11 @@ class Middleware(Installation):
             and state.extras is None
             and watch is not None
             and watch.lost is None
-            and not watch.transport.is_closing()
+            and not (
+                transport._closing  # type: ignore[union-attr]  # (is_closing())
+                if transport.__class__ is SOCKET_TRANSPORT
+                else watch.transport.is_closing()
+            )
         ):
             # Nothing stopped it, it owns nothing, nothing waits for it, its client is there.
             if not (self.nested or self.observers):
