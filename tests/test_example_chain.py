@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -200,8 +200,10 @@ async def test_a_budget_running_out_at_a_stops_b_and_c_each_with_a_504(serve: Se
     report = services.report(outcomes)
     print(f"\nchain with budgets, from the end of A's {A_DEADLINE:g} s budget: {report}")
     assert status == 504, body
-    assert body.startswith(b"A <- B <- 504: "), body
     _assert_stopped_by_the_budget(services, outcomes, report)
+    # C's 504 comes back up, unless the way back took longer than the margins (a loaded
+    # machine, now and then): then B's budget or A's own deadline answered first.
+    assert body.startswith((b"A <- B <- 504: ", b"A <- 504: ", b"504: ")), body
 
 
 @pytest.mark.both_loops
@@ -339,16 +341,27 @@ async def test_the_readme_commands_with_budgets_answer_504_after_a_second() -> N
         )
         assert response.status == 504, body
         assert abs(answered_in - A_DEADLINE) < NEAR, answered_in
-        # C's deadline, the budget it was given, passes first and its 504 comes back up; but
-        # three fresh processes on a loaded machine may take longer than the margins to pass
-        # it on, and then B's or A's own deadline answers the same 504 first.
+        # B and C worked with A's budget, less the margins, not with their own 5 s and 10 s.
+        for name in "BC":
+            (line,) = await logs[name].wait(_says(f"{name}: working"), f"{name}'s start")
+            left = float(line.rsplit(", ", 1)[1].removesuffix("s left"))
+            assert A_DEADLINE - NEAR < left < A_DEADLINE, line
+        # C's deadline, that budget, passes first and its 504 comes back up; but the way
+        # between three processes may take longer than the margins now and then, and then B's
+        # budget or A's own deadline answers a 504 first, and C stops because its client left.
         assert body.startswith(("A <- B <- 504: ", "A <- 504: ", "504: ")), body
         if body.startswith("A <- B <- "):
             assert "budget" in body, body  # C says its deadline was the budget from upstream
-        # Either way C stopped at the budget's end, not because B left (without a budget it
-        # would log "the client left") nor at its own 10 s.
-        await logs["C"].wait(lambda line: "C: " in line and "work cancelled" in line, "C's end")
-        assert "C: out of time, work cancelled" in logs["C"].text(), logs["C"].text()
+        # Either way C stopped now, not at the end of its 30 s of work.
+        (end,) = await logs["C"].wait(
+            lambda line: "work cancelled" in line, "C's end", timeout=3 * NEAR
+        )
+        print(f"C's end: {end}")
+
+
+def _says(text: str) -> Callable[[str], bool]:
+    """A match for ``Lines.wait``: a line with ``text`` in it."""
+    return lambda line: text in line
 
 
 @contextlib.asynccontextmanager

@@ -64,6 +64,11 @@ async def work(request: web.Request) -> web.Response:
     """Call the next service and pass its answer on; the last one does the slow work."""
     app = request.app
     name = app[NAME]
+    left = aiodelay.time_left(request)
+    if left is None:
+        log.info("%s: working, no deadline", name)
+    else:
+        log.info("%s: working, %.3fs left", name, left)  # (its own deadline, or the budget)
     try:
         if DOWNSTREAM in app:
             async with app[SESSION].get(app[DOWNSTREAM] + "/work") as response:
