@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import re
 import ssl
@@ -22,10 +23,21 @@ import pytest
 import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
 
 import aiodelay
 from aiodelay.testing import DropHow, LiveServer, RawClient
 from aiodelay.testing._server import live_servers
+
+#: An upload this large, unread, makes aiohttp pause reading: 1 KiB more than what it buffers
+#: before it pauses (twice its ``read_bufsize``: 128 KiB, or 512 KiB on aiohttp 3.14; the
+#: test's server runs on this same aiohttp). Not more: what aiohttp does not take must fit in
+#: the server's kernel, whose receive buffer grows only while it is read; what does not fit
+#: stays in the client's send queue with the FIN behind it, and that FIN never reaches the
+#: server. 1 KiB fits the smallest receive buffer Linux allows.
+PAUSING_UPLOAD = (
+    2 * inspect.signature(RequestHandler.__init__).parameters["read_bufsize"].default + 1024
+)
 
 #: How a raw client leaves (``RawClient.drop``).
 Drop = DropHow

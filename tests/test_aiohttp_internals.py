@@ -9,7 +9,6 @@ test waits for the handler to end. Without aiodelay the handler would wait forev
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import select
 import socket
@@ -23,7 +22,7 @@ from aiohttp.typedefs import Handler
 import aiodelay
 from aiodelay._core.aiohttp_internals import _close_read
 from aiodelay.testing import RawClient
-from tests.conftest import Drop, HandlerRun, Serve, Served
+from tests.conftest import PAUSING_UPLOAD, Drop, HandlerRun, Serve, Served
 
 # Where the handler is when the client leaves, and how the client gets it there:
 # (name, route, handler work, client steps before the drop)
@@ -137,13 +136,7 @@ async def test_handler_cancelled_when_client_leaves(
 # While aiohttp has paused reading, the FIN or RST waits in the kernel behind unread bytes:
 # only the kernel's own report (epoll's EPOLLRDHUP, Linux) shows it. How the client gets
 # aiohttp to pause: (name, client steps)
-# Just over what aiohttp buffers before it pauses reading (twice its read_bufsize): more would
-# stay in the client's send queue, with the FIN behind it, if the server's receive buffer does
-# not grow (it grows only while read).
-_UNREAD = (
-    2 * inspect.signature(web_protocol.RequestHandler.__init__).parameters["read_bufsize"].default
-    + 1024
-)
+_UNREAD = PAUSING_UPLOAD
 
 
 async def _unread_upload(client: RawClient) -> None:

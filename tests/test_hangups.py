@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import inspect
 import select
 import socket
 import struct
@@ -22,7 +21,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiohttp.web_protocol import RequestHandler
+
+from tests.conftest import PAUSING_UPLOAD
 
 pytestmark = pytest.mark.skipif(
     not hasattr(select, "EPOLLRDHUP"), reason="the epoll watch is Linux's"
@@ -160,16 +160,9 @@ def _drop(sock: socket.socket, how: str) -> None:
     sock.close()
 
 
-# A body 1 KiB larger than what aiohttp buffers before it pauses reading (twice its
-# read_bufsize: 128 KiB, or 512 KiB on aiohttp 3.14; the server runs on this same aiohttp).
-# Once it has arrived, reading is paused, so asyncio cannot see a FIN behind it: only the epoll
-# watch can (the servers say "paused" when they see the client leave). Not more: what aiohttp
-# does not take must fit in the server's kernel, whose receive buffer grows only while it is
-# read; what does not fit stays in the client's send queue with the FIN behind it, and that
-# FIN never reaches the server. 1 KiB fits the smallest receive buffer Linux allows.
-_BODY = b"x" * (
-    2 * inspect.signature(RequestHandler.__init__).parameters["read_bufsize"].default + 1024
-)
+# Once this body has arrived, reading is paused, so asyncio cannot see a FIN behind it: only
+# the epoll watch can (the servers say "paused" when they see the client leave).
+_BODY = b"x" * PAUSING_UPLOAD
 
 
 async def _upload(sock: socket.socket) -> None:
