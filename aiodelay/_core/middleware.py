@@ -205,7 +205,7 @@ class Middleware(Installation):
             and not (
                 transport._closing  # type: ignore[union-attr]  # (is_closing())
                 if transport.__class__ is SOCKET_TRANSPORT
-                else watch.transport.is_closing()
+                else transport.is_closing()  # type: ignore[union-attr]  # (the watch's)
             )
         ):
             # Nothing stopped it, it owns nothing, nothing waits for it, its client is there.
