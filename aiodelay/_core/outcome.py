@@ -80,7 +80,7 @@ from .aiohttp_internals import (
 )
 from .client import trusted_remote
 from .errors import ConnectionLost, DeadlineExceeded, seconds_text
-from .observe import OutcomeKind, make_outcome, note_budget
+from .observe import Outcome, OutcomeKind, Unfrozen, make_outcome, note_budget
 from .policy import Policy
 from .state import ENDED, RUNNING, SETTLED, WRITING, RequestState
 
@@ -98,6 +98,7 @@ __all__ = (
 )
 
 logger = logging.getLogger("aiodelay")
+_new = object.__new__
 
 #: Hand a cancellation on to a middleware outside aiodelay's when aiohttp logs nothing: from
 #: Python 3.11 on (on 3.10 the cancelled task is left in a reference cycle).
@@ -628,34 +629,63 @@ def record_completed(state: RequestState, request: web.BaseRequest) -> None:
     """:func:`_record` of an observed request that completed (its response written, nothing
     stopped it), the observers' every request: counted, and the observers told."""
     plan = state.route_plan or state.installation.plan_for(request)
-    watch, extras = state.watch, state.extras
+    watch, extras, installation = state.watch, state.extras, state.installation
+    if extras is None and not installation.nested:
+        # Most observed requests (one installation, nothing waits for them), written for
+        # their cost: settle() and make_outcome() inlined, no loop over installations
+        # (about 1,150 instructions fewer per observed request, benchmarks/instructions.py).
+        state.phase = SETTLED
+        state.request = state.task = state.response = state.watch = None
+        installation.counters.completed += 1
+        observers = installation.observers
+        if not observers:
+            return
+        remotes = plan.remotes
+        if remotes:
+            client = trusted_remote(request, remotes)
+        elif watch is not None and plan.outermost:
+            client = watch.remote  # (aiohttp's own request: its connection's peer)
+        else:
+            client = request.remote
+        outcome: Any = _new(Unfrozen)  # (make_outcome)
+        outcome.kind = "completed"
+        outcome.lost = None
+        outcome.started_at = state.started_at
+        outcome.lost_at = None
+        outcome.ended_at = monotonic()
+        outcome.client = client
+        outcome.__class__ = Outcome
+        for observer in observers:
+            try:
+                observer.request_ended(request, outcome)
+            except Exception:  # one broken observer must not take the others' record
+                logger.exception("observer %r failed", observer)
+        return
     if extras is None:
         # (settle(), inlined: nothing waits for it, it owns nothing)
         state.phase = SETTLED
         state.request = state.task = state.response = state.watch = None
     else:
         state.settle()
-    outcome = None
-    for each in plan.installations if state.installation.nested else (state.installation,):
+    made = None
+    for each in plan.installations if installation.nested else (installation,):
         each.counters.completed += 1
         if each.observers:
-            if outcome is None:
+            if made is None:
                 remotes = plan.remotes
                 if remotes:
                     client = trusted_remote(request, remotes)
                 elif watch is not None and plan.outermost:
-                    client = watch.remote  # (aiohttp's own request: its connection's peer)
+                    client = watch.remote
                 else:
                     client = request.remote
-                outcome = make_outcome(
-                    "completed", None, state.started_at, None, monotonic(), client
-                )
+                made = make_outcome("completed", None, state.started_at, None, monotonic(), client)
                 if extras is not None:
-                    note_budget(outcome, extras.budget_from)
+                    note_budget(made, extras.budget_from)
             for observer in each.observers:
                 try:
-                    observer.request_ended(request, outcome)
-                except Exception:  # one broken observer must not take the others' record
+                    observer.request_ended(request, made)
+                except Exception:
                     logger.exception("observer %r failed", observer)
 
 
