@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,13 @@ async def test_an_observer_hears_start_loss_and_end_once_and_can_be_removed(
     assert cancelled.lost.reason == "RST"
     assert cancelled.started_at <= (cancelled.lost_at or 0) <= cancelled.ended_at
     assert (completed.lost, completed.lost_at, completed.client) == (None, None, "127.0.0.1")
+    # A completed request's outcome is made without the dataclass's __init__ (for its cost),
+    # and is the dataclass's own all the same.
+    rebuilt = aiodelay.Outcome(*dataclasses.astuple(completed))
+    assert type(completed) is aiodelay.Outcome
+    assert (completed, hash(completed), repr(completed)) == (rebuilt, hash(rebuilt), repr(rebuilt))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        completed.kind = "failed"  # type: ignore[misc]
     remove()
     remove()  # a second call does nothing
     await other.get("/")
@@ -283,8 +291,6 @@ async def test_a_response_aiohttp_cannot_write_is_logged_and_closed_as_without_a
 
 
 def test_make_outcome_makes_what_the_dataclass_makes() -> None:
-    import dataclasses
-
     from aiodelay._core.observe import make_outcome, note_budget
 
     lost = aiodelay.ConnectionLost("RST")
@@ -327,3 +333,78 @@ async def test_a_response_class_with_its_own_prepare_is_observed_as_completed(
     await recorder.wait_ends(1)
     assert recorder.events == ["started /", "ended completed"]
     assert prepared == ["/"]  # aiohttp prepared it, once
+
+
+@pytest.mark.parametrize("ends_it_itself", [True, False], ids=["handler-ends", "aiohttp-ends"])
+async def test_a_streamed_response_is_observed_as_completed_once_its_end_is_written(
+    serve: Serve, ends_it_itself: bool
+) -> None:
+    """An observed streamed response is completed once its end is written: by the handler
+    itself, or after it returned (the middleware writes it, as aiohttp would next)."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 4
+        await response.prepare(request)
+        await response.write(b"hi")
+        await response.write(b"!!")
+        if ends_it_itself:
+            await response.write_eof()
+        return response
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", stream)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi!!")
+    await recorder.wait_ends(1)
+    await client.get("/")  # the second: its response class known (outcome.WRITES_HERE)
+    assert await client.read_response() == (200, b"hi!!")
+    await recorder.wait_ends(2)
+    assert recorder.events == ["started /", "ended completed"] * 2
+    assert [outcome.kind for outcome in recorder.outcomes] == ["completed"] * 2
+
+
+@pytest.mark.parametrize("raised", [RuntimeError, ConnectionResetError])
+async def test_an_error_in_aiohttps_write_of_the_end_ends_an_observed_request_by_its_kind(
+    serve: Serve,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    raised: type[Exception],
+) -> None:
+    """Writing the end of an observed response raises: an error of aiohttp's own fails the
+    request (logged as aiohttp logs it, the connection closed), a ``ConnectionError`` (the
+    client left) truncates it."""
+    from aiohttp import http_writer
+
+    caplog.set_level(logging.ERROR)
+    write_eof = http_writer.StreamWriter.write_eof
+
+    async def failing(writer: http_writer.StreamWriter, chunk: bytes = b"") -> None:
+        if chunk == b"boom":
+            raise raised("boom")
+        await write_eof(writer, chunk)
+
+    monkeypatch.setattr(http_writer.StreamWriter, "write_eof", failing)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=request.path[1:].encode())
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/{name}", handler)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/hi")  # (the first response of its class)
+    assert await client.read_response() == (200, b"hi")
+    await client.get("/boom")
+    await recorder.wait_ends(2)
+    kind = "failed" if raised is RuntimeError else "truncated"
+    assert recorder.events[2:] == ["started /boom", f"ended {kind}"]
+    assert await client.reader.read() == b"", "the connection is closed"
+    logged = {r.getMessage() for r in caplog.records if r.name == "aiohttp.server"}
+    assert logged == ({"Unhandled exception"} if raised is RuntimeError else set())
