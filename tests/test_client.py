@@ -115,3 +115,38 @@ async def test_a_strict_proxy_middleware_that_refuses_leaves_the_peer_address(
     assert status == 400
     [outcome] = ends.outcomes
     assert outcome.client == "127.0.0.1"
+
+
+@pytest.mark.parametrize("remotes_first", [True, False])
+async def test_behind_a_trusted_proxy_observers_name_the_client_of_a_completed_request(
+    serve: Serve, remotes_first: bool
+) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    if remotes_first:
+        await XForwardedRelaxed().setup(app)
+        aiodelay.setup(app)
+    else:
+        aiodelay.setup(app)
+        await XForwardedRelaxed().setup(app)
+    app.router.add_get("/", hello)
+    ends = _Ends()
+    aiodelay.add_observer(app, ends)
+    served = await serve(app)
+    client = await served.connect()
+    for _ in range(2):  # (the first of a response class, and one after it)
+        await client.send(
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: %s\r\n\r\n" % CLIENT.encode()
+        )
+        assert await client.read_response() == (200, b"hi")
+    await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # (no header: the peer)
+    assert await client.read_response() == (200, b"hi")
+    # (an observer hears of a completed request once its response is written: before the
+    # next request on the connection is read)
+    assert [(o.kind, o.client) for o in ends.outcomes] == [
+        ("completed", CLIENT),
+        ("completed", CLIENT),
+        ("completed", "127.0.0.1"),
+    ]

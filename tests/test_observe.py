@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,8 @@ async def test_an_observer_hears_start_loss_and_end_once_and_can_be_removed(
     # and is the dataclass's own all the same.
     rebuilt = aiodelay.Outcome(*dataclasses.astuple(completed))
     assert type(completed) is aiodelay.Outcome
+    # Every field set (budget_from by its default): a field added to Outcome must be set too.
+    assert [*vars(completed), "budget_from"] == [f.name for f in dataclasses.fields(completed)]
     assert (completed, hash(completed), repr(completed)) == (rebuilt, hash(rebuilt), repr(rebuilt))
     with pytest.raises(dataclasses.FrozenInstanceError):
         completed.kind = "failed"  # type: ignore[misc]
@@ -408,3 +411,38 @@ async def test_an_error_in_aiohttps_write_of_the_end_ends_an_observed_request_by
     assert await client.reader.read() == b"", "the connection is closed"
     logged = {r.getMessage() for r in caplog.records if r.name == "aiohttp.server"}
     assert logged == ({"Unhandled exception"} if raised is RuntimeError else set())
+
+
+async def test_an_observed_request_that_completed_is_settled_and_lets_go_of_its_request(
+    serve: Serve,
+) -> None:
+    """Once its response is written, an observed request's outcome is final (its end after
+    the handler's return), and its state no longer holds the request."""
+    from aiodelay._core.aiohttp_internals import state_of
+    from aiodelay._core.state import SETTLED
+
+    returned: list[float] = []
+    requests: list[web.Request] = []
+
+    async def hello(request: web.Request) -> web.Response:
+        requests.append(request)
+        returned.append(time.monotonic())
+        return web.Response(text="hi")
+
+    app = web.Application()
+    aiodelay.setup(app)
+    app.router.add_get("/", hello)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    served = await serve(app)
+    client = await served.get("/")
+    assert await client.read_response() == (200, b"hi")
+    await client.get("/")  # (after the first, its response class is known)
+    assert await client.read_response() == (200, b"hi")
+    await recorder.wait_ends(2)
+    for request, outcome, handler_returned in zip(
+        requests, recorder.outcomes, returned, strict=True
+    ):
+        assert outcome.started_at <= handler_returned <= outcome.ended_at
+        state = state_of(request)
+        assert (state.phase, state.request, state.task) == (SETTLED, None, None)
