@@ -271,8 +271,11 @@ def wall_measure(args: argparse.Namespace) -> Measure:
     runs = overhead.measure(args.wall_args)
     if any(run.rps <= 0 for kind_runs in runs.values() for run in kind_runs):
         raise RuntimeError("a load run completed no request")
+    # (overhead.py falls back on an aiohttp client without wrk: the title says which)
+    wrk = not args.wall_args.no_wrk and shutil.which("wrk") is not None
+    load = "wrk" if wrk else "an aiohttp client, not wrk"
     return Measure(
-        title="Requests per second (wrk)",
+        title=f"Requests per second ({load})",
         unit="req/s",
         values={
             kind: statistics.median(run.rps for run in kind_runs)
