@@ -47,6 +47,18 @@ async def _interrupted(
     return line, outcome
 
 
+async def _behind_a_proxy(*, remotes_first: bool) -> web.Application:
+    """An app with aiodelay and aiohttp-remotes' ``XForwardedRelaxed``, in either order."""
+    app = web.Application()
+    if remotes_first:
+        await XForwardedRelaxed().setup(app)
+        aiodelay.setup(app)
+    else:
+        aiodelay.setup(app)
+        await XForwardedRelaxed().setup(app)
+    return app
+
+
 @pytest.mark.parametrize("remotes_first", [True, False])
 async def test_behind_a_trusted_proxy_the_log_and_observers_name_the_client(
     serve: Serve, caplog: pytest.LogCaptureFixture, remotes_first: bool
@@ -60,13 +72,7 @@ async def test_behind_a_trusted_proxy_the_log_and_observers_name_the_client(
         await probe.run(request, probe.gate)
         return web.Response()
 
-    app = web.Application()
-    if remotes_first:
-        await XForwardedRelaxed().setup(app)
-        aiodelay.setup(app)
-    else:
-        aiodelay.setup(app)
-        await XForwardedRelaxed().setup(app)
+    app = await _behind_a_proxy(remotes_first=remotes_first)
     app.router.add_get("/slow", slow)
     line, outcome = await _interrupted(serve, app, probe, caplog)
     assert seen == [CLIENT]  # what the app itself trusts
@@ -124,13 +130,7 @@ async def test_behind_a_trusted_proxy_observers_name_the_client_of_a_completed_r
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
 
-    app = web.Application()
-    if remotes_first:
-        await XForwardedRelaxed().setup(app)
-        aiodelay.setup(app)
-    else:
-        aiodelay.setup(app)
-        await XForwardedRelaxed().setup(app)
+    app = await _behind_a_proxy(remotes_first=remotes_first)
     app.router.add_get("/", hello)
     ends = _Ends()
     aiodelay.add_observer(app, ends)
