@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -18,6 +19,7 @@ CLIENT = "203.0.113.7"
 class _Ends:
     def __init__(self) -> None:
         self.outcomes: list[aiodelay.Outcome] = []
+        self.ended = asyncio.Event()
 
     def request_started(self, request: web.BaseRequest) -> None:
         pass
@@ -27,6 +29,13 @@ class _Ends:
 
     def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
         self.outcomes.append(outcome)
+        self.ended.set()
+
+    async def wait_ends(self, count: int) -> None:
+        """Until ``count`` requests ended (the client may read a response before that)."""
+        while len(self.outcomes) < count:
+            self.ended.clear()
+            await asyncio.wait_for(self.ended.wait(), 5)
 
 
 async def _interrupted(
@@ -136,15 +145,14 @@ async def test_behind_a_trusted_proxy_observers_name_the_client_of_a_completed_r
     aiodelay.add_observer(app, ends)
     served = await serve(app)
     client = await served.connect()
-    for _ in range(2):  # (the first of a response class, and one after it)
+    for _ in range(2):
         await client.send(
             b"GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: %s\r\n\r\n" % CLIENT.encode()
         )
         assert await client.read_response() == (200, b"hi")
     await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # (no header: the peer)
     assert await client.read_response() == (200, b"hi")
-    # (an observer hears of a completed request once its response is written: before the
-    # next request on the connection is read)
+    await ends.wait_ends(3)
     assert [(o.kind, o.client) for o in ends.outcomes] == [
         ("completed", CLIENT),
         ("completed", CLIENT),
