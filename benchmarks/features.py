@@ -271,9 +271,8 @@ def wall_measure(args: argparse.Namespace) -> Measure:
     runs = overhead.measure(args.wall_args)
     if any(run.rps <= 0 for kind_runs in runs.values() for run in kind_runs):
         raise RuntimeError("a load run completed no request")
-    # (overhead.py falls back on an aiohttp client without wrk: the title says which)
-    wrk = not args.wall_args.no_wrk and shutil.which("wrk") is not None
-    load = "wrk" if wrk else "an aiohttp client, not wrk"
+    # (overhead.py loads the apps with wrk if it is on PATH, else with an aiohttp client)
+    load = "wrk" if shutil.which("wrk") else "an aiohttp client, not wrk"
     return Measure(
         title=f"Requests per second ({load})",
         unit="req/s",
