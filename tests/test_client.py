@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp_remotes import XForwardedRelaxed, XForwardedStrict
 
 import aiodelay
-from tests.conftest import HandlerRun, Serve
+from tests.conftest import HandlerRun, Serve, until
 
 # An address from TEST-NET-3 (RFC 5737): only ever a header value here, never contacted.
 CLIENT = "203.0.113.7"
@@ -33,9 +33,11 @@ class _Ends:
 
     async def wait_ends(self, count: int) -> None:
         """Until ``count`` requests ended (the client may read a response before that)."""
-        while len(self.outcomes) < count:
-            self.ended.clear()
-            await asyncio.wait_for(self.ended.wait(), 5)
+        await until(
+            self.ended,
+            lambda: len(self.outcomes) >= count,
+            lambda: f"{len(self.outcomes)} of {count} requests ended",
+        )
 
 
 async def _interrupted(

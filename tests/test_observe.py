@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import HandlerRun, Serve
+from tests.conftest import HandlerRun, Serve, Served, until
 
 
 class _Recorder:
@@ -35,13 +36,22 @@ class _Recorder:
 
     async def wait_ends(self, count: int) -> None:
         """Until ``count`` requests ended (the client may read a response before that)."""
+        await until(
+            self.ended,
+            lambda: len(self.outcomes) >= count,
+            lambda: f"{len(self.outcomes)} of {count} requests ended: {self.events}",
+        )
 
-        async def enough() -> None:
-            while len(self.outcomes) < count:
-                self.ended.clear()
-                await self.ended.wait()
 
-        await asyncio.wait_for(enough(), 5)
+async def _serve_observed(serve: Serve, routes: dict[str, Handler]) -> tuple[Served, _Recorder]:
+    """An app with aiodelay, ``routes`` (GET) and a :class:`_Recorder` observing it, served."""
+    app = web.Application()
+    aiodelay.setup(app)
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    recorder = _Recorder()
+    aiodelay.add_observer(app, recorder)
+    return await serve(app), recorder
 
 
 class _Broken:
@@ -156,12 +166,7 @@ async def test_an_observed_app_serves_files_without_an_error_and_keeps_alive(
     async def file(request: web.Request) -> web.FileResponse:
         return web.FileResponse(data)
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/data.bin", file)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/data.bin": file})
     client = await served.connect()
     for _ in range(2):  # the same connection: keep-alive survives
         await client.get("/data.bin")
@@ -275,13 +280,7 @@ async def test_a_response_aiohttp_cannot_write_is_logged_and_closed_as_without_a
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/bad", bad)
-    app.router.add_get("/", hello)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/bad": bad, "/": hello})
     client = await served.get("/")  # (the first response of its class)
     assert await client.read_response() == (200, b"hi")
     await client.get("/bad")
@@ -325,12 +324,7 @@ async def test_a_response_class_with_its_own_prepare_is_observed_as_completed(
     async def hello(request: web.Request) -> web.Response:
         return Counted(text="hi")
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/", hello)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/": hello})
     client = await served.get("/")
     assert await client.read_response() == (200, b"hi")
     await recorder.wait_ends(1)
@@ -355,12 +349,7 @@ async def test_a_streamed_response_is_observed_as_completed_once_its_end_is_writ
             await response.write_eof()
         return response
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/", stream)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/": stream})
     client = await served.get("/")
     assert await client.read_response() == (200, b"hi!!")
     await recorder.wait_ends(1)
@@ -400,12 +389,7 @@ async def test_an_error_in_aiohttps_write_of_the_end_ends_an_observed_request_by
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=request.path[1:].encode())
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/{name}", handler)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/{name}": handler})
     client = await served.get("/hi")
     assert await client.read_response() == (200, b"hi")
     await client.get("/boom")
@@ -436,12 +420,7 @@ async def test_an_observed_request_that_completed_is_settled_and_lets_go_of_its_
         returned.append(time.monotonic())
         return web.Response(text="hi")
 
-    app = web.Application()
-    aiodelay.setup(app)
-    app.router.add_get("/", hello)
-    recorder = _Recorder()
-    aiodelay.add_observer(app, recorder)
-    served = await serve(app)
+    served, recorder = await _serve_observed(serve, {"/": hello})
     client = await served.connect()
     for count in (1, 2):  # (the next request on a connection lets go of the one before)
         await client.get("/")
