@@ -3,7 +3,8 @@
 
     python benchmarks/_dropserver.py KIND --count N [--cpu C] [--uvloop] [--tracemalloc]
 
-(the parent side, :class:`_drops.DropServer`, starts it so; nobody needs to by hand). Every
+(the parent side, :class:`_drops.DropServer`, starts it so; nobody needs to by hand).
+``drop_instructions.py`` serves the same apps (:func:`make_runner`) in its own process. Every
 kind serves ``GET /hold/<i>`` on a free port of 127.0.0.1 with the same listen backlog and no
 access log; the handler records ``time.monotonic()`` when it starts and when it sees its
 client leave (its ``CancelledError``, Twisted: the ``notifyFinish()`` errback), and waits for
@@ -42,9 +43,12 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from _serve import pin_to_cpu, raise_fd_limit, read_rss
+
+if TYPE_CHECKING:
+    from aiohttp.web import AppRunner
 
 KINDS = ("aiohttp", "aiohttp-mw", "aiodelay", "aiohttp-log", "aiodelay-log", "twisted")
 #: Kinds whose server writes a log line per drop to its stderr.
@@ -155,22 +159,75 @@ class Recorder:
             self.emit(f"ERROR unknown command {line.strip()!r}")
 
 
-def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
-    """The body of a ``--serve`` child of every kind but ``twisted``."""
-    from aiohttp import web
-
-    import aiodelay
-
-    delay_logger = logging.getLogger("aiodelay")
-    delay_logger.setLevel(logging.WARNING)
+def drop_logger(kind: str, stream: TextIO, log_format: str = LOG_FORMAT) -> logging.Logger:
+    """Set up logging for ``kind``: the ``aiodelay`` logger's INFO off, but for the log kinds,
+    whose line per drop goes to ``stream`` (each line formatted, written and flushed, as a
+    server's log would be); the logger the handler of ``aiohttp-log`` writes its line to."""
+    logging.getLogger("aiodelay").setLevel(logging.WARNING)
     # aiohttp-log's handler writes a line like aiodelay's INFO line, through the same handler.
     drop_log = logging.getLogger("aiodelay" if kind == "aiodelay-log" else "storm")
     if kind in LOGGING:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter(log_format, "%H:%M:%S"))
         drop_log.addHandler(handler)
         drop_log.setLevel(logging.INFO)
         drop_log.propagate = False
+    return drop_log
+
+
+def make_runner(kind: str, recorder: Recorder, drop_log: logging.Logger) -> AppRunner:
+    """The ``AppRunner`` (not set up yet) of the server of ``kind`` (any but ``twisted``),
+    whose ``/hold/<i>`` handlers report to ``recorder``; to be set up in the running loop."""
+    from aiohttp import web
+
+    import aiodelay
+
+    app = web.Application()
+
+    async def hold(request: web.Request) -> web.StreamResponse:
+        i = int(request.match_info["i"])
+        started = time.monotonic()
+        recorder.start(i, started)
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            now = time.monotonic()
+            recorder.cancel(i, now)
+            if kind == "aiohttp-log":
+                drop_log.info(
+                    "%s %s from %s interrupted by a disconnect after %.3fs: %s",
+                    request.method,
+                    request.path,
+                    request.remote,
+                    now - started,
+                    "cancelled",
+                )
+            raise
+        raise AssertionError("unreachable: the future above is never set")
+
+    app.router.add_get("/hold/{i}", hold)
+    if kind == "aiohttp-mw":
+
+        @web.middleware
+        async def passthrough(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]
+        ) -> web.StreamResponse:
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app.middlewares.append(passthrough)
+    if not kind.startswith("aiodelay"):
+        return web.AppRunner(app, handler_cancellation=True)
+    aiodelay.setup(app)
+    recorder.extra = lambda: {"aiodelay_cancelled": aiodelay.stats(app).cancelled}
+    return web.AppRunner(app)
+
+
+def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
+    """The body of a ``--serve`` child of every kind but ``twisted``."""
+    from aiohttp import web
+
+    drop_log = drop_logger(kind, sys.stderr, log_format)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -180,52 +237,8 @@ def serve_aiohttp(kind: str, *, use_uvloop: bool, log_format: str) -> None:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-        app = web.Application()
-
-        def extra() -> dict[str, Any]:
-            if not kind.startswith("aiodelay"):
-                return {}
-            return {"aiodelay_cancelled": aiodelay.stats(app).cancelled}
-
-        recorder = Recorder(emit, extra)
-
-        async def hold(request: web.Request) -> web.StreamResponse:
-            i = int(request.match_info["i"])
-            started = time.monotonic()
-            recorder.start(i, started)
-            try:
-                await loop.create_future()
-            except asyncio.CancelledError:
-                now = time.monotonic()
-                recorder.cancel(i, now)
-                if kind == "aiohttp-log":
-                    drop_log.info(
-                        "%s %s from %s interrupted by a disconnect after %.3fs: %s",
-                        request.method,
-                        request.path,
-                        request.remote,
-                        now - started,
-                        "cancelled",
-                    )
-                raise
-            raise AssertionError("unreachable: the future above is never set")
-
-        app.router.add_get("/hold/{i}", hold)
-        if kind == "aiohttp-mw":
-
-            @web.middleware
-            async def passthrough(
-                request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]
-            ) -> web.StreamResponse:
-                response: web.StreamResponse = await handler(request)
-                return response
-
-            app.middlewares.append(passthrough)
-        if not kind.startswith("aiodelay"):
-            runner = web.AppRunner(app, handler_cancellation=True)
-        else:
-            aiodelay.setup(app)
-            runner = web.AppRunner(app)
+        recorder = Recorder(emit, dict)
+        runner = make_runner(kind, recorder, drop_log)
 
         pending = b""
 
