@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import inspect
 import logging
 import socket as socket_module
 import struct
@@ -21,6 +22,7 @@ from aiohttp.typedefs import Handler
 
 import aiodelay
 import aiodelay._core.middleware
+import aiodelay._core.outcome
 from aiodelay._core.middleware import Middleware
 from aiodelay.pytest_plugin import AiodelayServer
 from aiodelay.testing import RawClient
@@ -282,6 +284,57 @@ async def test_one_info_line_per_interrupted_request(
     assert message.endswith("s: cancelled")
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert problems == []  # nothing in aiohttp's error log, nothing from asyncio
+
+
+async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging_setup(
+    aiodelay_server: AiodelayServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiodelay makes its INFO record without logging's search for the caller, and the
+    logging set-up still decides: the record factory makes it, the logger's filters and its
+    parents' handlers see it, and it says where it was made as logger.info there would."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def recording_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    monkeypatch.setattr(logging, "_logRecordFactory", recording_factory)
+    handled: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            handled.append(record)
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)  # a parent's: the record propagates to it
+    logger = logging.getLogger("aiodelay")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    only_rst = logging.Filter()
+    only_rst.filter = lambda record: " RST " in record.getMessage()  # type: ignore[method-assign]
+    logger.addFilter(only_rst)
+
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.get_running_loop().create_future()
+        return web.Response()
+
+    try:
+        server = await aiodelay_server(_app(web.get("/slow", handler)))
+        assert (await server.drop("GET", "/slow", how="RST")).cancelled
+        assert (await server.drop("GET", "/slow", how="FIN")).cancelled
+    finally:
+        logger.removeFilter(only_rst)
+        logging.getLogger().removeHandler(keep)
+    ours = [record for record in made if record.name == "aiodelay"]
+    assert [record.getMessage().split(" ")[6] for record in ours] == ["RST", "FIN"]
+    [record] = [record for record in handled if record.name == "aiodelay"]  # filtered: FIN
+    assert record is ours[0]
+    assert record.levelno == logging.INFO
+    assert record.funcName == "_info"
+    assert record.pathname == aiodelay._core.outcome.__file__
+    lines, first = inspect.getsourcelines(aiodelay._core.outcome._info)
+    assert first < record.lineno < first + len(lines)  # a line of _info's body
 
 
 async def test_shielded_log_line_says_it_ran_on(
