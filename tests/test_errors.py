@@ -25,6 +25,25 @@ def test_connection_lost_copies_and_pickles_with_its_reason(message: str | None)
         assert str(again) == str(lost)
 
 
+@pytest.mark.parametrize(
+    ("reason", "says"),
+    [("FIN", "(FIN)"), ("RST", "(RST)"), ("shutdown", "shut down"), ("closed", "was closed")],
+)
+def test_connection_lost_says_its_reason_and_instances_stay_apart(reason: str, says: str) -> None:
+    """Without a message, a ConnectionLost says its reason's (its args a tuple shared by the
+    instances of that reason: a drop makes none); changing one instance's args leaves the
+    others as they were."""
+    lost = aiodelay.ConnectionLost(reason)  # type: ignore[arg-type]
+    other = aiodelay.ConnectionLost(reason)  # type: ignore[arg-type]
+    assert says in str(lost)
+    assert lost.args == (str(lost),) == other.args
+    assert (lost.errno, lost.strerror) == (None, None)
+    lost.args = ("changed",)
+    assert str(lost) == "changed"
+    assert other.args == (str(other),)
+    assert says in str(other)
+
+
 def test_exception_notes_and_attributes_survive_a_copy() -> None:
     """Attributes other than the reason (and Python 3.11's notes) live in the instance
     __dict__, which copies and pickles carry too."""

@@ -144,14 +144,14 @@ async def test_a_failing_teardown_does_not_stop_the_others(
 
     ran: list[str] = []
 
-    def fails() -> None:
-        raise RuntimeError("boom")
+    def fails(what: str) -> None:
+        raise RuntimeError(what)
 
     done = asyncio.Event()
     after_cancelled(ran.append, "first")
-    after_cancelled(fails)
+    after_cancelled(fails, "boom")
     after_cancelled(ran.append, "third")
-    after_cancelled(done.set)
+    after_cancelled(lambda _: done.set(), None)
     assert ran == []  # not in this turn
     with caplog.at_level(logging.ERROR, logger="aiodelay"):
         await asyncio.wait_for(done.wait(), 5)
@@ -193,8 +193,9 @@ def test_the_teardown_batch_keeps_no_loop_alive(pending: bool) -> None:
 
     async def one_teardown() -> None:
         done = asyncio.Event()
-        after_cancelled(asyncio.get_running_loop().time)  # refers to the loop, as a close does
-        after_cancelled(done.set)
+        loop = asyncio.get_running_loop()
+        after_cancelled(lambda loop: loop.time(), loop)  # refers to the loop, as a close does
+        after_cancelled(lambda _: done.set(), None)
         if not pending:
             await asyncio.wait_for(done.wait(), 5)
 
@@ -252,12 +253,12 @@ def test_an_interrupt_in_a_teardown_leaves_the_rest_for_the_next_turns() -> None
 
     ran: list[str] = []
 
-    def interrupt() -> None:
+    def interrupt(_: object) -> None:
         raise KeyboardInterrupt
 
     async def batch() -> None:
         after_cancelled(ran.append, "first")
-        after_cancelled(interrupt)
+        after_cancelled(interrupt, None)
         after_cancelled(ran.append, "third")
         await asyncio.get_running_loop().create_future()  # the interrupt ends this
 

@@ -340,11 +340,9 @@ class Watch(asyncio.Protocol):
         if stopping:
             # The handler is being cancelled for an RST: aiohttp's teardown waits two turns of
             # the loop, by when the handler has seen its cancellation (in a storm of resets,
-            # every handler has), as after a FIN.
-            if decided:
-                after_cancelled(_aiohttp_lost, proto, exc)
-            else:
-                after_cancelled(proto.connection_lost, exc)
+            # every handler has), as after a FIN. (Its error goes with this Watch, as the
+            # cause of its ``lost``: no bound method or tuple made per drop.)
+            after_cancelled(_aiohttp_lost_after_reset if decided else _lost_after_reset, self)
         elif decided:
             _aiohttp_lost(proto, exc)
         else:
@@ -437,6 +435,22 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None) -> None:
         proto.connection_lost(exc)
     finally:
         manager.handler_cancellation = True
+
+
+def _lost_after_reset(watch: Watch) -> None:
+    """aiohttp's ``connection_lost`` of a reset connection (deferred, :meth:`Watch
+    .connection_lost`), with the transport's error, the cause of the Watch's ``lost``."""
+    watch._proto.connection_lost(_reset_error(watch))
+
+
+def _aiohttp_lost_after_reset(watch: Watch) -> None:
+    """The same, where aiodelay decided what becomes of the request (:func:`_aiohttp_lost`)."""
+    _aiohttp_lost(watch._proto, _reset_error(watch))
+
+
+def _reset_error(watch: Watch) -> BaseException | None:
+    lost = watch.lost
+    return None if lost is None else lost.__cause__
 
 
 def _close_read(transport: asyncio.Transport) -> None:

@@ -24,6 +24,10 @@ _MESSAGES: dict[str, str] = {
 }
 
 
+#: ``args`` of a ConnectionLost with its reason's message.
+_ARGS: dict[str, tuple[str]] = {reason: (message,) for reason, message in _MESSAGES.items()}
+
+
 def seconds_text(seconds: float) -> str:
     """``seconds`` for a message: ``"0.300s"`` (milliseconds), or with three significant
     digits below a millisecond (``"0.00025s"``, ``"1e-300s"``), never a misleading ``"0.000s"``."""
@@ -47,7 +51,12 @@ class ConnectionLost(ConnectionError):
     reason: Reason
 
     def __init__(self, reason: Reason, message: str | None = None) -> None:
-        super().__init__(message or _MESSAGES[reason])
+        if message:
+            super().__init__(message)
+        else:
+            # Its reason's message, in a tuple shared by every such instance: a drop makes no
+            # tuple of its own (one object less per drop for the garbage collector to count).
+            self.args = _ARGS[reason]
         self.reason = reason
 
     def __reduce__(self) -> tuple[type[ConnectionLost], tuple[Reason, str], dict[str, Any] | None]:

@@ -18,12 +18,13 @@ import contextvars
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ("after_cancelled",)
 
 logger = logging.getLogger("aiodelay")
 _NO_CONTEXT = contextvars.Context()
+_T = TypeVar("_T")
 
 
 class _Batch:
@@ -35,7 +36,7 @@ class _Batch:
     __slots__ = ("__weakref__", "_calls")
 
     def __init__(self) -> None:
-        #: Each call, then its arguments: two items, no tuple made per call (in a storm, a
+        #: Each call, then its argument: two items, and no tuple made per call (in a storm, a
         #: container object per drop made before the drops before it are freed makes the
         #: garbage collector run more often).
         self._calls: list[Any] = []
@@ -50,7 +51,7 @@ class _Batch:
     def _run(self, loop: asyncio.AbstractEventLoop, calls: list[Any]) -> None:
         for index in range(0, len(calls), 2):
             try:
-                calls[index](*calls[index + 1])
+                calls[index](calls[index + 1])
             except Exception:  # one connection's teardown must not stop the others'
                 logger.exception("aiodelay: tearing down a connection failed")
             except BaseException:
@@ -73,10 +74,11 @@ class _Batch:
 _last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None
 
 
-def after_cancelled(call: Callable[..., object], *args: Any) -> None:
-    """Run ``call(*args)`` two turns of the running loop from now, once the handlers cancelled
+def after_cancelled(call: Callable[[_T], object], arg: _T) -> None:
+    """Run ``call(arg)`` two turns of the running loop from now, once the handlers cancelled
     in this turn have seen their ``CancelledError``. An exception it raises is logged on the
-    ``aiodelay`` logger; the other calls of the batch still run."""
+    ``aiodelay`` logger; the other calls of the batch still run. (One argument: a tuple of
+    arguments would be one more object per drop for the garbage collector to count.)"""
     global _last
     loop = asyncio.get_running_loop()
     last = _last
@@ -88,4 +90,4 @@ def after_cancelled(call: Callable[..., object], *args: Any) -> None:
     if not calls:
         loop.call_soon(batch._turn, loop, context=_NO_CONTEXT)
     calls.append(call)
-    calls.append(args)
+    calls.append(arg)
