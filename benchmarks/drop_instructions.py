@@ -7,7 +7,8 @@ machine; the instructions a drop executes hardly vary. For each kind of drop ser
 under callgrind with one asyncio loop, in which the kind's app is served on a free port of
 127.0.0.1 by ``web.AppRunner`` and ``TCPSite``, and a client in the same loop:
 
-1. holds ``--warmup`` requests and drops them (not counted: first-time costs);
+1. holds ``--warmup`` requests and drops them (not counted: first-time costs; none with
+   ``--warmup 0``);
 2. holds ``--count`` requests (one connection each) until their handlers have all started;
 3. zeroes callgrind's counters, closes every client socket in one tight loop (a burst storm:
    the server runs only once the last is closed), runs the loop until every handler has seen
@@ -43,7 +44,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import ctypes
-import gc
 import json
 import os
 import shutil
@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TextIO
 
 import _dropserver
@@ -130,7 +130,7 @@ async def drop_storm(
             backlog=_dropserver.BACKLOG,
         )
         port = server.sockets[0].getsockname()[1]
-        busy = connections.__len__
+        busy: Callable[[], int] = connections.__len__
     else:
         from aiohttp import web
 
@@ -139,18 +139,21 @@ async def drop_storm(
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=_dropserver.BACKLOG)
         await site.start()
         port = runner.addresses[0][1]
-        assert runner.server is not None
-        busy = runner.server.connections.__len__
+        server_of_runner = runner.server
+        assert server_of_runner is not None
+        busy = lambda: len(server_of_runner.connections)  # noqa: E731 - (a new list each time)
     try:
         counted: list[int] = []
         for held, measured in ((warmup, False), (count, True)):
+            if not held:
+                continue  # (no warm-up)
             for event in reached.values():
                 event.clear()
             recorder.want_started = recorder.n_started + held
             recorder.want_cancelled = recorder.n_cancelled + held
             socks = await open_held(port, range(held))
             await reached["STARTED"].wait()
-            collections = _dropserver.Collections()
+            recorder.collections.take()  # (counted from here)
             if measured:
                 shim.zero_stats()
             close_all(socks, close)
@@ -165,8 +168,7 @@ async def drop_storm(
                 await asyncio.sleep(0)
             if measured:
                 shim.dump_stats()
-                counted = collections.take()["counts"]
-            gc.callbacks.remove(collections._callback)
+                counted = recorder.collections.take()["counts"]
         return counted
     finally:
         if kind == PROTOCOL:
@@ -217,7 +219,11 @@ def build_shim(directory: str) -> str:
         text=True,
     )
     if proc.returncode:
-        raise RuntimeError(f"compiling callgrind's client requests failed:\n{proc.stderr}")
+        first = (proc.stderr.strip().splitlines() or ["no message"])[0]
+        raise RuntimeError(
+            "compiling callgrind's client requests failed (valgrind/callgrind.h comes with "
+            f"Debian's valgrind package): {first}"
+        )
     return library
 
 
@@ -237,12 +243,17 @@ def callgrind(
     if proc.returncode:
         raise RuntimeError(f"{kind} {close} failed ({proc.returncode}):\n{proc.stderr}")
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    if "GC" not in lines or "AIODELAY" not in lines:
+        raise RuntimeError(f"{kind} {close}: the measured process did not report its drops")
     instructions = None
-    with open(out + ".1", encoding="utf-8", errors="replace") as counts:  # the dump's file
-        for line in counts:
-            if line.startswith(("summary:", "totals:")):
-                instructions = int(line.split()[1])
-                break
+    try:
+        with open(out + ".1", encoding="utf-8", errors="replace") as counts:  # the dump's file
+            for line in counts:
+                if line.startswith(("summary:", "totals:")):
+                    instructions = int(line.split()[1])
+                    break
+    except FileNotFoundError:
+        raise RuntimeError(f"{kind} {close}: callgrind wrote no count of the drops") from None
     if instructions is None:
         raise RuntimeError(f"no summary line in {out}.1")
     return Run(
