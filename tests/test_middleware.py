@@ -287,7 +287,9 @@ async def test_one_info_line_per_interrupted_request(
 
 
 async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging_setup(
-    aiodelay_server: AiodelayServer, monkeypatch: pytest.MonkeyPatch
+    aiodelay_server: AiodelayServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """aiodelay makes its INFO record without logging's search for the caller, and the
     logging set-up still decides: the record factory makes it, the logger's filters and its
@@ -310,7 +312,7 @@ async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging
     keep = Keep()
     logging.getLogger().addHandler(keep)  # a parent's: the record propagates to it
     logger = logging.getLogger("aiodelay")
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    caplog.set_level(logging.INFO, logger="aiodelay")
     only_rst = logging.Filter()
     only_rst.filter = lambda record: " RST " in record.getMessage()  # type: ignore[method-assign]
     logger.addFilter(only_rst)
@@ -335,6 +337,41 @@ async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging
     assert record.pathname == aiodelay._core.outcome.__file__
     lines, first = inspect.getsourcelines(aiodelay._core.outcome._info)
     assert first < record.lineno < first + len(lines)  # a line of _info's body
+
+
+@pytest.mark.parametrize("setting", ["a logger class of its own", "no caller wanted"])
+async def test_the_info_line_goes_through_logger_info_where_the_logging_setup_asks(
+    aiodelay_server: AiodelayServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    setting: str,
+) -> None:
+    """A logger class of its own (its _log may add to the record) and logging._srcfile set
+    to None (no caller searched for) are honoured, as logger.info would honour them."""
+
+    class Tagging(logging.Logger):
+        def _log(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["extra"] = {"tag": "its own"}
+            super()._log(*args, **kwargs)
+
+    caplog.set_level(logging.INFO, logger="aiodelay")
+    if setting == "a logger class of its own":
+        monkeypatch.setattr(logging.getLogger("aiodelay"), "__class__", Tagging)
+    else:
+        monkeypatch.setattr(logging, "_srcfile", None)
+
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.get_running_loop().create_future()
+        return web.Response()
+
+    server = await aiodelay_server(_app(web.get("/slow", handler)))
+    assert (await server.drop("GET", "/slow", how="FIN")).cancelled
+    [record] = [r for r in caplog.records if r.name == "aiodelay"]
+    assert " interrupted by FIN " in record.getMessage()
+    if setting == "a logger class of its own":
+        assert record.tag == "its own"  # type: ignore[attr-defined]
+    else:
+        assert (record.funcName, record.lineno) == ("(unknown function)", 0)
 
 
 async def test_shielded_log_line_says_it_ran_on(

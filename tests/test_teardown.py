@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 import aiodelay
 from tests.conftest import HandlerRun, Held, Serve, connection_gone, recorded
@@ -133,6 +134,39 @@ async def test_under_handler_cancellation_a_handler_that_runs_on_is_not_cancelle
     await recorded(served.app)
     assert outcome == ["ran on"]
     assert aiodelay.stats(served.app).shielded_ran_on == 1
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+async def test_after_an_rst_aiohttp_gets_the_transports_error_whatever_the_handler_did(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, handler_cancellation: bool
+) -> None:
+    """aiohttp's own connection_lost, deferred past the cancellation, gets the error the
+    transport reported, also where the handler's code changed the cause of the ConnectionLost
+    it was given (``raise ... from None`` does)."""
+    got: list[BaseException | None] = []
+    own = RequestHandler.connection_lost
+
+    def recording(proto: RequestHandler, exc: BaseException | None) -> None:
+        got.append(exc)
+        own(proto, exc)
+
+    monkeypatch.setattr(RequestHandler, "connection_lost", recording)
+    finish: list[asyncio.Future[None]] = []
+    held = Held()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        finish.append(aiodelay.notify_finish(request))
+        return await held.handle(request)
+
+    served = await serve(_app(web.get("/", handle)), handler_cancellation=handler_cancellation)
+    client = await held.start(served)
+    client.drop("RST")
+    with pytest.raises(aiodelay.ConnectionLost) as raised:
+        await asyncio.wait_for(finish[0], 5)
+    raised.value.__cause__ = None
+    await connection_gone(held.requests[0])
+    assert len(got) == 1
+    assert isinstance(got[0], ConnectionResetError)
 
 
 async def test_a_failing_teardown_does_not_stop_the_others(

@@ -706,14 +706,20 @@ def _what(kind: OutcomeKind, note: str, total: float) -> str:
 def _info(message: str, *args: object) -> None:
     """An INFO line on the ``aiodelay`` logger (asked ``isEnabledFor`` already): what
     ``logger.info(message, *args)`` here would log, the same record through the same
-    ``makeRecord`` (the record factory, a logger class's own) and ``handle`` (the logger's
-    filters, its handlers and its parents'), without the search for the caller: the logging
-    module would walk the stack from its own frames to this one, in Python, which cost a
-    dropped request about 14,000 of the some 80,000 instructions its line costs
-    (``benchmarks/drop_instructions.py``). The record says it was made here, in ``_info``,
-    as ``findCaller`` would have said. (Its frame is not kept in a variable: a
-    frame that refers to itself is a reference cycle, left to the garbage collector, which
-    then runs more often in a storm of drops.)"""
+    ``makeRecord`` (the record factory) and ``handle`` (the logger's filters, its handlers and
+    its parents'), without the search for the caller: the logging module would walk the stack
+    from its own frames to this one, in Python, which cost a dropped request about 14,000 of
+    the some 80,000 instructions its line costs (``benchmarks/drop_instructions.py``). The
+    record says it was made here, in ``_info``, as ``findCaller`` would have said.
+
+    Through ``logger.info`` itself where that could differ: a logger of a class of its own
+    (``logging.setLoggerClass``: its ``_log`` or ``findCaller`` may add to the record), or no
+    caller wanted (``logging._srcfile`` set to None, as the logging HOWTO suggests for speed).
+    (Its frame is not kept in a variable: a frame that refers to itself is a reference cycle,
+    left to the garbage collector, which then runs more often in a storm of drops.)"""
+    if logger.__class__ is not logging.Logger or logging._srcfile is None:
+        logger.info(message, *args)
+        return
     line = _getframe().f_lineno
     record = logger.makeRecord(
         logger.name, logging.INFO, _INFO_FILE, line, message, args, None, "_info"
