@@ -247,7 +247,6 @@ class Watch(asyncio.Protocol):
         "_held",
         "_hung_up",
         "_proto",
-        "_reset",
         "data_received",
         "listener",
         "lost",
@@ -266,8 +265,6 @@ class Watch(asyncio.Protocol):
         self._held = -1
         #: The kernel reported the peer gone while aiohttp was not reading.
         self._hung_up = False
-        #: The transport's error of a reset whose aiohttp teardown is deferred.
-        self._reset: BaseException | None = None
         self.data_received = proto.data_received  # type: ignore[method-assign]
         #: aiohttp's queue of pipelined requests read but not yet handled (the same deque for
         #: the connection's life): while it is not empty, aiohttp may stop reading when it
@@ -325,7 +322,7 @@ class Watch(asyncio.Protocol):
             self._lose(ConnectionLost(reason))
         else:
             lost = ConnectionLost("RST")
-            lost.__cause__ = exc
+            lost.__cause__ = lost._error = exc
             stopping = self._lose(lost)
         manager = proto._manager
         state = self.state
@@ -343,9 +340,8 @@ class Watch(asyncio.Protocol):
         if stopping:
             # The handler is being cancelled for an RST: aiohttp's teardown waits two turns of
             # the loop, by when the handler has seen its cancellation (in a storm of resets,
-            # every handler has), as after a FIN. (Its error goes with this Watch: no bound
-            # method or tuple made per drop.)
-            self._reset = exc
+            # every handler has), as after a FIN. (The transport's error goes with the Watch's
+            # ``lost``: no bound method or tuple made per drop, no slot per connection.)
             after_cancelled(_aiohttp_lost_after_reset if decided else _lost_after_reset, self)
         elif decided:
             _aiohttp_lost(proto, exc)
@@ -444,12 +440,17 @@ def _aiohttp_lost(proto: RequestHandler, exc: BaseException | None) -> None:
 def _lost_after_reset(watch: Watch) -> None:
     """aiohttp's ``connection_lost`` of a reset connection, with the transport's error
     (deferred by :meth:`Watch.connection_lost`)."""
-    watch._proto.connection_lost(watch._reset)
+    watch._proto.connection_lost(_reset_error(watch))
 
 
 def _aiohttp_lost_after_reset(watch: Watch) -> None:
     """The same, where aiodelay decided what becomes of the request (:func:`_aiohttp_lost`)."""
-    _aiohttp_lost(watch._proto, watch._reset)
+    _aiohttp_lost(watch._proto, _reset_error(watch))
+
+
+def _reset_error(watch: Watch) -> BaseException | None:
+    lost = watch.lost
+    return None if lost is None else lost._error
 
 
 def _close_read(transport: asyncio.Transport) -> None:

@@ -46,11 +46,16 @@ class ConnectionLost(ConnectionError):
 
     # The reason in a slot: a drop allocates no instance __dict__ (one object less for the
     # GC to visit; the __dict__ is still made if something sets another attribute).
-    __slots__ = ("reason",)
+    __slots__ = ("_error", "reason")
 
     reason: Reason
+    #: The transport's own error, as it reported it, or None: aiodelay hands it on to
+    #: aiohttp two turns later (``__cause__`` holds it too, but code that raises the
+    #: ConnectionLost ``from None`` clears that). Not public.
+    _error: BaseException | None
 
     def __init__(self, reason: Reason, message: str | None = None) -> None:
+        self._error = None
         if message:
             super().__init__(message)
         else:
