@@ -1,6 +1,6 @@
 """What a dropped request costs the server, counted in CPU instructions (callgrind).
 
-``storm.py`` measures a storm's CPU time per drop, which varies by 10% or more on a shared
+``storm.py`` measures a storm's CPU time per drop, which varies by 15% or more on a shared
 machine; the instructions a drop executes hardly vary. For each kind of drop server
 (``_dropserver.py``: ``aiohttp``, ``aiohttp-mw``, ``aiodelay``, ``aiohttp-log``,
 ``aiodelay-log``; not Twisted) and each close (``FIN``, ``RST``), the script runs one process

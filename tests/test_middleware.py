@@ -295,6 +295,14 @@ async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging
     logging set-up still decides: the record factory makes it, the logger's filters and its
     parents' handlers see it, and it says where it was made as logger.info there would."""
     made: list[logging.LogRecord] = []
+    searched: list[str] = []
+    search = logging.Logger.findCaller
+
+    def searching(self: logging.Logger, *args: Any, **kwargs: Any) -> Any:
+        searched.append(self.name)
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "findCaller", searching)
     factory = logging.getLogRecordFactory()
 
     def recording_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
@@ -331,6 +339,7 @@ async def test_the_info_line_is_the_record_logger_info_makes_through_the_logging
     ours = [record for record in made if record.name == "aiodelay"]
     assert [record.getMessage().split(" ")[6] for record in ours] == ["RST", "FIN"]
     [record] = [record for record in handled if record.name == "aiodelay"]  # filtered: FIN
+    assert "aiodelay" not in searched  # (the search costs a drop some 14,000 instructions)
     assert record is ours[0]
     assert record.levelno == logging.INFO
     assert record.funcName == "_info"

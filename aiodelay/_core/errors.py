@@ -44,8 +44,9 @@ class ConnectionLost(ConnectionError):
     one.
     """
 
-    # The reason in a slot: a drop allocates no instance __dict__ (one object less for the
-    # GC to visit; the __dict__ is still made if something sets another attribute).
+    # The reason and the transport's error in slots: a drop allocates no instance __dict__
+    # (one object less for the GC to visit; the __dict__ is still made if something sets
+    # another attribute).
     __slots__ = ("_error", "reason")
 
     reason: Reason
