@@ -18,13 +18,15 @@ run. The label defaults to DIR's last component (``/tmp/base``: ``aiodelay@base`
 
 Also here: the CPU and ``/proc`` helpers the scripts pin and measure their processes with
 (:func:`two_cpus`, :func:`pin_to_cpu`, :func:`raise_fd_limit`, :func:`read_rss`,
-:func:`sched`, :func:`cpu_seconds`).
+:func:`sched`, :func:`cpu_seconds`), and :func:`run_at_most`, which runs the valgrind runs of
+``instructions.py`` and ``drop_instructions.py`` a few at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -37,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 from _report import git
 from aiohttp import web
@@ -230,6 +232,30 @@ def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:
         f"aiodelay@{label}: {path}/aiodelay (git {git(path, 'describe', '--always', '--dirty')})"
         for label, path in checkouts
     ]
+
+
+_R = TypeVar("_R")
+
+
+def run_at_most(
+    calls: Sequence[Callable[[], _R]], at_once: int, say: Callable[[_R], str]
+) -> list[_R]:
+    """Run ``calls``, ``at_once`` of them at a time (in threads: each waits for a process of
+    its own), and print ``say(result)`` of each as it ends; the results, in the order they
+    ended. The first call that raises is raised, once the calls not started are cancelled."""
+    results: list[_R] = []
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        futures = [pool.submit(call) for call in calls]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                result = future.result()
+                results.append(result)
+                print(say(result), flush=True)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
 
 
 def run_server(

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -64,6 +64,7 @@ from _serve import (
     checkout_kinds,
     describe_checkouts,
     raise_fd_limit,
+    run_at_most,
 )
 
 #: The drop servers measured (Twisted's runs no asyncio loop to count in).
@@ -364,26 +365,16 @@ def measure(args: argparse.Namespace) -> None:
         for kind in [PROTOCOL, *kinds]
         for close in args.closes
     ]
-    runs: list[Run] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="drop-instructions-") as scratch,
-        concurrent.futures.ThreadPoolExecutor(args.jobs) as pool,
-    ):
+    with tempfile.TemporaryDirectory(prefix="drop-instructions-") as scratch:
         args.shim = build_shim(scratch)
-        futures = [pool.submit(callgrind, valgrind, *job, args, scratch) for job in jobs]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                run = future.result()
-                runs.append(run)
-                print(
-                    f"  {run.kind:18s} {run.close}, repeat {run.repeat + 1}: "
-                    f"{run.instructions:15,d} instructions, {run.seconds:5.1f} s",
-                    flush=True,
-                )
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        runs = run_at_most(
+            [functools.partial(callgrind, valgrind, *job, args, scratch) for job in jobs],
+            args.jobs,
+            lambda run: (
+                f"  {run.kind:18s} {run.close}, repeat {run.repeat + 1}: "
+                f"{run.instructions:15,d} instructions, {run.seconds:5.1f} s"
+            ),
+        )
     for kind in dict.fromkeys(run.kind for run in runs):
         imported = sorted({run.aiodelay for run in runs if run.kind == kind})
         if base_kind(kind) in _dropserver.AIODELAY:

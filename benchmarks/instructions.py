@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
+import functools
 import hashlib
 import os
 import shutil
@@ -84,6 +84,7 @@ from _serve import (
     checkout_env,
     checkout_kinds,
     describe_checkouts,
+    run_at_most,
 )
 from aiohttp import web
 
@@ -373,26 +374,16 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
         for kind in [PROTOCOL, *kinds]
         for requests in (n1, n2)
     ]
-    runs: list[Run] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="instructions-") as scratch,
-        concurrent.futures.ThreadPoolExecutor(args.jobs) as pool,
-    ):
+    with tempfile.TemporaryDirectory(prefix="instructions-") as scratch:
         out_dir = args.keep or scratch
-        futures = [pool.submit(callgrind, valgrind, *job, args, out_dir) for job in jobs]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                run = future.result()
-                runs.append(run)
-                print(
-                    f"  {run.kind:18s} {run.requests:6d} requests, repeat {run.repeat + 1}: "
-                    f"{run.instructions:15,d} instructions, {run.seconds:5.1f} s",
-                    flush=True,
-                )
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        runs = run_at_most(
+            [functools.partial(callgrind, valgrind, *job, args, out_dir) for job in jobs],
+            args.jobs,
+            lambda run: (
+                f"  {run.kind:18s} {run.requests:6d} requests, repeat {run.repeat + 1}: "
+                f"{run.instructions:15,d} instructions, {run.seconds:5.1f} s"
+            ),
+        )
     sizes = {run.size for run in runs}
     if len(sizes) != 1:
         sized = sorted({(run.kind, run.size) for run in runs})
