@@ -130,17 +130,27 @@ async def _ended(watches: Mapping[str, Watch]) -> dict[str, aiodelay.Outcome]:
 def _assert_stopped_by_the_budget(
     chain_: Chain, outcomes: Mapping[str, aiodelay.Outcome], report: str
 ) -> None:
+    """A answers 504; B and C stop near the end of A's budget, each with the budget it was sent
+    (its outcome names the header), and at least one of them at its own deadline.
+
+    As a rule C's deadline, the budget less the margins, runs out first: C answers 504 and B
+    and A pass it on. On a loaded machine a timer may fire later than the margins now and
+    then: then a service before C answered first, and the ones after it stopped because their
+    client left (as the body assertions of the tests allow)."""
     ran_out = outcomes["A"].started_at + A_DEADLINE
+    assert chain_.answers["A"].status == 504, report
     for name, outcome in outcomes.items():
-        # Each one's 504: C's own deadline (the budget it was given) ran out first, by the
-        # margins, and B and A pass the status of the service after them on.
-        assert chain_.answers[name].status == 504, f"{name} ({report})"
         assert abs(outcome.ended_at - ran_out) < NEAR, f"{name} ({report})"
-        assert outcome.lost is None, f"{name}: its client left ({report})"
+        if outcome.lost is None:
+            assert chain_.answers[name].status == 504, f"{name} ({report})"
+        else:  # its client left, having answered first
+            assert name != "A", f"A: its client left ({report})"
+            assert outcome.kind == "cancelled", f"{name} ({report})"
     for name in "BC":
         # Either header: A and B send both, with the same milliseconds.
         assert outcomes[name].budget_from in chain.BUDGET_HEADERS, f"{name} ({report})"
-    assert outcomes["C"].kind == "timed_out", report
+    # The budgets themselves stopped the chain, not only A closing its call to B.
+    assert "timed_out" in (outcomes["B"].kind, outcomes["C"].kind), report
 
 
 @pytest.mark.parametrize("how", ["FIN", "RST"])
