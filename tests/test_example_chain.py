@@ -8,18 +8,19 @@ its handler cancelled. The times (from the drop to each cancellation) are printe
 
 With budgets (``--budgets``: ``budget_headers`` and ``budget_trace()``), A has a deadline of
 :data:`A_DEADLINE`, B and C their own of 5 s and 10 s, and the client waits: B and C stop when
-A's budget runs out, each answering 504, directly and with B behind a real nginx (the deployment
-guide's ``nginx.conf``, which passes the headers through). The times, from the moment A's
-budget ran out to each handler's end, are printed. The controls, without budgets: directly, B
-and C still stop, but only because A closes its call to B (they answer nothing); behind an nginx
-that keeps the upstream request when its client leaves (``proxy_ignore_client_abort on``), B
-and C run on after A answered.
+A's budget runs out (as a rule C at its deadline, answering 504, and B and A passing that on),
+directly and with B behind a real nginx (the deployment guide's ``nginx.conf``, which passes
+the headers through). The times, from the moment A's budget ran out to each handler's end, are
+printed. The controls, without budgets: directly, B and C still stop, but only because A
+closes its call to B (they answer nothing); behind an nginx that keeps the upstream request
+when its client leaves (``proxy_ignore_client_abort on``), B and C run on after A answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 import aiodelay
 from examples.chain import app as chain
@@ -64,10 +66,19 @@ class Watch:
 
 
 class Answer:
-    """The status a service's ``/work`` answered with, ``None`` if it answered nothing."""
+    """The status a service's ``/work`` answered with, ``None`` if it answered nothing; and
+    when its deadline was to pass (``time.monotonic()``), as its handler started."""
 
     def __init__(self) -> None:
         self.status: int | None = None
+        self.deadline_at: float | None = None
+
+    @web.middleware
+    async def note_deadline(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        left = aiodelay.time_left(request)  # (inside aiodelay's middleware: the deadline is set)
+        if left is not None:
+            self.deadline_at = time.monotonic() + left
+        return await handler(request)
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         self.status = response.status
@@ -76,6 +87,7 @@ class Answer:
 def _watched(app: web.Application, watch: Watch, answer: Answer) -> web.Application:
     aiodelay.add_observer(app, watch)
     app.on_response_prepare.append(answer.on_response_prepare)
+    app.middlewares.append(answer.note_deadline)
     return app
 
 
@@ -131,13 +143,20 @@ def _assert_stopped_by_the_budget(
     chain_: Chain, outcomes: Mapping[str, aiodelay.Outcome], report: str
 ) -> None:
     """A answers 504; B and C stop near the end of A's budget, each with the budget it was sent
-    (its outcome names the header), and at least one of them at its own deadline.
+    (its outcome names the header; its deadline is near its sender's, not its own 5 s or 10 s),
+    and at least one of them at its own deadline.
 
-    As a rule C's deadline, the budget less the margins, runs out first: C answers 504 and B
-    and A pass it on. On a loaded machine a timer may fire later than the margins now and
-    then: then a service before C answered first, and the ones after it stopped because their
-    client left (as the body assertions of the tests allow)."""
+    As a rule C's deadline runs out first: C answers 504 and B and A pass it on. On a loaded
+    machine a timer may fire later than the margins now and then: then B answered first, and C
+    stopped because its client left."""
     ran_out = outcomes["A"].started_at + A_DEADLINE
+    deadlines = [chain_.answers[name].deadline_at for name in "ABC"]
+    known = [at for at in deadlines if at is not None]
+    assert len(known) == 3, f"{deadlines} ({report})"
+    for before, after in itertools.pairwise(known):
+        # Each budget is the sender's time left less budget_trace's margin, taken as it
+        # arrives: the sender's deadline, give or take the margin and the way between them.
+        assert abs(after - before) < NEAR, f"{known} ({report})"
     assert chain_.answers["A"].status == 504, report
     for name, outcome in outcomes.items():
         assert abs(outcome.ended_at - ran_out) < NEAR, f"{name} ({report})"
@@ -201,7 +220,7 @@ async def test_create_app_rejects_a_non_positive_work_time() -> None:
 
 
 @pytest.mark.both_loops
-async def test_a_budget_running_out_at_a_stops_b_and_c_each_with_a_504(serve: Serve) -> None:
+async def test_a_budget_running_out_at_a_stops_b_and_c(serve: Serve) -> None:
     services = Chain()
     served_a = await services.start(serve, budgets=True)
     client = await served_a.get("/work")
