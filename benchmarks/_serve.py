@@ -242,7 +242,8 @@ def run_at_most(
 ) -> list[_R]:
     """Run ``calls``, ``at_once`` of them at a time (in threads: each waits for a process of
     its own), and print ``say(result)`` of each as it ends; the results, in the order they
-    ended. The first call that raises is raised, once the calls not started are cancelled."""
+    ended. The first call that raises is raised once the calls not started are cancelled and
+    those running have ended."""
     results: list[_R] = []
     with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
         futures = [pool.submit(call) for call in calls]
