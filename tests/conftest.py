@@ -215,6 +215,35 @@ async def until(event: asyncio.Event, done: Callable[[], bool], what: Callable[[
         raise AssertionError(what()) from None
 
 
+class RecordingObserver:
+    """An observer (aiodelay.add_observer) that keeps what it is told: the events in order,
+    the outcomes, and an event set at each end."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.outcomes: list[aiodelay.Outcome] = []
+        self.ended = asyncio.Event()
+
+    def request_started(self, request: web.BaseRequest) -> None:
+        self.events.append(f"started {request.path}")
+
+    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
+        self.events.append(f"lost {lost.reason}")
+
+    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
+        self.events.append(f"ended {outcome.kind}")
+        self.outcomes.append(outcome)
+        self.ended.set()
+
+    async def wait_ends(self, count: int) -> None:
+        """Until ``count`` requests ended (the client may read a response before that)."""
+        await until(
+            self.ended,
+            lambda: len(self.outcomes) >= count,
+            lambda: f"{len(self.outcomes)} of {count} requests ended: {self.events}",
+        )
+
+
 class Lines(logging.Handler):
     """The ``aiodelay`` logger's lines (the ``lines`` fixture), with an event per line."""
 

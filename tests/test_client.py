@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -10,40 +9,16 @@ from aiohttp import web
 from aiohttp_remotes import XForwardedRelaxed, XForwardedStrict
 
 import aiodelay
-from tests.conftest import HandlerRun, Serve, until
+from tests.conftest import HandlerRun, RecordingObserver, Serve
 
 # An address from TEST-NET-3 (RFC 5737): only ever a header value here, never contacted.
 CLIENT = "203.0.113.7"
 
 
-class _Ends:
-    def __init__(self) -> None:
-        self.outcomes: list[aiodelay.Outcome] = []
-        self.ended = asyncio.Event()
-
-    def request_started(self, request: web.BaseRequest) -> None:
-        pass
-
-    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
-        pass
-
-    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
-        self.outcomes.append(outcome)
-        self.ended.set()
-
-    async def wait_ends(self, count: int) -> None:
-        """Until ``count`` requests ended (the client may read a response before that)."""
-        await until(
-            self.ended,
-            lambda: len(self.outcomes) >= count,
-            lambda: f"{len(self.outcomes)} of {count} requests ended",
-        )
-
-
 async def _interrupted(
     serve: Serve, app: web.Application, probe: HandlerRun, caplog: pytest.LogCaptureFixture
 ) -> tuple[str, aiodelay.Outcome]:
-    ends = _Ends()
+    ends = RecordingObserver()
     aiodelay.add_observer(app, ends)
     served = await serve(app)
     client = await served.connect()
@@ -123,7 +98,7 @@ async def test_a_strict_proxy_middleware_that_refuses_leaves_the_peer_address(
     await XForwardedStrict([["10.0.0.1"]]).setup(app)
     aiodelay.setup(app)
     app.router.add_get("/", hello)
-    ends = _Ends()
+    ends = RecordingObserver()
     aiodelay.add_observer(app, ends)
     served = await serve(app)
     client = await served.connect()
@@ -143,7 +118,7 @@ async def test_behind_a_trusted_proxy_observers_name_the_client_of_a_completed_r
 
     app = await _behind_a_proxy(remotes_first=remotes_first)
     app.router.add_get("/", hello)
-    ends = _Ends()
+    ends = RecordingObserver()
     aiodelay.add_observer(app, ends)
     served = await serve(app)
     client = await served.connect()

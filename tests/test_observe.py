@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -14,42 +13,19 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 import aiodelay
-from tests.conftest import HandlerRun, Serve, Served, until
+from tests.conftest import HandlerRun, RecordingObserver, Serve, Served
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.outcomes: list[aiodelay.Outcome] = []
-        self.ended = asyncio.Event()
-
-    def request_started(self, request: web.BaseRequest) -> None:
-        self.events.append(f"started {request.path}")
-
-    def request_lost(self, request: web.BaseRequest, lost: aiodelay.ConnectionLost) -> None:
-        self.events.append(f"lost {lost.reason}")
-
-    def request_ended(self, request: web.BaseRequest, outcome: aiodelay.Outcome) -> None:
-        self.events.append(f"ended {outcome.kind}")
-        self.outcomes.append(outcome)
-        self.ended.set()
-
-    async def wait_ends(self, count: int) -> None:
-        """Until ``count`` requests ended (the client may read a response before that)."""
-        await until(
-            self.ended,
-            lambda: len(self.outcomes) >= count,
-            lambda: f"{len(self.outcomes)} of {count} requests ended: {self.events}",
-        )
-
-
-async def _serve_observed(serve: Serve, routes: dict[str, Handler]) -> tuple[Served, _Recorder]:
-    """An app with aiodelay, ``routes`` (GET) and a :class:`_Recorder` observing it, served."""
+async def _serve_observed(
+    serve: Serve, routes: dict[str, Handler]
+) -> tuple[Served, RecordingObserver]:
+    """An app with aiodelay, ``routes`` (GET) and a :class:`RecordingObserver` observing it,
+    served."""
     app = web.Application()
     aiodelay.setup(app)
     for path, handler in routes.items():
         app.router.add_get(path, handler)
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     aiodelay.add_observer(app, recorder)
     return await serve(app), recorder
 
@@ -67,13 +43,13 @@ class _Broken:
 
 def test_the_hook_is_public() -> None:
     assert {"add_observer", "RequestObserver", "Outcome", "OutcomeKind"} <= set(aiodelay.__all__)
-    recorder: aiodelay.RequestObserver = _Recorder()  # the Protocol fits a plain class
+    recorder: aiodelay.RequestObserver = RecordingObserver()  # the Protocol fits a plain class
     assert recorder is not None
 
 
 def test_add_observer_without_aiodelay_names_the_fix() -> None:
     with pytest.raises(RuntimeError, match=r"aiodelay\.setup\(app\)"):
-        aiodelay.add_observer(web.Application(), _Recorder())
+        aiodelay.add_observer(web.Application(), RecordingObserver())
 
 
 async def test_an_observer_hears_start_loss_and_end_once_and_can_be_removed(
@@ -92,7 +68,7 @@ async def test_an_observer_hears_start_loss_and_end_once_and_can_be_removed(
     aiodelay.setup(app)
     app.router.add_get("/slow", slow)
     app.router.add_get("/", hello)
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     remove = aiodelay.add_observer(app, recorder)
     served = await serve(app)
     client = await served.get("/slow")
@@ -141,7 +117,7 @@ async def test_a_broken_observer_is_logged_and_the_request_goes_on(
     aiodelay.setup(app)
     app.router.add_get("/", hello)
     aiodelay.add_observer(app, _Broken())
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     aiodelay.add_observer(app, recorder)
     served = await serve(app)
     client = await served.get("/")
@@ -193,7 +169,7 @@ async def test_a_middleware_outside_aiodelay_still_changes_an_observed_response(
 
     app = web.Application(middlewares=[stamp, aiodelay.middleware()])
     app.router.add_get("/", hello)
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     aiodelay.add_observer(app, recorder)
     served = await serve(app)
     client = await served.connect()
@@ -226,7 +202,7 @@ async def test_an_on_response_prepare_handler_that_raises_is_met_as_without_aiod
     aiodelay.setup(app)
     app.on_response_prepare.append(refuse)
     app.router.add_get("/", hello)
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     aiodelay.add_observer(app, recorder)
     served = await serve(app)
     client = await served.get("/")
@@ -257,7 +233,7 @@ async def test_a_sub_app_on_response_prepare_handler_sees_its_app(serve: Serve) 
     sub.on_response_prepare.append(mark)
     sub.router.add_get("/x", hello)
     app.add_subapp("/s", sub)
-    recorder = _Recorder()
+    recorder = RecordingObserver()
     aiodelay.add_observer(app, recorder)
     served = await serve(app)
     client = await served.get("/s/x")
