@@ -18,8 +18,9 @@ run. The label defaults to DIR's last component (``/tmp/base``: ``aiodelay@base`
 
 Also here: the CPU and ``/proc`` helpers the scripts pin and measure their processes with
 (:func:`two_cpus`, :func:`pin_to_cpu`, :func:`raise_fd_limit`, :func:`read_rss`,
-:func:`sched`, :func:`cpu_seconds`), and :func:`run_at_most`, which runs the valgrind runs of
-``instructions.py`` and ``drop_instructions.py`` a few at a time.
+:func:`sched`, :func:`cpu_seconds`), and what ``instructions.py`` and ``drop_instructions.py``
+share: :func:`callgrind_prelude`, and :func:`run_at_most`, which runs their valgrind runs a few
+at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import math
 import os
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +234,27 @@ def describe_checkouts(checkouts: Sequence[tuple[str, str]]) -> list[str]:
         f"aiodelay@{label}: {path}/aiodelay (git {git(path, 'describe', '--always', '--dirty')})"
         for label, path in checkouts
     ]
+
+
+def callgrind_prelude(kinds: Iterable[str], checkouts: Sequence[tuple[str, str]]) -> str:
+    """What ``instructions.py`` and ``drop_instructions.py`` do first: find valgrind
+    (``RuntimeError`` if it is not on PATH), check that each kind's checkout imports its own
+    aiodelay (:func:`checkout_env`, so that a wrong one fails before the long runs), and print
+    the versions and the checkouts. valgrind's path."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise RuntimeError("valgrind is not on PATH (apt-get install valgrind)")
+    for kind in kinds:
+        checkout_env(kind, checkouts)
+    import aiohttp
+
+    version = subprocess.run([valgrind, "--version"], capture_output=True, text=True)
+    print(
+        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {version.stdout.strip()}"
+    )
+    for line in describe_checkouts(checkouts):
+        print(line)
+    return valgrind
 
 
 _R = TypeVar("_R")

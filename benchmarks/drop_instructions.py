@@ -60,9 +60,9 @@ from _drops import CLOSES, close_all, comma_list, open_held
 from _serve import (
     add_checkout_option,
     base_kind,
+    callgrind_prelude,
     checkout_env,
     checkout_kinds,
-    describe_checkouts,
     raise_fd_limit,
     run_at_most,
 )
@@ -340,20 +340,8 @@ def gc_text(collections: Sequence[Sequence[int]]) -> str:
 
 
 def measure(args: argparse.Namespace) -> None:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise RuntimeError("valgrind is not on PATH (apt-get install valgrind)")
     kinds = checkout_kinds(args.kinds, args.aiodelay_path, _dropserver.AIODELAY)
-    for kind in kinds:  # fails early if a checkout's aiodelay is not the one imported
-        checkout_env(kind, args.aiodelay_path)
-    import aiohttp
-
-    print(
-        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
-        f"{subprocess.run([valgrind, '--version'], capture_output=True, text=True).stdout.strip()}"
-    )
-    for line in describe_checkouts(args.aiodelay_path):
-        print(line)
+    valgrind = callgrind_prelude(kinds, args.aiodelay_path)
     print(
         f"{len(kinds) + 1} kinds x {', '.join(args.closes)} x {args.repeat} repeat(s), "
         f"{args.count:,} drops counted after {args.warmup} not, {args.jobs} run(s) at a time, "

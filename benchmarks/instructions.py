@@ -68,7 +68,6 @@ import asyncio
 import functools
 import hashlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -81,9 +80,9 @@ from _apps import AIODELAY_KINDS, APP_KINDS, TEXT, make_app
 from _serve import (
     add_checkout_option,
     base_kind,
+    callgrind_prelude,
     checkout_env,
     checkout_kinds,
-    describe_checkouts,
     run_at_most,
 )
 from aiohttp import web
@@ -344,25 +343,13 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     """Measure the kinds of ``args`` (from :func:`parse_args`) and print the report; return
     the server's instructions per request, per kind, a value per repeat (see :func:`report`).
     ``RuntimeError`` if a run fails."""
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise RuntimeError("valgrind is not on PATH (apt-get install valgrind)")
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
     n1, n2 = args.requests
     kinds = checkout_kinds(
         [kind for kind in KINDS if kind in args.kinds], args.aiodelay_path, AIODELAY
     )
-    for kind in kinds:  # fails early if a checkout's aiodelay is not the one imported
-        checkout_env(kind, args.aiodelay_path)
-    import aiohttp
-
-    print(
-        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
-        f"{subprocess.run([valgrind, '--version'], capture_output=True, text=True).stdout.strip()}"
-    )
-    for line in describe_checkouts(args.aiodelay_path):
-        print(line)
+    valgrind = callgrind_prelude(kinds, args.aiodelay_path)
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
     seeds = "random" if args.hash_seed == "random" else f"{args.hash_seed} + repeat"
     print(
         f"{len(kinds) + 1} kinds x {n1} and {n2} requests x {args.repeat} repeat(s), "
